@@ -1,0 +1,39 @@
+#pragma once
+// Names of the wire contract (see ARCHITECTURE.md). Clients outside this repository rely on them.
+
+#include <string>
+#include <string_view>
+
+namespace cvm::wire {
+
+inline constexpr std::string_view kBuildsSubmit = "cvm.v1.builds.submit";
+inline constexpr std::string_view kGpuReserve = "cvm.v1.gpu.reserve";
+inline constexpr std::string_view kGpuRelease = "cvm.v1.gpu.release";
+
+inline constexpr std::string_view kStreamBuilds = "CVM_BUILDS";
+inline constexpr std::string_view kStreamNodeWork = "CVM_NODE_WORK";
+inline constexpr std::string_view kStreamEvents = "CVM_EVENTS";
+
+inline constexpr std::string_view kBucketNodes = "cvm_nodes";
+inline constexpr std::string_view kBucketSettings = "cvm_settings";
+inline constexpr std::string_view kBucketWorkspaces = "cvm_workspaces";
+inline constexpr std::string_view kBucketGpuLeases = "cvm_gpu_leases";
+inline constexpr std::string_view kSettingsKey = "infrastructure";
+
+inline constexpr std::string_view kSchedulerDurable = "scheduler";
+inline constexpr std::string_view kBrokerQueue = "gpu-broker";
+
+// cvm.v1.node.<node_id>.work
+std::string node_work_subject(std::string_view node_id);
+inline constexpr std::string_view kNodeWorkWildcard = "cvm.v1.node.*.work";
+// cvm.v1.builds.<build_id>.events
+std::string build_events_subject(std::string_view build_id);
+inline constexpr std::string_view kBuildEventsWildcard = "cvm.v1.builds.*.events";
+// agent-<node_id>
+std::string agent_durable(std::string_view node_id);
+
+// IDs travel inside subjects, KV keys and consumer names, so they must be a single subject token
+// that is also a valid KV key and durable name: [A-Za-z0-9_-], 1..128 characters.
+bool is_valid_id(std::string_view id);
+
+}  // namespace cvm::wire

@@ -1,0 +1,27 @@
+#include "cvm/base/wire.h"
+
+#include <string>
+
+namespace cvm::wire {
+
+std::string node_work_subject(std::string_view node_id) {
+  return "cvm.v1.node." + std::string(node_id) + ".work";
+}
+
+std::string build_events_subject(std::string_view build_id) {
+  return "cvm.v1.builds." + std::string(build_id) + ".events";
+}
+
+std::string agent_durable(std::string_view node_id) { return "agent-" + std::string(node_id); }
+
+bool is_valid_id(std::string_view id) {
+  if (id.empty() || id.size() > 128) return false;
+  for (char c : id) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    c == '-' || c == '_';
+    if (!ok) return false;
+  }
+  return true;
+}
+
+}  // namespace cvm::wire

@@ -1,0 +1,243 @@
+#pragma once
+// The one adapter over cnats (libnats 3.4.1). Everything NATS-specific stays behind this header:
+// natsStatus becomes cvm::Error here, every cnats object is owned by an RAII handle, and every
+// callback that cnats runs on its own threads is re-posted onto the service's Boost.Asio executor,
+// so service code is single-threaded.
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <boost/asio/any_io_executor.hpp>
+
+#include "cvm/base/result.h"
+
+namespace cvm::bus {
+
+using Executor = boost::asio::any_io_executor;
+using Headers = std::map<std::string, std::string>;
+
+struct ConnectOptions {
+  std::string url = "nats://127.0.0.1:4222";  // comma-separated list allowed
+  std::string name;                            // client name shown by the server
+  std::string user;                            // optional user/password auth
+  std::string password;
+  std::chrono::milliseconds connect_timeout{2000};
+  std::chrono::milliseconds reconnect_wait{250};
+  int max_reconnect = -1;               // -1: forever; services must survive NATS restarts
+  bool retry_on_failed_connect = true;  // start even when the server is not up yet
+  // Called on the executor passed to Connection::connect.
+  std::function<void()> on_disconnected;
+  std::function<void()> on_reconnected;
+  std::function<void()> on_closed;
+  std::function<void(const Error&)> on_error;  // async errors (slow consumer, permissions)
+};
+
+// A core NATS message, copied out of cnats so that it can travel across threads.
+struct Message {
+  std::string subject;
+  std::string reply;
+  std::string data;
+  Headers headers;
+};
+
+// An RAII core subscription: unsubscribes and frees when destroyed.
+class Subscription {
+ public:
+  Subscription();
+  ~Subscription();
+  Subscription(Subscription&&) noexcept;
+  Subscription& operator=(Subscription&&) noexcept;
+  Subscription(const Subscription&) = delete;
+  Subscription& operator=(const Subscription&) = delete;
+  void unsubscribe();
+  struct Impl;
+  explicit Subscription(std::unique_ptr<Impl> impl);
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// A message from a JetStream pull consumer. Owns the underlying natsMsg; ack/nak/term may be
+// called from any thread, once.
+class JsMessage {
+ public:
+  ~JsMessage();
+  JsMessage(const JsMessage&) = delete;
+  JsMessage& operator=(const JsMessage&) = delete;
+
+  [[nodiscard]] std::string_view subject() const;
+  [[nodiscard]] std::string_view data() const;
+  [[nodiscard]] std::optional<std::string> header(const std::string& key) const;
+  [[nodiscard]] uint64_t stream_sequence() const;
+  [[nodiscard]] uint64_t num_delivered() const;  // 1 on first delivery
+
+  Status ack();  // synchronous: returns once the server confirmed
+  Status nak(std::chrono::milliseconds delay = std::chrono::milliseconds{0});
+  Status term();         // never redeliver (poison messages)
+  Status in_progress();  // extend the ack wait
+  struct Impl;
+  explicit JsMessage(std::unique_ptr<Impl> impl);
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+using JsMessagePtr = std::shared_ptr<JsMessage>;
+
+enum class Retention { kLimits, kWorkQueue, kInterest };
+enum class Storage { kFile, kMemory };
+
+struct StreamConfig {
+  std::string name;
+  std::vector<std::string> subjects;
+  Retention retention = Retention::kLimits;
+  Storage storage = Storage::kFile;
+  std::chrono::seconds max_age{0};  // 0: unlimited
+  std::chrono::seconds duplicate_window{120};
+  int replicas = 1;
+  int64_t max_msgs = -1;
+};
+
+struct ConsumerConfig {
+  std::string stream;
+  std::string durable;
+  std::string filter_subject;  // empty: every subject of the stream
+  std::chrono::milliseconds ack_wait{30000};
+  int max_deliver = -1;  // -1: unlimited
+  int max_ack_pending = 1000;
+};
+
+struct PubAck {
+  std::string stream;
+  uint64_t sequence = 0;
+  bool duplicate = false;  // the server had already stored this Nats-Msg-Id
+};
+
+// Runs a fetch loop on its own thread and posts each message to the executor. Stops (and joins)
+// when destroyed; messages already posted stay valid (shared ownership).
+class PullConsumer {
+ public:
+  ~PullConsumer();
+  PullConsumer(const PullConsumer&) = delete;
+  PullConsumer& operator=(const PullConsumer&) = delete;
+  void stop();
+  struct Impl;
+  explicit PullConsumer(std::unique_ptr<Impl> impl);
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+enum class KvOp { kPut, kDelete, kPurge };
+
+struct KvEntry {
+  std::string key;
+  std::string value;
+  uint64_t revision = 0;
+  KvOp op = KvOp::kPut;
+};
+
+struct KvConfig {
+  std::string bucket;
+  int history = 1;
+  std::chrono::seconds ttl{0};
+  int replicas = 1;
+  Storage storage = Storage::kFile;
+};
+
+// Runs kvWatcher_Next on its own thread; posts entries to the executor. The handler gets
+// std::nullopt once, after the initial values were delivered. Stops when destroyed.
+class KvWatch {
+ public:
+  ~KvWatch();
+  KvWatch(const KvWatch&) = delete;
+  KvWatch& operator=(const KvWatch&) = delete;
+  void stop();
+  struct Impl;
+  explicit KvWatch(std::unique_ptr<Impl> impl);
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+class KeyValue {
+ public:
+  ~KeyValue();
+  KeyValue(KeyValue&&) noexcept;
+  KeyValue& operator=(KeyValue&&) noexcept;
+  KeyValue(const KeyValue&) = delete;
+  KeyValue& operator=(const KeyValue&) = delete;
+
+  [[nodiscard]] const std::string& bucket() const;
+  // nullopt when the key does not exist or was deleted.
+  Result<std::optional<KvEntry>> get(const std::string& key);
+  Result<uint64_t> put(const std::string& key, std::string_view value);
+  // Fails with ErrorDomain::kConflict when the key exists.
+  Result<uint64_t> create(const std::string& key, std::string_view value);
+  // Compare-and-set: fails with ErrorDomain::kConflict when the revision is not `expected`.
+  Result<uint64_t> update(const std::string& key, std::string_view value, uint64_t expected);
+  Status erase(const std::string& key);  // a delete marker (watchers see KvOp::kDelete)
+  Status purge(const std::string& key);
+  Result<std::vector<std::string>> keys();
+  Result<std::vector<KvEntry>> history(const std::string& key);
+  // keys: a subject-style pattern, ">" for all.
+  Result<std::unique_ptr<KvWatch>> watch(const std::string& keys,
+                                         std::function<void(std::optional<KvEntry>)> handler);
+  struct Impl;
+  explicit KeyValue(std::unique_ptr<Impl> impl);
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+class Connection {
+ public:
+  // Connects (or, with retry_on_failed_connect, starts connecting in the background). Every
+  // handler given to this connection and the objects it makes runs on `executor`.
+  static Result<std::shared_ptr<Connection>> connect(const ConnectOptions& options,
+                                                     Executor executor);
+  ~Connection();
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+
+  [[nodiscard]] bool connected() const;
+  [[nodiscard]] const Executor& executor() const;
+
+  Status publish(const std::string& subject, std::string_view data, const Headers& headers = {});
+  Status flush(std::chrono::milliseconds timeout = std::chrono::milliseconds{2000});
+  // Blocking request-reply; a timeout is kTimeout, "no responders" is kNotFound.
+  Result<Message> request(const std::string& subject, std::string_view data,
+                          std::chrono::milliseconds timeout);
+  // queue may be empty.
+  Result<Subscription> subscribe(const std::string& subject, const std::string& queue,
+                                 std::function<void(Message)> handler);
+
+  // JetStream.
+  Status ensure_stream(const StreamConfig& config);  // create, or update to match: idempotent
+  Result<PubAck> js_publish(const std::string& subject, std::string_view data,
+                            const std::string& msg_id = {}, const Headers& headers = {},
+                            std::chrono::milliseconds timeout = std::chrono::milliseconds{5000});
+  // Creates the durable consumer if missing and runs a fetch loop that posts to the executor.
+  Result<std::unique_ptr<PullConsumer>> pull_consume(
+      const ConsumerConfig& config, std::function<void(JsMessagePtr)> handler, int batch = 16);
+  Result<KeyValue> ensure_kv(const KvConfig& config);  // create or bind: idempotent
+
+  struct Impl;
+  explicit Connection(std::unique_ptr<Impl> impl);
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+using ConnectionPtr = std::shared_ptr<Connection>;
+
+// Turns a natsStatus (and optional JetStream error code) into our Error. Exposed for tests.
+Error nats_error(int status, std::string_view context, int js_code = 0);
+
+}  // namespace cvm::bus

@@ -1,0 +1,45 @@
+#include "cvm/base/reasons.h"
+#include "cvm/base/wire.h"
+
+#include <string>
+
+#include <gtest/gtest.h>
+
+namespace cvm::wire {
+namespace {
+
+TEST(Wire, SubjectsFollowTheContract) {
+  EXPECT_EQ(node_work_subject("n1"), "cvm.v1.node.n1.work");
+  EXPECT_EQ(build_events_subject("b-7"), "cvm.v1.builds.b-7.events");
+  EXPECT_EQ(agent_durable("n1"), "agent-n1");
+}
+
+TEST(Wire, ValidIdsAreSingleSubjectTokens) {
+  EXPECT_TRUE(is_valid_id("ws_1-A"));
+  EXPECT_TRUE(is_valid_id(std::string(128, 'a')));
+  EXPECT_FALSE(is_valid_id(""));
+  EXPECT_FALSE(is_valid_id(std::string(129, 'a')));
+  for (const char* bad : {"a.b", "a b", "a*", "a>", "a/b", "ä", "a\n"}) {
+    EXPECT_FALSE(is_valid_id(bad)) << bad;
+  }
+}
+
+TEST(Reasons, EveryReasonHasText) {
+  for (int r = cvm::v1::Reason_MIN + 1; r <= cvm::v1::Reason_MAX; ++r) {
+    ASSERT_TRUE(cvm::v1::Reason_IsValid(r));
+    EXPECT_FALSE(reason_text(static_cast<cvm::v1::Reason>(r)).empty()) << r;
+    EXPECT_NE(reason_text(static_cast<cvm::v1::Reason>(r)), "unknown reason") << r;
+  }
+}
+
+TEST(Reasons, TerminalPhases) {
+  EXPECT_TRUE(is_terminal_phase(cvm::v1::RUNNING));
+  EXPECT_TRUE(is_terminal_phase(cvm::v1::STOPPED));
+  EXPECT_TRUE(is_terminal_phase(cvm::v1::FAILED));
+  EXPECT_FALSE(is_terminal_phase(cvm::v1::SCHEDULED));
+  EXPECT_FALSE(is_terminal_phase(cvm::v1::PREPARING));
+  EXPECT_EQ(phase_name(cvm::v1::RUNNING), "RUNNING");
+}
+
+}  // namespace
+}  // namespace cvm::wire
