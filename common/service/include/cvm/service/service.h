@@ -1,0 +1,43 @@
+#pragma once
+// What every cvm-control process shares: the common flags of the wire contract (--nats-url,
+// --metrics-listen, --log-format), connecting to the bus with logged, counted connection events,
+// and running an io_context until SIGINT/SIGTERM.
+
+#include <functional>
+#include <string>
+
+#include <CLI/CLI.hpp>
+#include <boost/asio/io_context.hpp>
+
+#include "cvm/base/result.h"
+#include "cvm/bus/bus.h"
+#include "cvm/telemetry/metrics.h"
+
+namespace cvm::service {
+
+struct CommonOptions {
+  std::string nats_url = "nats://127.0.0.1:4222";
+  std::string nats_user;
+  std::string nats_password;
+  std::string metrics_listen;  // each binary sets its own default port
+  std::string log_format = "text";
+  std::string log_level = "info";
+};
+
+void add_common_flags(CLI::App& app, CommonOptions& options);
+
+// Sets up logging and metrics from the options; returns an error for a bad --log-format or a
+// metrics address that cannot be bound.
+Status init_telemetry(std::string_view service, const CommonOptions& options,
+                      telemetry::Metrics& metrics);
+
+// Connects with reconnect-forever; disconnects, reconnects and async errors are logged and counted
+// in cvm_nats_connection_events_total{event=...}.
+Result<bus::ConnectionPtr> connect_bus(std::string_view service, const CommonOptions& options,
+                                       boost::asio::io_context& io, telemetry::Metrics& metrics);
+
+// Runs `io` on this thread until SIGINT or SIGTERM, then calls on_stop (on the io thread) and
+// lets the context drain. Returns the process exit code.
+int run_until_signal(boost::asio::io_context& io, const std::function<void()>& on_stop);
+
+}  // namespace cvm::service
