@@ -1,0 +1,524 @@
+#include "cvm/scheduler/placement.h"
+
+#include <algorithm>
+#include <bit>
+#include <tuple>
+#include <utility>
+
+namespace cvm::scheduler {
+
+namespace {
+
+// Capability bits of HotNode::caps. Each is the "good" state, so a request compiles into one mask
+// that a node must fully carry.
+constexpr uint32_t kCapOccupied = 1U << 0;
+constexpr uint32_t kCapRuntimeReady = 1U << 1;
+constexpr uint32_t kCapSelinuxNotEnforcing = 1U << 2;
+constexpr uint32_t kCapSelinuxOff = 1U << 3;
+constexpr uint32_t kCapShiftfs = 1U << 4;  // shiftfs loaded or loadable, or ID-mapped mounts
+constexpr uint32_t kCapKernelHeaders = 1U << 5;
+constexpr uint32_t kCapBareMetal = 1U << 6;
+
+constexpr uint64_t saturating_sub(uint64_t a, uint64_t b) { return a > b ? a - b : 0; }
+
+struct FilterInfo {
+  std::string_view id;
+  std::string_view text;
+};
+
+constexpr std::array<FilterInfo, kFilterCount> kFilters{{
+    {"node-live", "node not live"},
+    {"runtime-ready", "runtime not ready"},
+    {"selinux-enforcing", "SELinux enforcing"},
+    {"selinux-enabled", "SELinux enabled"},
+    {"caching-shiftfs", "no shiftfs or ID-mapped mounts"},
+    {"kernel-headers", "no kernel headers"},
+    {"gpu-bare-metal", "GPU requires bare metal"},
+    {"gpu-available", "insufficient GPUs"},
+    {"cpu", "insufficient cpu"},
+    {"memory", "insufficient memory"},
+}};
+
+PlacementDecision refuse(cvm::v1::Reason reason, std::string message) {
+  PlacementDecision d;
+  d.reason = reason;
+  d.message = std::move(message);
+  return d;
+}
+
+bool is_supported_vendor(cvm::v1::GpuVendor vendor) {
+  return vendor == cvm::v1::NVIDIA || vendor == cvm::v1::GPU_VENDOR_UNSPECIFIED;
+}
+
+}  // namespace
+
+EffectiveSettings effective_settings(const cvm::v1::InfrastructureSettings* settings) {
+  EffectiveSettings out;
+  if (settings == nullptr) return out;
+  if (settings->has_cvm_enabled()) out.cvm_enabled = settings->cvm_enabled();
+  if (settings->has_default_to_cvm()) out.default_to_cvm = settings->default_to_cvm();
+  out.caching = settings->caching();
+  out.auto_load_shiftfs = settings->auto_load_shiftfs();
+  out.scoring = settings->scoring();
+  return out;
+}
+
+PlacementRequest make_placement_request(const cvm::v1::BuildRequest& build,
+                                        const EffectiveSettings& settings) {
+  PlacementRequest r;
+  const auto& res = build.resources();
+  r.cpu_millicores = res.cpu_millicores();
+  r.memory_bytes = res.memory_bytes();
+  r.gpu_count = res.gpu().count();
+  r.gpu_vendor = res.gpu().vendor();
+  r.gpu_min_memory_bytes = res.gpu().min_memory_bytes();
+  r.cvm = build.has_use_cvm() ? build.use_cvm() : (settings.cvm_enabled && settings.default_to_cvm);
+  r.cvm_enabled = settings.cvm_enabled;
+  r.caching = settings.caching;
+  r.auto_load_shiftfs = settings.auto_load_shiftfs;
+  return r;
+}
+
+std::string_view filter_id(Filter filter) { return kFilters[static_cast<size_t>(filter)].id; }
+std::string_view filter_text(Filter filter) { return kFilters[static_cast<size_t>(filter)].text; }
+
+bool is_capacity_filter(Filter filter) {
+  return filter == Filter::kGpuAvailable || filter == Filter::kCpu || filter == Filter::kMemory;
+}
+
+Reservation reservation_for(const PlacementRequest& request) {
+  return Reservation{effective_cpu(request.cpu_millicores), effective_memory(request.memory_bytes),
+                     request.gpu_count};
+}
+
+// ---------------------------------------------------------------------------------------------
+// NodeIndex
+
+NodeSlot NodeIndex::upsert(const cvm::v1::NodeStatus& status, uint64_t revision) {
+  NodeSlot slot;
+  if (auto it = by_id_.find(status.node_id()); it != by_id_.end()) {
+    slot = it->second;
+  } else {
+    if (!free_slots_.empty()) {
+      slot = free_slots_.back();
+      free_slots_.pop_back();
+    } else {
+      slot = static_cast<NodeSlot>(records_.size());
+      records_.emplace_back();
+      hot_.emplace_back();
+      score_.emplace_back();
+    }
+    by_id_.emplace(status.node_id(), slot);
+    // A fresh registration starts without reservations: remove() dropped any it had.
+    records_[slot] = NodeRecord{};
+    records_[slot].node_id = status.node_id();
+  }
+
+  NodeRecord& rec = records_[slot];
+  rec.revision = revision;
+  rec.heartbeat_unix_ms = status.heartbeat_unix_ms();
+  rec.capacity_cpu_millicores = status.capacity().cpu_millicores();
+  rec.capacity_memory_bytes = status.capacity().memory_bytes();
+  rec.allocated_cpu_millicores = status.allocated().cpu_millicores();
+  rec.allocated_memory_bytes = status.allocated().memory_bytes();
+
+  const auto leased_it = leases_.find(status.node_id());
+  rec.gpus.clear();
+  rec.gpus.reserve(static_cast<size_t>(status.gpus_size()));
+  for (const auto& g : status.gpus()) {
+    NodeGpu gpu;
+    gpu.uuid = g.uuid();
+    gpu.memory_bytes = g.memory_bytes();
+    gpu.minor = g.minor();
+    gpu.healthy = g.healthy();
+    gpu.nvidia = g.vendor() == cvm::v1::NVIDIA;
+    if (leased_it != leases_.end()) {
+      const auto& uuids = leased_it->second;
+      gpu.leased = std::find(uuids.begin(), uuids.end(), gpu.uuid) != uuids.end();
+    }
+    rec.gpus.push_back(std::move(gpu));
+  }
+  std::sort(rec.gpus.begin(), rec.gpus.end(), [](const NodeGpu& a, const NodeGpu& b) {
+    return std::tie(a.minor, a.uuid) < std::tie(b.minor, b.uuid);
+  });
+
+  uint32_t caps = kCapOccupied;
+  const auto& host = status.host();
+  if (status.runtime().ready()) caps |= kCapRuntimeReady;
+  if (!host.selinux_enforcing()) caps |= kCapSelinuxNotEnforcing;
+  if (!host.selinux_enabled() && !host.selinux_enforcing()) caps |= kCapSelinuxOff;
+  if (host.shiftfs_loaded() || host.shiftfs_module_available() || host.idmapped_mounts()) {
+    caps |= kCapShiftfs;
+  }
+  if (host.kernel_headers()) caps |= kCapKernelHeaders;
+  if (host.bare_metal()) caps |= kCapBareMetal;
+  hot_[slot].caps = static_cast<uint16_t>(caps);
+  hot_[slot].heartbeat_unix_ms = rec.heartbeat_unix_ms;
+  refresh(slot);
+  return slot;
+}
+
+void NodeIndex::refresh(NodeSlot slot) {
+  const NodeRecord& rec = records_[slot];
+  HotNode& h = hot_[slot];
+  ScoreNode& sc = score_[slot];
+  const uint64_t cap_cpu = rec.capacity_cpu_millicores;
+  const uint64_t cap_mem = rec.capacity_memory_bytes;
+  sc.inv_capacity_cpu = cap_cpu == 0 ? 0.0 : 1.0 / static_cast<double>(cap_cpu);
+  sc.inv_capacity_memory = cap_mem == 0 ? 0.0 : 1.0 / static_cast<double>(cap_mem);
+  const uint64_t free_cpu =
+      saturating_sub(cap_cpu, rec.allocated_cpu_millicores + rec.reserved_cpu_millicores);
+  h.free_cpu = static_cast<uint32_t>(std::min<uint64_t>(free_cpu, UINT32_MAX));
+  h.free_memory = saturating_sub(cap_mem, rec.allocated_memory_bytes + rec.reserved_memory_bytes);
+  uint32_t usable = 0;
+  uint64_t smallest = UINT64_MAX;
+  uint64_t largest = 0;
+  for (const auto& g : rec.gpus) {
+    if (g.healthy && g.nvidia && !g.leased) {
+      ++usable;
+      smallest = std::min(smallest, g.memory_bytes);
+      largest = std::max(largest, g.memory_bytes);
+    }
+  }
+  const auto mib = [](uint64_t bytes) {
+    return static_cast<uint32_t>(std::min<uint64_t>(bytes >> 20, UINT32_MAX));
+  };
+  h.gpu_smallest_free_mib = mib(smallest);
+  h.gpu_largest_free_mib = mib(largest);
+  h.gpu_free = static_cast<uint16_t>(
+      std::min<uint32_t>(usable > rec.reserved_gpus ? usable - rec.reserved_gpus : 0, UINT16_MAX));
+}
+
+bool NodeIndex::remove(std::string_view node_id) {
+  auto it = by_id_.find(node_id);
+  if (it == by_id_.end()) return false;
+  const NodeSlot slot = it->second;
+  by_id_.erase(it);
+  std::erase_if(reservations_, [&](const auto& kv) { return kv.second.node_id == node_id; });
+  records_[slot] = NodeRecord{};
+  hot_[slot] = HotNode{};  // caps without kCapOccupied: the pass skips the slot
+  score_[slot] = ScoreNode{};
+  free_slots_.push_back(slot);
+  return true;
+}
+
+const NodeRecord* NodeIndex::find(std::string_view node_id) const {
+  auto it = by_id_.find(node_id);
+  return it == by_id_.end() ? nullptr : &records_[it->second];
+}
+
+std::optional<NodeSlot> NodeIndex::slot_of(std::string_view node_id) const {
+  auto it = by_id_.find(node_id);
+  if (it == by_id_.end()) return std::nullopt;
+  return it->second;
+}
+
+bool NodeIndex::reserve(std::string_view reservation_id, std::string_view node_id,
+                        const Reservation& reservation) {
+  auto node = by_id_.find(node_id);
+  if (node == by_id_.end() || reservations_.contains(reservation_id)) return false;
+  reservations_.emplace(std::string(reservation_id),
+                        HeldReservation{std::string(node_id), reservation});
+  NodeRecord& rec = records_[node->second];
+  rec.reserved_cpu_millicores += reservation.cpu_millicores;
+  rec.reserved_memory_bytes += reservation.memory_bytes;
+  rec.reserved_gpus += reservation.gpus;
+  refresh(node->second);
+  return true;
+}
+
+bool NodeIndex::release(std::string_view reservation_id) {
+  auto it = reservations_.find(reservation_id);
+  if (it == reservations_.end()) return false;
+  if (auto node = by_id_.find(it->second.node_id); node != by_id_.end()) {
+    NodeRecord& rec = records_[node->second];
+    const Reservation& r = it->second.amount;
+    rec.reserved_cpu_millicores = saturating_sub(rec.reserved_cpu_millicores, r.cpu_millicores);
+    rec.reserved_memory_bytes = saturating_sub(rec.reserved_memory_bytes, r.memory_bytes);
+    rec.reserved_gpus = rec.reserved_gpus > r.gpus ? rec.reserved_gpus - r.gpus : 0;
+    refresh(node->second);
+  }
+  reservations_.erase(it);
+  return true;
+}
+
+void NodeIndex::set_gpu_leased(std::string_view node_id, std::string_view gpu_uuid, bool leased) {
+  auto it = leases_.find(node_id);
+  if (leased) {
+    if (it == leases_.end())
+      it = leases_.emplace(std::string(node_id), std::vector<std::string>{}).first;
+    auto& uuids = it->second;
+    if (std::find(uuids.begin(), uuids.end(), gpu_uuid) == uuids.end()) {
+      uuids.emplace_back(gpu_uuid);
+    }
+  } else if (it != leases_.end()) {
+    std::erase(it->second, gpu_uuid);
+    if (it->second.empty()) leases_.erase(it);
+  }
+
+  auto node = by_id_.find(node_id);
+  if (node == by_id_.end()) return;
+  for (auto& g : records_[node->second].gpus) {
+    if (g.uuid == gpu_uuid) g.leased = leased;
+  }
+  refresh(node->second);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decisions
+
+std::optional<PlacementDecision> check_request(const PlacementRequest& request) {
+  if (request.cvm && !request.cvm_enabled) {
+    return refuse(cvm::v1::CVM_DISABLED,
+                  "the workspace asks for a CVM but CVMs are disabled in the infrastructure "
+                  "settings");
+  }
+  if (request.gpu_count > 0) {
+    if (!is_supported_vendor(request.gpu_vendor)) {
+      return refuse(cvm::v1::GPU_VENDOR_UNSUPPORTED,
+                    "only NVIDIA GPUs are supported; " +
+                        cvm::v1::GpuVendor_Name(request.gpu_vendor) + " was requested");
+    }
+    if (request.cvm && request.caching) {
+      return refuse(cvm::v1::GPU_WITH_CACHING_UNSUPPORTED,
+                    "GPUs are not supported with cached CVMs (Caching is on)");
+    }
+  }
+  return std::nullopt;
+}
+
+std::string rejection_message(const PlacementStats& stats) {
+  std::string out = "0/" + std::to_string(stats.nodes) + " nodes fit: ";
+  if (stats.nodes == 0) return out + "no nodes registered";
+
+  std::array<size_t, kFilterCount> order{};
+  for (size_t i = 0; i < kFilterCount; ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    if (stats.rejected[a] != stats.rejected[b]) return stats.rejected[a] > stats.rejected[b];
+    return kFilters[a].text < kFilters[b].text;
+  });
+  bool first = true;
+  for (size_t i : order) {
+    if (stats.rejected[i] == 0) break;
+    if (!first) out += ", ";
+    first = false;
+    out += std::to_string(stats.rejected[i]);
+    out += ' ';
+    out += kFilters[i].text;
+  }
+  return out;
+}
+
+// The single pass. A friend of NodeIndex so it can read the compact hot array directly.
+class PlacementPass {
+ public:
+  PlacementPass(const NodeIndex& nodes, const PlacementRequest& request,
+                const PlacementOptions& options)
+      : nodes_(nodes),
+        options_(options),
+        cpu_(effective_cpu(request.cpu_millicores)),
+        memory_(effective_memory(request.memory_bytes)),
+        gpus_(request.gpu_count),
+        gpu_min_memory_(request.gpu_count > 0 ? request.gpu_min_memory_bytes : 0),
+        live_after_(options.now_unix_ms - options.liveness_ttl_ms),
+        binpack_(options.strategy != cvm::v1::SPREAD),
+        max_candidates_(std::max<uint32_t>(options.max_candidates, 1)) {
+    required_ = kCapOccupied | kCapRuntimeReady;
+    if (request.cvm) {
+      required_ |= kCapSelinuxNotEnforcing | kCapSelinuxOff;
+      if (request.caching) {
+        required_ |= kCapShiftfs;
+        // Auto-load only matters with Caching (the mount table marks it n/a otherwise).
+        if (request.auto_load_shiftfs) required_ |= kCapKernelHeaders;
+      }
+    }
+    if (gpus_ > 0) required_ |= kCapBareMetal;
+  }
+
+  PlacementDecision run() {
+    PlacementDecision d;
+    const size_t slots = nodes_.hot_.size();
+    d.stats.nodes = static_cast<uint32_t>(nodes_.size());
+    stats_ = &d.stats;
+    top_.reserve(max_candidates_ + 1);
+    limit_ = feasible_limit(d.stats.nodes);
+
+    const size_t start = slots == 0 ? 0 : static_cast<size_t>(options_.start_offset % slots);
+    if (visit(start, slots)) visit(0, start);
+    std::copy_n(counts_.begin(), kFilterCount, d.stats.rejected.begin());
+
+    if (top_.empty()) {
+      d.message = rejection_message(d.stats);
+      d.reason = failure_reason(d.stats);
+      return d;
+    }
+    d.candidates.reserve(top_.size());
+    for (const auto& t : top_) {
+      d.candidates.push_back(Candidate{t.slot, nodes_.records_[t.slot].node_id, t.utilization});
+    }
+    return d;
+  }
+
+ private:
+  struct Scored {
+    NodeSlot slot;
+    double utilization;
+  };
+
+  // A full scan filters 256 nodes between scoring rounds; a sampled one stops soon, so it works in
+  // smaller blocks to filter few nodes past the stopping point.
+  static constexpr size_t kBlock = 256;
+  static constexpr size_t kSampledBlock = 32;
+  static constexpr uint32_t kPassedBit = 1U << kFilterCount;
+  // Filters up to and including kGpuAvailable.
+  static constexpr uint32_t kThroughGpuAvailable =
+      (1U << (static_cast<uint32_t>(Filter::kGpuAvailable) + 1)) - 1;
+
+  uint32_t feasible_limit(uint32_t n) const {
+    switch (options_.sampling) {
+      case Sampling::kNone:
+        return UINT32_MAX;
+      case Sampling::kLog2: {
+        // ⌈log₂ n⌉ with Nomad's floor of 2.
+        const uint32_t log2 = n <= 1 ? 0 : static_cast<uint32_t>(std::bit_width(n - 1));
+        return std::max<uint32_t>(log2, 2);
+      }
+      case Sampling::kPercent: {
+        const uint64_t pct = std::clamp<uint32_t>(options_.sample_percent, 1, 100);
+        return static_cast<uint32_t>(std::max<uint64_t>((uint64_t{n} * pct + 99) / 100, 1));
+      }
+    }
+    return UINT32_MAX;
+  }
+
+  // Filters a block of slots without branching on node data (fleet profiles are mixed, so
+  // per-node branches mispredict), then scores the block's survivors. Returns false once
+  // sampling found enough feasible nodes.
+  bool visit(size_t begin, size_t end) {
+    const auto& hot = nodes_.hot_;
+    std::array<NodeSlot, kBlock> passed;
+    const size_t block = limit_ == UINT32_MAX ? kBlock : kSampledBlock;
+    for (size_t first = begin; first < end; first += block) {
+      const size_t last = std::min(end, first + block);
+      size_t n = 0;
+      for (size_t slot = first; slot < last; ++slot) {
+        const NodeIndex::HotNode& h = hot[slot];
+        const uint32_t occupied = h.caps & kCapOccupied;
+        const uint32_t fails = failed_filters(static_cast<NodeSlot>(slot), h);
+        // The lowest set bit is the first filter in pipeline order; a passing node lands in the
+        // extra "passed" counter. Empty slots add 0.
+        const auto first_failed = static_cast<size_t>(std::countr_zero(fails | kPassedBit));
+        counts_[first_failed] += occupied;
+        stats_->evaluated += occupied;
+        passed[n] = static_cast<NodeSlot>(slot);
+        n += occupied & static_cast<uint32_t>(fails == 0);
+      }
+      for (size_t i = 0; i < n; ++i) {
+        ++stats_->feasible;
+        score(passed[i], hot[passed[i]]);
+        if (stats_->feasible >= limit_) return false;
+      }
+    }
+    return true;
+  }
+
+  // One bit per failed filter (bit = Filter value), computed without branches except for the
+  // per-GPU memory check, which only GPU requests with a minimum memory pay.
+  uint32_t failed_filters(NodeSlot slot, const NodeIndex::HotNode& h) const {
+    const uint32_t missing = required_ & ~uint32_t{h.caps};
+    uint32_t fails = bit(Filter::kNodeLive, h.heartbeat_unix_ms < live_after_) |
+                     bit(Filter::kRuntimeReady, missing & kCapRuntimeReady) |
+                     bit(Filter::kSelinuxEnforcing, missing & kCapSelinuxNotEnforcing) |
+                     bit(Filter::kSelinuxEnabled, missing & kCapSelinuxOff) |
+                     bit(Filter::kCachingShiftfs, missing & kCapShiftfs) |
+                     bit(Filter::kKernelHeaders, missing & kCapKernelHeaders) |
+                     bit(Filter::kGpuBareMetal, missing & kCapBareMetal) |
+                     bit(Filter::kGpuAvailable, h.gpu_free < gpus_) |
+                     bit(Filter::kCpu, h.free_cpu < cpu_) |
+                     bit(Filter::kMemory, h.free_memory < memory_);
+    // Only when no earlier filter already decided, so the count lands under the right filter.
+    if (gpu_min_memory_ > 0 && (fails & kThroughGpuAvailable) == 0 && (h.caps & kCapOccupied) &&
+        gpu_min_memory_ > (uint64_t{h.gpu_smallest_free_mib} << 20)) {
+      // Above the largest free GPU (plus the MiB rounding): none fits. In between: count.
+      const bool none = gpu_min_memory_ >= (uint64_t{h.gpu_largest_free_mib} + 1) << 20;
+      if (none || !enough_gpu_memory(slot)) fails |= bit(Filter::kGpuAvailable, true);
+    }
+    return fails;
+  }
+
+  static constexpr uint32_t bit(Filter f, uint32_t failed) {
+    return static_cast<uint32_t>(failed != 0) << static_cast<uint32_t>(f);
+  }
+
+  bool enough_gpu_memory(NodeSlot slot) const {
+    const NodeRecord& rec = nodes_.records_[slot];
+    uint32_t fit = 0;
+    for (const auto& g : rec.gpus) {
+      if (g.healthy && g.nvidia && !g.leased && g.memory_bytes >= gpu_min_memory_) ++fit;
+    }
+    // In-flight GPU reservations are counted against the fitting GPUs: conservative, the broker
+    // has the final word.
+    return fit >= gpus_ + rec.reserved_gpus;
+  }
+
+  void score(NodeSlot slot, const NodeIndex::HotNode& h) {
+    // Fraction used after placement = 1 - (free - request) / capacity, for cpu and memory.
+    const NodeIndex::ScoreNode& sc = nodes_.score_[slot];
+    const double cpu_left = static_cast<double>(h.free_cpu - cpu_) * sc.inv_capacity_cpu;
+    const double mem_left = static_cast<double>(h.free_memory - memory_) * sc.inv_capacity_memory;
+    const double u = 1.0 - (cpu_left + mem_left) * 0.5;
+    const Scored s{slot, u};
+    if (top_.size() == max_candidates_ && !better(s, top_.back())) return;
+    auto pos = std::upper_bound(top_.begin(), top_.end(), s,
+                                [&](const Scored& a, const Scored& b) { return better(a, b); });
+    top_.insert(pos, s);
+    if (top_.size() > max_candidates_) top_.pop_back();
+  }
+
+  bool better(const Scored& a, const Scored& b) const {
+    if (a.utilization != b.utilization) {
+      return binpack_ ? a.utilization > b.utilization : a.utilization < b.utilization;
+    }
+    // Ties go to the smaller node id so replicas and reruns agree.
+    return nodes_.records_[a.slot].node_id < nodes_.records_[b.slot].node_id;
+  }
+
+  static cvm::v1::Reason failure_reason(const PlacementStats& stats) {
+    if (stats.nodes == 0) return cvm::v1::NO_ELIGIBLE_NODE;
+    uint32_t bare_metal = 0, capacity = 0, total = 0;
+    for (size_t i = 0; i < kFilterCount; ++i) {
+      total += stats.rejected[i];
+      if (static_cast<Filter>(i) == Filter::kGpuBareMetal) bare_metal += stats.rejected[i];
+      if (is_capacity_filter(static_cast<Filter>(i))) capacity += stats.rejected[i];
+    }
+    if (bare_metal == total) return cvm::v1::GPU_REQUIRES_BARE_METAL;
+    if (capacity == total) return cvm::v1::INSUFFICIENT_CAPACITY;
+    return cvm::v1::NO_ELIGIBLE_NODE;
+  }
+
+  const NodeIndex& nodes_;
+  const PlacementOptions& options_;
+  const uint64_t cpu_;
+  const uint64_t memory_;
+  const uint32_t gpus_;
+  const uint64_t gpu_min_memory_;
+  const int64_t live_after_;
+  const bool binpack_;
+  const uint32_t max_candidates_;
+  uint32_t required_ = 0;
+  uint32_t limit_ = UINT32_MAX;
+  PlacementStats* stats_ = nullptr;
+  std::array<uint32_t, kFilterCount + 1> counts_{};  // by Filter, then "passed"
+  std::vector<Scored> top_;
+};
+
+PlacementDecision place(const NodeIndex& nodes, const PlacementRequest& request,
+                        const PlacementOptions& options) {
+  if (auto refused = check_request(request)) {
+    refused->stats.nodes = static_cast<uint32_t>(nodes.size());
+    return std::move(*refused);
+  }
+  return PlacementPass(nodes, request, options).run();
+}
+
+}  // namespace cvm::scheduler
