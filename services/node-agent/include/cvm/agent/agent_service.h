@@ -1,0 +1,114 @@
+#pragma once
+// The node agent's wiring: registers and heartbeats its NodeStatus, consumes its own work subject,
+// and drives the image tool and the OCI runtime. State changes happen on the io thread; the slow
+// tool runs (umoci, runc) happen on one worker thread so heartbeats never stall behind a launch.
+
+#include <chrono>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/thread_pool.hpp>
+
+#include "cvm/agent/host_probe.h"
+#include "cvm/agent/id_range.h"
+#include "cvm/agent/image.h"
+#include "cvm/agent/runtime.h"
+#include "cvm/agent/tool_paths.h"
+#include "cvm/base/clock.h"
+#include "cvm/bus/bus.h"
+#include "cvm/telemetry/metrics.h"
+#include "cvm/v1/node.pb.h"
+
+namespace cvm::agent {
+
+struct AgentConfig {
+  std::string node_id;
+  std::string state_dir = "/var/lib/cvm-agent";
+  std::string runc_root = "/run/cvm-agent/runc";
+  HostRoots roots;
+  ToolPaths tools;
+  IdPool id_pool{231072, 65536 * 64};
+  std::chrono::milliseconds heartbeat_interval{5000};
+  std::chrono::milliseconds stop_grace{10000};
+  std::chrono::milliseconds ack_wait{120000};
+};
+
+class AgentService {
+ public:
+  AgentService(boost::asio::io_context& io, bus::ConnectionPtr conn, telemetry::Metrics& metrics,
+               const Clock& clock, AgentConfig config);
+  ~AgentService();
+  AgentService(const AgentService&) = delete;
+  AgentService& operator=(const AgentService&) = delete;
+
+  Status start();
+  void stop();
+
+ private:
+  struct Meters;
+  struct Workspace {
+    cvm::v1::WorkspaceRecord record;
+    uint64_t cpu_millicores = 0;
+    uint64_t memory_bytes = 0;
+  };
+  // What the worker thread hands back after a launch.
+  struct LaunchResult {
+    bool ok = false;
+    cvm::v1::Reason reason = cvm::v1::REASON_UNSPECIFIED;
+    std::string message;
+    std::vector<std::string> warnings;
+    int pid = 0;
+  };
+
+  void on_work(const bus::JsMessagePtr& msg);
+  void handle_start(const cvm::v1::NodeAssignment& a, const bus::JsMessagePtr& msg);
+  void handle_stop(const cvm::v1::NodeAssignment& a, const bus::JsMessagePtr& msg, bool remove);
+  LaunchResult launch(const cvm::v1::NodeAssignment& a, IdRange ids);  // on the worker thread
+  void finish_start(const cvm::v1::NodeAssignment& a, IdRange ids, LaunchResult result,
+                    const bus::JsMessagePtr& msg);
+
+  void publish(const cvm::v1::NodeAssignment& a, cvm::v1::Phase phase,
+               cvm::v1::Reason reason = cvm::v1::REASON_UNSPECIFIED,
+               const std::string& message = {}, const std::vector<std::string>& warnings = {});
+  void heartbeat();
+  void schedule_heartbeat();
+  cvm::v1::NodeStatus node_status() const;
+  Status save_id_ranges();
+  Status load_id_ranges();
+  void load_workspaces();
+  void put_workspace(const Workspace& ws);
+  void release_gpus(const cvm::v1::WorkspaceRecord& record);
+
+  std::string workspace_dir(const std::string& workspace_id) const;
+  static std::string container_id(const std::string& workspace_id);
+
+  boost::asio::io_context& io_;
+  bus::ConnectionPtr conn_;
+  const Clock& clock_;
+  AgentConfig config_;
+  std::unique_ptr<Meters> meters_;
+  boost::asio::thread_pool worker_{1};
+  boost::asio::steady_timer heartbeat_timer_;
+  std::unique_ptr<RuncRuntime> runtime_;
+  std::unique_ptr<ImageTool> images_;
+  std::optional<IdRangeAllocator> ids_;
+  std::optional<bus::KeyValue> nodes_kv_;
+  std::optional<bus::KeyValue> workspaces_kv_;
+  std::unique_ptr<bus::PullConsumer> consumer_;
+
+  cvm::v1::HostCapabilities host_;
+  cvm::v1::RuntimeInfo runtime_info_;
+  cvm::v1::Capacity capacity_;
+  std::optional<uint64_t> cap_bounding_;
+  int64_t started_ms_ = 0;
+  std::map<std::string, Workspace> workspaces_;  // by workspace id, running or stopped here
+  std::set<std::string> busy_;                   // workspaces with an operation in flight
+  bool stopping_ = false;
+};
+
+}  // namespace cvm::agent

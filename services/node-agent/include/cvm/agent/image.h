@@ -1,0 +1,97 @@
+#pragma once
+// Image reference -> OCI runtime bundle whose rootfs is owned by the workspace's ID range.
+//
+//   oci:PATH[:TAG]        an OCI image layout on this host (TAG defaults to "latest")
+//   docker://NAME[:TAG]   pulled with skopeo into a temporary OCI layout first
+//
+// umoci unpacks with --uid-map/--gid-map so files owned by container root belong to the range's
+// base on the host. It also writes a config.json, which the caller replaces with
+// build_runtime_spec's (write_runtime_spec); the image's env/cwd/args are read from it first.
+
+#include <chrono>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "cvm/agent/id_range.h"
+#include "cvm/agent/tool_paths.h"
+#include "cvm/base/result.h"
+
+namespace cvm::agent {
+
+struct ImageRef {
+  enum class Kind { kOciLayout, kDocker };
+  Kind kind = Kind::kOciLayout;
+  std::string layout;  // kOciLayout: the layout directory
+  std::string tag;     // kOciLayout: the tag in it
+  std::string source;  // kDocker: the skopeo source, "docker://..."
+};
+
+// kInvalid for anything but the two forms above.
+[[nodiscard]] Result<ImageRef> parse_image_ref(std::string_view ref);
+
+struct UnpackedImage {
+  std::string bundle;
+  std::string rootfs;
+  bool has_sbin_init = false;
+  std::vector<std::string> tmp_files;  // under /tmp in the image: gone once the CVM is built
+  // From the image config (umoci's generated config.json).
+  std::vector<std::string> env;
+  std::vector<std::string> args;
+  std::string cwd = "/";
+};
+
+struct ImageToolOptions {
+  ToolPaths tools;
+  // Where pulled images are staged; empty: the system temp dir. Issue 3's cache replaces the
+  // staging in ImageTool::fetch with a persistent, content-addressed store under this dir.
+  std::string staging_dir;
+  // Extra `skopeo copy` flags, e.g. {"--src-tls-verify=false"} for a plain-HTTP test registry.
+  std::vector<std::string> skopeo_copy_args;
+  std::chrono::milliseconds unpack_timeout{std::chrono::minutes(10)};
+  std::chrono::milliseconds pull_timeout{std::chrono::minutes(10)};
+};
+
+class ImageTool {
+ public:
+  explicit ImageTool(ImageToolOptions options) : options_(std::move(options)) {}
+
+  // Unpacks into `bundle_dir` (created, must not exist or be empty; made 0755 so the mapped
+  // container root can traverse it). On a missing image the error carries umoci's or skopeo's
+  // own message.
+  [[nodiscard]] Result<UnpackedImage> unpack(const std::string& image_ref,
+                                             const std::string& bundle_dir, IdRange ids);
+
+  // The local OCI layout holding `ref`. The hook for caching: today docker:// images are pulled
+  // into a fresh staging layout that `cleanup` names (the caller removes it).
+  struct LocalImage {
+    std::string layout;
+    std::string tag;
+    std::string cleanup;  // a directory to remove after unpacking; empty: nothing to remove
+  };
+  [[nodiscard]] Result<LocalImage> fetch(const ImageRef& ref);
+
+ private:
+  ImageToolOptions options_;
+};
+
+// Writes config.json into the bundle (replacing umoci's).
+[[nodiscard]] Status write_runtime_spec(const std::string& bundle_dir, const nlohmann::json& spec);
+
+// Whether <rootfs>/sbin/init is an executable file, following symlinks inside the rootfs (an
+// absolute link such as /sbin/init -> /lib/systemd/systemd resolves against the rootfs, never
+// the host).
+[[nodiscard]] bool rootfs_has_sbin_init(const std::string& rootfs);
+
+// Entries under <rootfs>/tmp, as container paths ("/tmp/x"), sorted, at most `limit`.
+[[nodiscard]] std::vector<std::string> rootfs_tmp_files(const std::string& rootfs,
+                                                        size_t limit = 50);
+
+// `path` (absolute, as seen in the container) resolved against `rootfs` with symlinks followed
+// inside it; kNotFound when a component is missing, kInvalid on a symlink loop.
+[[nodiscard]] Result<std::string> resolve_in_rootfs(const std::string& rootfs,
+                                                    const std::string& path);
+
+}  // namespace cvm::agent

@@ -1,0 +1,77 @@
+#pragma once
+// The OCI runtime spec (config.json) of a workspace container, as a pure function of plain data.
+// Targets runc 1.1.x (spec 1.0.2). Every container gets its own user namespace mapped onto the
+// workspace's exclusive ID range; that is what stands in for Sysbox where it is absent.
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "cvm/agent/id_range.h"
+
+namespace cvm::agent {
+
+inline constexpr std::string_view kOciVersion = "1.0.2";
+inline constexpr uint64_t kCpuPeriodUs = 100000;
+// The kernel refuses CFS quotas under 1 ms.
+inline constexpr int64_t kMinCpuQuotaUs = 1000;
+
+// The entrypoint of images without /sbin/init. `sleep & wait` keeps the shell able to run its
+// TERM trap at once (a foreground sleep would delay it for up to an hour); PID 1 ignores signals
+// it has no handler for, so without the trap only SIGKILL would stop it.
+inline const std::vector<std::string>& sleep_entrypoint() {
+  static const std::vector<std::string> args = {
+      "/bin/sh", "-c", "trap \"exit 0\" TERM; while :; do sleep 3600 & wait $!; done"};
+  return args;
+}
+
+enum class CapabilityProfile {
+  kSystemContainer,  // every capability, held inside the container's user namespace (CVMs)
+  kDocker,           // Docker's default set (plain containers)
+};
+
+struct SpecInput {
+  std::string hostname = "workspace";
+  // The process: explicit args win; else /sbin/init when the rootfs has it; else the sleep loop.
+  std::vector<std::string> args;
+  bool has_sbin_init = false;
+  std::vector<std::string> env;  // KEY=VALUE; PATH/HOME/TERM are added when missing
+  std::string cwd = "/";
+  std::string rootfs = "rootfs";  // relative to the bundle
+  bool rootfs_readonly = false;
+
+  IdRange ids;  // container 0..count-1 -> host base..base+count-1, for UIDs and GIDs
+
+  CapabilityProfile capability_profile = CapabilityProfile::kSystemContainer;
+  // The host's bounding set (read_cap_bounding); nullopt keeps the profile as is.
+  std::optional<uint64_t> host_cap_bounding;
+
+  // runc cannot raise the hard limit above its own without CAP_SYS_RESOURCE on the host, so the
+  // caller passes its own hard limit (getrlimit) and the request is clamped to it.
+  uint64_t nofile = 1048576;
+  std::optional<uint64_t> host_nofile_hard;
+  // no_new_privs also disables setuid binaries (sudo) inside; a workspace that needs them sets
+  // this to false.
+  bool no_new_privileges = true;
+
+  std::string cgroups_path;         // e.g. "/cvm/<container id>"; empty: runc chooses
+  uint64_t memory_limit_bytes = 0;  // 0: unlimited
+  uint64_t cpu_millicores = 0;      // 0: unlimited
+  bool tun = false;                 // /dev/net/tun (10:200)
+  bool fuse = false;                // /dev/fuse (10:229)
+
+  std::map<std::string, std::string> annotations;
+};
+
+// CFS quota for `millicores` over `period_us` (1000 m = one CPU = a full period); 0 means no
+// limit. Clamped up to kMinCpuQuotaUs.
+[[nodiscard]] int64_t cpu_quota_us(uint64_t millicores, uint64_t period_us = kCpuPeriodUs);
+
+[[nodiscard]] nlohmann::json build_runtime_spec(const SpecInput& input);
+
+}  // namespace cvm::agent

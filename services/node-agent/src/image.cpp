@@ -1,0 +1,305 @@
+#include "cvm/agent/image.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <system_error>
+
+#include <nlohmann/json.hpp>
+
+#include "cvm/agent/process.h"
+#include "file_util.h"
+
+namespace cvm::agent {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+bool valid_tag(std::string_view tag) {
+  if (tag.empty() || tag.size() > 128) return false;
+  const auto ok = [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.' || c == '-';
+  };
+  return std::all_of(tag.begin(), tag.end(), ok) && tag.front() != '.' && tag.front() != '-';
+}
+
+std::string temp_base(const std::string& configured) {
+  if (!configured.empty()) return configured;
+  const char* tmp = std::getenv("TMPDIR");
+  return tmp && *tmp ? tmp : "/tmp";
+}
+
+Result<std::string> make_temp_dir(const std::string& parent, const std::string& prefix) {
+  std::error_code ec;
+  fs::create_directories(parent, ec);
+  std::string templ = detail::join_path(parent, prefix + "XXXXXX");
+  if (::mkdtemp(templ.data()) == nullptr) {
+    return make_error(ErrorDomain::kSystem, "mkdtemp " + templ + ": " + std::strerror(errno),
+                      errno);
+  }
+  return templ;
+}
+
+std::vector<std::string> string_array(const json& j, const char* key) {
+  std::vector<std::string> out;
+  const auto it = j.find(key);
+  if (it == j.end() || !it->is_array()) return out;
+  for (const auto& v : *it) {
+    if (v.is_string()) out.push_back(v.get<std::string>());
+  }
+  return out;
+}
+
+// The container's root is an unprivileged host UID (neither owner nor group of the agent's
+// directories), so runc fails with a bare "permission denied" when any directory above the rootfs
+// lacks the others-execute bit. Checking up front names the culprit.
+Status check_traversable(const fs::path& dir) {
+  std::error_code ec;
+  const fs::path absolute = fs::absolute(dir, ec);
+  if (ec) return {};
+  for (fs::path p = absolute.parent_path(); !p.empty(); p = p.parent_path()) {
+    struct stat st {};
+    if (::stat(p.c_str(), &st) == 0 && (st.st_mode & S_IXOTH) == 0) {
+      char mode[8];
+      std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+      return make_error(ErrorDomain::kInvalid,
+                        "bundle " + dir.string() + ": parent " + p.string() + " is mode " + mode +
+                            "; the container's mapped root needs o+x on every parent");
+    }
+    if (p == p.root_path()) break;
+  }
+  return {};
+}
+
+}  // namespace
+
+Result<ImageRef> parse_image_ref(std::string_view ref) {
+  ImageRef out;
+  const auto invalid = [&](const std::string& why) {
+    return make_error(ErrorDomain::kInvalid, "image '" + std::string(ref) + "': " + why);
+  };
+  if (ref.rfind("oci:", 0) == 0) {
+    std::string_view rest = ref.substr(4);
+    out.kind = ImageRef::Kind::kOciLayout;
+    out.tag = "latest";
+    // The tag follows the last ':' unless that part is a path (tags have no '/').
+    const size_t colon = rest.rfind(':');
+    if (colon != std::string_view::npos &&
+        rest.substr(colon + 1).find('/') == std::string_view::npos) {
+      out.tag = std::string(rest.substr(colon + 1));
+      rest = rest.substr(0, colon);
+    }
+    if (rest.empty()) return invalid("no layout path");
+    if (!valid_tag(out.tag)) return invalid("bad tag '" + out.tag + "'");
+    out.layout = std::string(rest);
+    return out;
+  }
+  if (ref.rfind("docker://", 0) == 0) {
+    if (ref.size() == 9) return invalid("no image name");
+    out.kind = ImageRef::Kind::kDocker;
+    out.source = std::string(ref);
+    return out;
+  }
+  if (ref.empty() || ref.find("://") != std::string_view::npos) {
+    return invalid("expected oci:PATH[:TAG] or docker://NAME[:TAG]");
+  }
+  // In a bare reference a ':' before the first '/' can only be a registry port
+  // ("localhost:5000/img"); anything else there is another transport ("dir:/x",
+  // "containers-storage:x/y"), which is not ours to guess at.
+  const size_t slash = ref.find('/');
+  if (slash != std::string_view::npos) {
+    const std::string_view host = ref.substr(0, slash);
+    const size_t colon = host.find(':');
+    if (colon != std::string_view::npos &&
+        (colon + 1 == host.size() ||
+         host.substr(colon + 1).find_first_not_of("0123456789") != std::string_view::npos)) {
+      return invalid("unsupported transport; expected oci:PATH[:TAG] or docker://NAME[:TAG]");
+    }
+  }
+  // A bare registry reference ("debian:12", "ghcr.io/x/y:tag") means docker://, as podman does.
+  out.kind = ImageRef::Kind::kDocker;
+  out.source = "docker://" + std::string(ref);
+  return out;
+}
+
+Result<ImageTool::LocalImage> ImageTool::fetch(const ImageRef& ref) {
+  if (ref.kind == ImageRef::Kind::kOciLayout) return LocalImage{ref.layout, ref.tag, ""};
+
+  auto staging = make_temp_dir(temp_base(options_.staging_dir), "cvm-pull.");
+  if (!staging) return staging.error();
+  const std::string layout = detail::join_path(*staging, "layout");
+  std::vector<std::string> argv = {options_.tools.skopeo, "copy", "--quiet"};
+  argv.insert(argv.end(), options_.skopeo_copy_args.begin(), options_.skopeo_copy_args.end());
+  argv.push_back(ref.source);
+  argv.push_back("oci:" + layout + ":image");
+  ProcessOptions popts;
+  popts.timeout = options_.pull_timeout;
+  auto pulled = run_tool(argv, popts);
+  if (!pulled) {
+    std::error_code ec;
+    fs::remove_all(*staging, ec);
+    return pulled.error();
+  }
+  return LocalImage{layout, "image", *staging};
+}
+
+Result<UnpackedImage> ImageTool::unpack(const std::string& image_ref, const std::string& bundle_dir,
+                                        IdRange ids) {
+  auto ref = parse_image_ref(image_ref);
+  if (!ref) return ref.error();
+  if (ids.count == 0) return make_error(ErrorDomain::kInvalid, "unpack: empty ID range");
+
+  std::error_code ec;
+  if (fs::exists(bundle_dir, ec) && !fs::is_empty(bundle_dir, ec)) {
+    return make_error(ErrorDomain::kConflict, "bundle " + bundle_dir + " exists and is not empty");
+  }
+  if (const fs::path parent = fs::path(bundle_dir).parent_path(); !parent.empty()) {
+    fs::create_directories(parent, ec);
+  }
+
+  if (auto st = check_traversable(bundle_dir); !st) return st.error();
+
+  auto local = fetch(*ref);
+  if (!local) return local.error();
+  const auto cleanup = [&] {
+    if (!local->cleanup.empty()) fs::remove_all(local->cleanup, ec);
+  };
+
+  const std::string map = "0:" + std::to_string(ids.base) + ":" + std::to_string(ids.count);
+  ProcessOptions popts;
+  popts.timeout = options_.unpack_timeout;
+  auto unpacked = run_tool({options_.tools.umoci, "unpack", "--uid-map", map, "--gid-map", map,
+                            "--image", local->layout + ":" + local->tag, bundle_dir},
+                           popts);
+  cleanup();
+  if (!unpacked) {
+    Error error = unpacked.error();
+    if (error.message.find("not found") != std::string::npos ||
+        error.message.find("invalid image") != std::string::npos ||
+        error.message.find("no such file") != std::string::npos) {
+      error.domain = ErrorDomain::kNotFound;  // still the tool's own words in the message
+    }
+    return error;
+  }
+
+  // umoci creates the bundle 0700; the container's root (a mapped, unprivileged host ID) must be
+  // able to traverse it to reach its rootfs.
+  if (::chmod(bundle_dir.c_str(), 0755) != 0) {
+    return make_error(ErrorDomain::kSystem, "chmod " + bundle_dir + ": " + std::strerror(errno),
+                      errno);
+  }
+
+  UnpackedImage image;
+  image.bundle = bundle_dir;
+  image.rootfs = detail::join_path(bundle_dir, "rootfs");
+  image.has_sbin_init = rootfs_has_sbin_init(image.rootfs);
+  image.tmp_files = rootfs_tmp_files(image.rootfs);
+  if (const auto config = detail::read_file(detail::join_path(bundle_dir, "config.json"))) {
+    const json j = json::parse(*config, nullptr, /*allow_exceptions=*/false);
+    if (j.is_object() && j.contains("process") && j["process"].is_object()) {
+      const json& process = j["process"];
+      image.env = string_array(process, "env");
+      image.args = string_array(process, "args");
+      if (process.contains("cwd") && process["cwd"].is_string()) {
+        image.cwd = process["cwd"].get<std::string>();
+      }
+    }
+  }
+  return image;
+}
+
+Status write_runtime_spec(const std::string& bundle_dir, const nlohmann::json& spec) {
+  // Write-then-rename: a crash never leaves runc a half-written config.json.
+  const std::string path = detail::join_path(bundle_dir, "config.json");
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) return make_error(ErrorDomain::kSystem, "cannot write " + tmp);
+    out << spec.dump(2) << '\n';
+    if (!out.flush()) return make_error(ErrorDomain::kSystem, "cannot write " + tmp);
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) return make_error(ErrorDomain::kSystem, "rename " + tmp + ": " + ec.message());
+  return {};
+}
+
+Result<std::string> resolve_in_rootfs(const std::string& rootfs, const std::string& path) {
+  constexpr int kMaxLinks = 40;      // as the kernel's ELOOP limit
+  std::vector<std::string> pending;  // components still to walk, in reverse order
+  const auto push_path = [&](std::string_view p) {
+    std::vector<std::string> parts;
+    size_t pos = 0;
+    while (pos <= p.size()) {
+      size_t end = p.find('/', pos);
+      if (end == std::string_view::npos) end = p.size();
+      if (end > pos) parts.emplace_back(p.substr(pos, end - pos));
+      pos = end + 1;
+    }
+    pending.insert(pending.end(), parts.rbegin(), parts.rend());
+  };
+  push_path(path);
+  std::vector<std::string> resolved;  // components below rootfs, all existing, no links
+  int links = 0;
+  while (!pending.empty()) {
+    std::string part = std::move(pending.back());
+    pending.pop_back();
+    if (part == ".") continue;
+    if (part == "..") {
+      if (!resolved.empty()) resolved.pop_back();  // ".." at the root stays at the root
+      continue;
+    }
+    std::string host = rootfs;
+    for (const auto& r : resolved) host = detail::join_path(host, r);
+    host = detail::join_path(host, part);
+    struct stat st {};
+    if (::lstat(host.c_str(), &st) != 0) {
+      return make_error(ErrorDomain::kNotFound, path + ": " + std::strerror(errno));
+    }
+    if (!S_ISLNK(st.st_mode)) {
+      resolved.push_back(std::move(part));
+      continue;
+    }
+    if (++links > kMaxLinks) return make_error(ErrorDomain::kInvalid, path + ": symlink loop");
+    std::string target(static_cast<size_t>(std::max<off_t>(st.st_size, 255)) + 1, '\0');
+    const ssize_t n = ::readlink(host.c_str(), target.data(), target.size());
+    if (n < 0) return make_error(ErrorDomain::kSystem, host + ": " + std::strerror(errno));
+    target.resize(static_cast<size_t>(n));
+    if (!target.empty() && target.front() == '/') resolved.clear();
+    push_path(target);
+  }
+  std::string out = rootfs;
+  for (const auto& r : resolved) out = detail::join_path(out, r);
+  return out;
+}
+
+bool rootfs_has_sbin_init(const std::string& rootfs) {
+  const auto init = resolve_in_rootfs(rootfs, "/sbin/init");
+  if (!init) return false;
+  struct stat st {};
+  return ::stat(init->c_str(), &st) == 0 && S_ISREG(st.st_mode) && (st.st_mode & 0111) != 0;
+}
+
+std::vector<std::string> rootfs_tmp_files(const std::string& rootfs, size_t limit) {
+  std::vector<std::string> out;
+  const auto tmp = resolve_in_rootfs(rootfs, "/tmp");
+  if (!tmp) return out;
+  std::error_code ec;
+  fs::directory_iterator it(*tmp, ec);
+  for (; !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    out.push_back("/tmp/" + it->path().filename().string());
+  }
+  std::sort(out.begin(), out.end());
+  if (out.size() > limit) out.resize(limit);
+  return out;
+}
+
+}  // namespace cvm::agent
