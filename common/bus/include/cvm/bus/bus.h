@@ -33,6 +33,9 @@ struct ConnectOptions {
   int max_reconnect = -1;               // -1: forever; services must survive NATS restarts
   bool retry_on_failed_connect = true;  // start even when the server is not up yet
   // Called on the executor passed to Connection::connect.
+  // on_connected: the first connection was made in the background (retry_on_failed_connect and
+  // the server was not reachable when connect() returned).
+  std::function<void()> on_connected;
   std::function<void()> on_disconnected;
   std::function<void()> on_reconnected;
   std::function<void()> on_closed;
@@ -227,6 +230,9 @@ class Connection {
   Result<std::unique_ptr<PullConsumer>> pull_consume(
       const ConsumerConfig& config, std::function<void(JsMessagePtr)> handler, int batch = 16);
   Result<KeyValue> ensure_kv(const KvConfig& config);  // create or bind: idempotent
+  // The newest message stored in `stream` on `subject`, nullopt when there is none.
+  Result<std::optional<Message>> last_message(const std::string& stream,
+                                              const std::string& subject);
 
   struct Impl;
   explicit Connection(std::unique_ptr<Impl> impl);

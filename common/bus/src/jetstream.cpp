@@ -1,0 +1,341 @@
+// JetStream: streams, publish with de-duplication, durable pull consumers and their messages.
+
+#include <atomic>
+#include <condition_variable>
+#include <thread>
+#include <utility>
+
+#include "internal.h"
+
+namespace cvm::bus {
+
+using detail::Core;
+
+namespace {
+
+int64_t to_nanos(std::chrono::nanoseconds d) { return d.count(); }
+
+// What the posted handlers of a consumer share; cleared on stop so a handler posted just before
+// stop() never runs after it.
+struct Delivery {
+  std::function<void(JsMessagePtr)> handler;
+  std::atomic<bool> active{true};
+};
+
+// Creates the durable, or brings an existing one to `config` (an upgrade changed ack_wait, say).
+Status ensure_consumer(jsCtx* js, const ConsumerConfig& config) {
+  jsConsumerConfig cc;
+  jsConsumerConfig_Init(&cc);
+  cc.Durable = config.durable.c_str();
+  cc.DeliverPolicy = js_DeliverAll;
+  cc.AckPolicy = js_AckExplicit;
+  cc.AckWait = to_nanos(config.ack_wait);
+  cc.MaxDeliver = config.max_deliver;
+  cc.MaxAckPending = config.max_ack_pending;
+  if (!config.filter_subject.empty()) cc.FilterSubject = config.filter_subject.c_str();
+
+  jsConsumerInfo* raw = nullptr;
+  jsErrCode jerr = static_cast<jsErrCode>(0);
+  natsStatus s = js_AddConsumer(&raw, js, config.stream.c_str(), &cc, nullptr, &jerr);
+  detail::ConsumerInfoHandle info(raw);
+  if (s != NATS_OK && jerr != JSStreamNotFoundErr) {
+    raw = nullptr;
+    jerr = static_cast<jsErrCode>(0);
+    s = js_UpdateConsumer(&raw, js, config.stream.c_str(), &cc, nullptr, &jerr);
+    detail::ConsumerInfoHandle updated(raw);
+  }
+  if (s != NATS_OK) {
+    return nats_error(s, "create consumer " + config.durable + " on " + config.stream, jerr);
+  }
+  return {};
+}
+
+}  // namespace
+
+// ---- JsMessage ----
+
+struct JsMessage::Impl {
+  // Declared first so it is destroyed last: cnats messages point at their subscription.
+  std::shared_ptr<detail::SubHandle> sub;
+  detail::MsgHandle msg;
+  uint64_t stream_sequence = 0;
+  uint64_t num_delivered = 0;
+  // cnats' ack state and header cache are not thread safe.
+  mutable std::mutex mu;
+
+  Impl(std::shared_ptr<detail::SubHandle> s, natsMsg* m) : sub(std::move(s)), msg(m) {
+    jsMsgMetaData* raw = nullptr;
+    if (natsMsg_GetMetaData(&raw, msg.get()) == NATS_OK) {
+      detail::MetaDataHandle meta(raw);
+      stream_sequence = meta->Sequence.Stream;
+      num_delivered = meta->NumDelivered;
+    }
+  }
+};
+
+JsMessage::JsMessage(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+JsMessage::~JsMessage() = default;
+
+std::string_view JsMessage::subject() const {
+  const char* subject = natsMsg_GetSubject(impl_->msg.get());
+  return subject != nullptr ? std::string_view(subject) : std::string_view();
+}
+
+std::string_view JsMessage::data() const {
+  const char* data = natsMsg_GetData(impl_->msg.get());
+  if (data == nullptr) return {};
+  return {data, static_cast<size_t>(natsMsg_GetDataLength(impl_->msg.get()))};
+}
+
+std::optional<std::string> JsMessage::header(const std::string& key) const {
+  std::lock_guard lock(impl_->mu);
+  const char* value = nullptr;
+  if (natsMsgHeader_Get(impl_->msg.get(), key.c_str(), &value) != NATS_OK || value == nullptr) {
+    return std::nullopt;
+  }
+  return std::string(value);
+}
+
+uint64_t JsMessage::stream_sequence() const { return impl_->stream_sequence; }
+uint64_t JsMessage::num_delivered() const { return impl_->num_delivered; }
+
+Status JsMessage::ack() {
+  std::lock_guard lock(impl_->mu);
+  jsErrCode jerr = static_cast<jsErrCode>(0);
+  const natsStatus s = natsMsg_AckSync(impl_->msg.get(), nullptr, &jerr);
+  if (s != NATS_OK) return nats_error(s, "ack", jerr);
+  return {};
+}
+
+Status JsMessage::nak(std::chrono::milliseconds delay) {
+  std::lock_guard lock(impl_->mu);
+  const natsStatus s = delay.count() > 0
+                           ? natsMsg_NakWithDelay(impl_->msg.get(), delay.count(), nullptr)
+                           : natsMsg_Nak(impl_->msg.get(), nullptr);
+  if (s != NATS_OK) return nats_error(s, "nak");
+  return {};
+}
+
+Status JsMessage::term() {
+  std::lock_guard lock(impl_->mu);
+  const natsStatus s = natsMsg_Term(impl_->msg.get(), nullptr);
+  if (s != NATS_OK) return nats_error(s, "term");
+  return {};
+}
+
+Status JsMessage::in_progress() {
+  std::lock_guard lock(impl_->mu);
+  const natsStatus s = natsMsg_InProgress(impl_->msg.get(), nullptr);
+  if (s != NATS_OK) return nats_error(s, "in progress");
+  return {};
+}
+
+// ---- PullConsumer ----
+
+struct PullConsumer::Impl {
+  std::shared_ptr<Core> core;
+  std::shared_ptr<detail::SubHandle> sub;
+  std::shared_ptr<Delivery> delivery;
+  ConsumerConfig config;
+  std::string name;
+  int batch = 16;
+
+  std::atomic<bool> stopping{false};
+  std::mutex mu;
+  std::condition_variable cv;
+  std::thread thread;
+
+  ~Impl() { stop(); }
+
+  void stop() {
+    delivery->active.store(false);
+    {
+      std::lock_guard lock(mu);
+      stopping.store(true);
+    }
+    cv.notify_all();
+    if (thread.joinable()) thread.join();
+  }
+
+  void run() {
+    // A fetch returns at the latest after this, which bounds how long stop() waits.
+    constexpr int64_t kFetchTimeoutMs = 500;
+    constexpr auto kRetryDelay = std::chrono::milliseconds{250};
+    // Fetches to a consumer that was deleted (by an operator, or lost with the server's store)
+    // just time out: look for it now and then while idle, and put it back.
+    constexpr auto kCheckEvery = std::chrono::seconds{2};
+    auto last_check = std::chrono::steady_clock::now();
+    natsStatus last_reported = NATS_OK;
+    while (!stopping.load()) {
+      detail::MsgList list;
+      jsErrCode jerr = static_cast<jsErrCode>(0);
+      const natsStatus s =
+          natsSubscription_Fetch(list.get(), sub->sub, batch, kFetchTimeoutMs, &jerr);
+      for (int i = 0; i < list->Count; ++i) {
+        natsMsg* m = std::exchange(list->Msgs[i], nullptr);
+        deliver(m);
+      }
+      // A timeout only means that nothing was there to fetch.
+      if (s == NATS_OK || s == NATS_TIMEOUT) {
+        last_reported = NATS_OK;
+        const auto now = std::chrono::steady_clock::now();
+        if (s == NATS_TIMEOUT && now - last_check >= kCheckEvery) {
+          last_check = now;
+          restore_if_missing();
+        }
+        continue;
+      }
+      if (stopping.load()) break;
+      // Disconnects and the like: the connection reconnects by itself; report once per kind
+      // of failure, then keep trying.
+      if (s != last_reported) {
+        detail::report_error(*core, nats_error(s, "fetch from consumer " + name, jerr));
+        last_reported = s;
+      }
+      std::unique_lock lock(mu);
+      cv.wait_for(lock, kRetryDelay, [&] { return stopping.load(); });
+    }
+  }
+
+  void restore_if_missing() {
+    jsConsumerInfo* raw = nullptr;
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    const natsStatus s = js_GetConsumerInfo(&raw, core->js, config.stream.c_str(),
+                                            config.durable.c_str(), nullptr, &jerr);
+    detail::ConsumerInfoHandle info(raw);
+    // Anything but "not found" (disconnected, say) is for the reconnect logic, not for us.
+    if (s == NATS_OK || jerr != JSConsumerNotFoundErr) return;
+    detail::report_error(*core,
+                         nats_error(s, "consumer " + name + " disappeared; re-creating", jerr));
+    if (auto created = ensure_consumer(core->js, config); !created.ok()) {
+      detail::report_error(*core, created.error());
+    }
+  }
+
+  void deliver(natsMsg* m) {
+    auto msg = std::make_shared<JsMessage>(std::make_unique<JsMessage::Impl>(sub, m));
+    boost::asio::post(core->executor, [d = delivery, msg = std::move(msg)] {
+      if (d->active.load()) d->handler(msg);
+    });
+  }
+};
+
+PullConsumer::PullConsumer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+PullConsumer::~PullConsumer() = default;
+void PullConsumer::stop() { impl_->stop(); }
+
+// ---- Connection: JetStream ----
+
+Status Connection::ensure_stream(const StreamConfig& config) {
+  jsStreamConfig cfg;
+  jsStreamConfig_Init(&cfg);
+  cfg.Name = config.name.c_str();
+  std::vector<const char*> subjects;
+  for (const auto& subject : config.subjects) subjects.push_back(subject.c_str());
+  cfg.Subjects = subjects.data();
+  cfg.SubjectsLen = static_cast<int>(subjects.size());
+  switch (config.retention) {
+    case Retention::kLimits:
+      cfg.Retention = js_LimitsPolicy;
+      break;
+    case Retention::kWorkQueue:
+      cfg.Retention = js_WorkQueuePolicy;
+      break;
+    case Retention::kInterest:
+      cfg.Retention = js_InterestPolicy;
+      break;
+  }
+  cfg.Storage = config.storage == Storage::kMemory ? js_MemoryStorage : js_FileStorage;
+  cfg.MaxAge = to_nanos(config.max_age);
+  cfg.Duplicates = to_nanos(config.duplicate_window);
+  cfg.Replicas = config.replicas;
+  cfg.MaxMsgs = config.max_msgs;
+
+  // Add is idempotent for an identical config; "name in use" means it exists with another
+  // config (or another process just made it), and then an update brings it to ours.
+  jsStreamInfo* raw = nullptr;
+  jsErrCode jerr = static_cast<jsErrCode>(0);
+  natsStatus s = js_AddStream(&raw, impl_->core->js, &cfg, nullptr, &jerr);
+  detail::StreamInfoHandle info(raw);
+  if (s == NATS_OK) return {};
+  if (jerr != JSStreamNameExistErr) return nats_error(s, "create stream " + config.name, jerr);
+
+  raw = nullptr;
+  jerr = static_cast<jsErrCode>(0);
+  s = js_UpdateStream(&raw, impl_->core->js, &cfg, nullptr, &jerr);
+  detail::StreamInfoHandle updated(raw);
+  if (s != NATS_OK) return nats_error(s, "update stream " + config.name, jerr);
+  return {};
+}
+
+Result<PubAck> Connection::js_publish(const std::string& subject, std::string_view data,
+                                      const std::string& msg_id, const Headers& headers,
+                                      std::chrono::milliseconds timeout) {
+  jsPubOptions po;
+  jsPubOptions_Init(&po);
+  po.MaxWait = timeout.count();
+  // cnats sends this as the Nats-Msg-Id header, which the stream de-duplicates on.
+  if (!msg_id.empty()) po.MsgId = msg_id.c_str();
+
+  jsPubAck* raw = nullptr;
+  jsErrCode jerr = static_cast<jsErrCode>(0);
+  natsStatus s = NATS_OK;
+  if (headers.empty()) {
+    s = js_Publish(&raw, impl_->core->js, subject.c_str(), data.data(),
+                   static_cast<int>(data.size()), &po, &jerr);
+  } else {
+    auto msg = detail::make_msg(subject, data, headers);
+    if (!msg) return msg.error();
+    s = js_PublishMsg(&raw, impl_->core->js, msg->get(), &po, &jerr);
+  }
+  detail::PubAckHandle ack(raw);
+  if (s != NATS_OK) return nats_error(s, "publish to stream subject " + subject, jerr);
+  return PubAck{ack->Stream != nullptr ? ack->Stream : "", ack->Sequence, ack->Duplicate};
+}
+
+Result<std::unique_ptr<PullConsumer>> Connection::pull_consume(
+    const ConsumerConfig& config, std::function<void(JsMessagePtr)> handler, int batch) {
+  // The consumer is made here and the subscription only binds to it: cnats then never deletes
+  // it on unsubscribe, so its position survives restarts of the service.
+  if (auto created = ensure_consumer(impl_->core->js, config); !created.ok()) {
+    return created.error();
+  }
+
+  jsSubOptions so;
+  jsSubOptions_Init(&so);
+  so.Stream = config.stream.c_str();
+  so.Consumer = config.durable.c_str();
+  natsSubscription* sub = nullptr;
+  jsErrCode jerr = static_cast<jsErrCode>(0);
+  const natsStatus s =
+      js_PullSubscribe(&sub, impl_->core->js,
+                       config.filter_subject.empty() ? nullptr : config.filter_subject.c_str(),
+                       config.durable.c_str(), nullptr, &so, &jerr);
+  if (s != NATS_OK) return nats_error(s, "bind to consumer " + config.durable, jerr);
+
+  auto impl = std::make_unique<PullConsumer::Impl>();
+  impl->core = impl_->core;
+  impl->sub = std::make_shared<detail::SubHandle>(sub);
+  impl->delivery = std::make_shared<Delivery>();
+  impl->delivery->handler = std::move(handler);
+  impl->config = config;
+  impl->name = config.stream + "/" + config.durable;
+  impl->batch = batch > 0 ? batch : 1;
+  auto* raw_impl = impl.get();
+  impl->thread = std::thread([raw_impl] { raw_impl->run(); });
+  return std::make_unique<PullConsumer>(std::move(impl));
+}
+
+Result<std::optional<Message>> Connection::last_message(const std::string& stream,
+                                                        const std::string& subject) {
+  natsMsg* raw = nullptr;
+  jsErrCode jerr = static_cast<jsErrCode>(0);
+  const natsStatus s =
+      js_GetLastMsg(&raw, impl_->core->js, stream.c_str(), subject.c_str(), nullptr, &jerr);
+  detail::MsgHandle msg(raw);
+  if (s == NATS_NOT_FOUND && jerr != JSStreamNotFoundErr) return std::optional<Message>{};
+  if (s != NATS_OK) return nats_error(s, "last message of " + subject + " in " + stream, jerr);
+  return std::optional<Message>(detail::copy_message(msg.get()));
+}
+
+}  // namespace cvm::bus
