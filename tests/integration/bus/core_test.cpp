@@ -108,7 +108,6 @@ TEST_F(BusCore, RequestTimesOut) {
 TEST_F(BusCore, SubscriptionMayOutliveConnection) {
   auto conn = connect();
   ASSERT_TRUE(conn);
-  std::atomic<bool> closed{false};
   auto sub = conn->subscribe("test.outlive", "", [](Message) {});
   ASSERT_TRUE(sub.ok());
   conn.reset();
