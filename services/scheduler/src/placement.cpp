@@ -485,14 +485,15 @@ class PlacementPass {
 
   static cvm::v1::Reason failure_reason(const PlacementStats& stats) {
     if (stats.nodes == 0) return cvm::v1::NO_ELIGIBLE_NODE;
-    uint32_t bare_metal = 0, capacity = 0, total = 0;
+    // Issue 2's contract: a request that fits no node is NO_ELIGIBLE_NODE, the message saying why
+    // per filter, capacity included. Only the documented GPU rule gets a reason of its own, when
+    // it alone turned every node away.
+    uint32_t bare_metal = 0, total = 0;
     for (size_t i = 0; i < kFilterCount; ++i) {
       total += stats.rejected[i];
       if (static_cast<Filter>(i) == Filter::kGpuBareMetal) bare_metal += stats.rejected[i];
-      if (is_capacity_filter(static_cast<Filter>(i))) capacity += stats.rejected[i];
     }
     if (bare_metal == total) return cvm::v1::GPU_REQUIRES_BARE_METAL;
-    if (capacity == total) return cvm::v1::INSUFFICIENT_CAPACITY;
     return cvm::v1::NO_ELIGIBLE_NODE;
   }
 

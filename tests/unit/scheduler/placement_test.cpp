@@ -154,10 +154,10 @@ TEST(Defaults, ZeroRequestNeedsDefaultRoom) {
   expect_fits(NodeBuilder("n").capacity(1000, kDefaultMemoryBytes), r);
   // One millicore short of the default.
   expect_single_rejection(NodeBuilder("n").capacity(999, kGiB), r, Filter::kCpu,
-                          cvm::v1::INSUFFICIENT_CAPACITY);
+                          cvm::v1::NO_ELIGIBLE_NODE);
   // One byte short of the default.
   expect_single_rejection(NodeBuilder("n").capacity(1000, kDefaultMemoryBytes - 1), r,
-                          Filter::kMemory, cvm::v1::INSUFFICIENT_CAPACITY);
+                          Filter::kMemory, cvm::v1::NO_ELIGIBLE_NODE);
 }
 
 TEST(Settings, MissingKeyMeansDocumentedDefaults) {
@@ -457,16 +457,15 @@ TEST(Filters, GpuBareMetalAppliesToPlainContainers) {
 TEST(Filters, GpuCount) {
   const auto two = NodeBuilder("n").gpu("GPU-a", 0, 16 * kGiB).gpu("GPU-b", 1, 16 * kGiB);
   expect_fits(two, gpu_request(2));
-  expect_single_rejection(two, gpu_request(3), Filter::kGpuAvailable,
-                          cvm::v1::INSUFFICIENT_CAPACITY);
+  expect_single_rejection(two, gpu_request(3), Filter::kGpuAvailable, cvm::v1::NO_ELIGIBLE_NODE);
   expect_single_rejection(NodeBuilder("n"), gpu_request(1), Filter::kGpuAvailable,
-                          cvm::v1::INSUFFICIENT_CAPACITY);
+                          cvm::v1::NO_ELIGIBLE_NODE);
 }
 
 TEST(Filters, UnhealthyGpusDoNotCount) {
   const auto n = NodeBuilder("n").gpu("GPU-a", 0, 16 * kGiB).gpu("GPU-b", 1, 16 * kGiB, false);
   expect_fits(n, gpu_request(1));
-  expect_single_rejection(n, gpu_request(2), Filter::kGpuAvailable, cvm::v1::INSUFFICIENT_CAPACITY);
+  expect_single_rejection(n, gpu_request(2), Filter::kGpuAvailable, cvm::v1::NO_ELIGIBLE_NODE);
 }
 
 TEST(Filters, AmdGpusOnTheNodeDoNotCount) {
@@ -475,7 +474,7 @@ TEST(Filters, AmdGpusOnTheNodeDoNotCount) {
                      .gpu("AMD-b", 1, 16 * kGiB, true, cvm::v1::AMD)
                      .gpu("X-c", 2, 16 * kGiB, true, cvm::v1::GPU_VENDOR_UNSPECIFIED);
   expect_fits(n, gpu_request(1));
-  expect_single_rejection(n, gpu_request(2), Filter::kGpuAvailable, cvm::v1::INSUFFICIENT_CAPACITY);
+  expect_single_rejection(n, gpu_request(2), Filter::kGpuAvailable, cvm::v1::NO_ELIGIBLE_NODE);
 }
 
 TEST(Filters, GpuMinMemory) {
@@ -483,9 +482,9 @@ TEST(Filters, GpuMinMemory) {
   expect_fits(n, gpu_request(1, 40 * kGiB));  // exactly the minimum fits
   expect_fits(n, gpu_request(2, 8 * kGiB));
   expect_single_rejection(n, gpu_request(2, 16 * kGiB), Filter::kGpuAvailable,
-                          cvm::v1::INSUFFICIENT_CAPACITY);
+                          cvm::v1::NO_ELIGIBLE_NODE);
   expect_single_rejection(n, gpu_request(1, 40 * kGiB + 1), Filter::kGpuAvailable,
-                          cvm::v1::INSUFFICIENT_CAPACITY);
+                          cvm::v1::NO_ELIGIBLE_NODE);
 }
 
 TEST(Filters, GpuMinMemoryIsExactToTheByte) {
@@ -494,11 +493,11 @@ TEST(Filters, GpuMinMemoryIsExactToTheByte) {
   const auto n = NodeBuilder("n").gpu("GPU-a", 0, odd);
   expect_fits(n, gpu_request(1, odd));
   expect_single_rejection(n, gpu_request(1, odd + 1), Filter::kGpuAvailable,
-                          cvm::v1::INSUFFICIENT_CAPACITY);
+                          cvm::v1::NO_ELIGIBLE_NODE);
   const auto mixed = NodeBuilder("m").gpu("GPU-a", 0, 8 * kGiB).gpu("GPU-b", 1, odd);
   expect_fits(mixed, gpu_request(1, odd));
   expect_single_rejection(mixed, gpu_request(1, odd + 1), Filter::kGpuAvailable,
-                          cvm::v1::INSUFFICIENT_CAPACITY);
+                          cvm::v1::NO_ELIGIBLE_NODE);
 }
 
 TEST(Filters, GpuMinMemoryIgnoredWithoutGpus) {
@@ -540,25 +539,25 @@ TEST(Filters, LeasesSeenBeforeRegistrationAndKeptAcrossUpserts) {
 
 TEST(Filters, Cpu) {
   expect_single_rejection(NodeBuilder("n").capacity(4000, 64 * kGiB).allocated(3500, 0),
-                          cvm_request(), Filter::kCpu, cvm::v1::INSUFFICIENT_CAPACITY);
+                          cvm_request(), Filter::kCpu, cvm::v1::NO_ELIGIBLE_NODE);
   expect_fits(NodeBuilder("n").capacity(4000, 64 * kGiB).allocated(3000, 0), cvm_request());
 }
 
 TEST(Filters, Memory) {
   expect_single_rejection(NodeBuilder("n").capacity(4000, 4 * kGiB).allocated(0, 3 * kGiB + 1),
-                          cvm_request(), Filter::kMemory, cvm::v1::INSUFFICIENT_CAPACITY);
+                          cvm_request(), Filter::kMemory, cvm::v1::NO_ELIGIBLE_NODE);
   expect_fits(NodeBuilder("n").capacity(4000, 4 * kGiB).allocated(0, 3 * kGiB), cvm_request());
 }
 
 TEST(Filters, OverAllocatedNodeHasNoRoom) {
   // An agent may report more allocated than capacity (e.g. capacity shrank): no room, no wrap.
   expect_single_rejection(NodeBuilder("n").capacity(1000, 64 * kGiB).allocated(5000, 0),
-                          cvm_request(), Filter::kCpu, cvm::v1::INSUFFICIENT_CAPACITY);
+                          cvm_request(), Filter::kCpu, cvm::v1::NO_ELIGIBLE_NODE);
 }
 
 TEST(Filters, NodeWithoutReportedCapacityHasNoRoom) {
   expect_single_rejection(NodeBuilder("n").capacity(0, 0), cvm_request(), Filter::kCpu,
-                          cvm::v1::INSUFFICIENT_CAPACITY);
+                          cvm::v1::NO_ELIGIBLE_NODE);
 }
 
 TEST(Filters, FirstRejectingFilterCountsTheNode) {
@@ -582,15 +581,15 @@ TEST(Filters, FirstRejectingFilterCountsTheNode) {
   expect_single_rejection(NodeBuilder("n").bare_metal(false).capacity(0, 0), gpu_request(1),
                           Filter::kGpuBareMetal, cvm::v1::GPU_REQUIRES_BARE_METAL);
   expect_single_rejection(NodeBuilder("n").capacity(0, 0), gpu_request(1), Filter::kGpuAvailable,
-                          cvm::v1::INSUFFICIENT_CAPACITY);
+                          cvm::v1::NO_ELIGIBLE_NODE);
   expect_single_rejection(NodeBuilder("n").capacity(0, 0), cvm_request(), Filter::kCpu,
-                          cvm::v1::INSUFFICIENT_CAPACITY);
+                          cvm::v1::NO_ELIGIBLE_NODE);
 }
 
 TEST(Filters, GpuMemoryShortfallDoesNotHideCpuOrder) {
   // GPUs fit, cpu does not: the node is counted under cpu, not GPUs.
   expect_single_rejection(NodeBuilder("n").capacity(500, 64 * kGiB).gpu("GPU-a", 0, 40 * kGiB),
-                          gpu_request(1, 16 * kGiB), Filter::kCpu, cvm::v1::INSUFFICIENT_CAPACITY);
+                          gpu_request(1, 16 * kGiB), Filter::kCpu, cvm::v1::NO_ELIGIBLE_NODE);
 }
 
 // --- message and reason ------------------------------------------------------------------------
@@ -656,13 +655,13 @@ TEST(Reason, AllBareMetalRejectionsGiveGpuRequiresBareMetal) {
   EXPECT_EQ(d.message, "0/3 nodes fit: 3 GPU requires bare metal");
 }
 
-TEST(Reason, OnlyCapacityRejectionsGiveInsufficientCapacity) {
+TEST(Reason, OnlyCapacityRejectionsAreStillNoEligibleNode) {
   NodeIndex index;
   index.upsert(NodeBuilder("a").capacity(100, 64 * kGiB).gpu("G1", 0, kGiB));
   index.upsert(NodeBuilder("b").capacity(16'000, 1).gpu("G2", 0, kGiB));
   index.upsert(NodeBuilder("c"));  // no GPUs
   const auto d = place(index, gpu_request(1), opts());
-  EXPECT_EQ(d.reason, cvm::v1::INSUFFICIENT_CAPACITY);
+  EXPECT_EQ(d.reason, cvm::v1::NO_ELIGIBLE_NODE);
   EXPECT_EQ(d.message,
             "0/3 nodes fit: 1 insufficient GPUs, 1 insufficient cpu, 1 insufficient memory");
 }
@@ -782,7 +781,7 @@ TEST(Reservations, CountedAgainstRoom) {
   EXPECT_TRUE(place(index, r, opts()).ok());
   ASSERT_TRUE(index.reserve("b2", "n", reservation_for(r)));
   const auto d = place(index, r, opts());
-  EXPECT_EQ(d.reason, cvm::v1::INSUFFICIENT_CAPACITY);
+  EXPECT_EQ(d.reason, cvm::v1::NO_ELIGIBLE_NODE);
   EXPECT_EQ(d.message, "0/1 nodes fit: 1 insufficient cpu");
   EXPECT_TRUE(index.release("b1"));
   EXPECT_TRUE(place(index, r, opts()).ok());
