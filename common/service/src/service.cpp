@@ -3,9 +3,11 @@
 #include <csignal>
 #include <string>
 
-#include <boost/asio/executor_work_guard.hpp>
-#include <boost/asio/signal_set.hpp>
 #include <spdlog/spdlog.h>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
 
 #include "cvm/telemetry/logging.h"
 
@@ -70,6 +72,33 @@ Result<bus::ConnectionPtr> connect_bus(std::string_view service, const CommonOpt
     spdlog::error("NATS: {}", e.message);
   };
   return bus::Connection::connect(co, io.get_executor());
+}
+
+namespace {
+// Owns itself through the pending timer handler only, so it is freed once start() succeeds or the
+// io_context is destroyed.
+struct StartRetry : std::enable_shared_from_this<StartRetry> {
+  StartRetry(boost::asio::io_context& io, std::function<Status()> fn, std::chrono::milliseconds d)
+      : start(std::move(fn)), delay(d), timer(io) {}
+  void attempt() {
+    auto st = start();
+    if (st) return;
+    spdlog::warn("start failed, retrying in {} ms: {}", delay.count(), st.error().message);
+    timer.expires_after(delay);
+    timer.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
+      if (!ec) self->attempt();
+    });
+  }
+  std::function<Status()> start;
+  std::chrono::milliseconds delay;
+  boost::asio::steady_timer timer;
+};
+}  // namespace
+
+void start_with_retry(boost::asio::io_context& io, std::function<Status()> start,
+                      std::chrono::milliseconds delay) {
+  auto retry = std::make_shared<StartRetry>(io, std::move(start), delay);
+  boost::asio::post(io, [retry] { retry->attempt(); });
 }
 
 int run_until_signal(boost::asio::io_context& io, const std::function<void()>& on_stop) {

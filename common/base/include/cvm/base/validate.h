@@ -30,8 +30,4 @@ DecodedBuild decode_build_request(std::string_view data, std::optional<std::stri
 // Empty when the request is acceptable; otherwise what is wrong, for a person to read.
 std::string validate_build_request(const cvm::v1::BuildRequest& request);
 
-// The defaults applied when a request leaves resources at zero.
-inline constexpr uint64_t kDefaultCpuMillicores = 1000;
-inline constexpr uint64_t kDefaultMemoryBytes = 512ULL << 20;
-
 }  // namespace cvm

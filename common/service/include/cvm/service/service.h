@@ -3,6 +3,7 @@
 // --metrics-listen, --log-format), connecting to the bus with logged, counted connection events,
 // and running an io_context until SIGINT/SIGTERM.
 
+#include <chrono>
 #include <functional>
 #include <string>
 
@@ -35,6 +36,11 @@ Status init_telemetry(std::string_view service, const CommonOptions& options,
 // in cvm_nats_connection_events_total{event=...}.
 Result<bus::ConnectionPtr> connect_bus(std::string_view service, const CommonOptions& options,
                                        boost::asio::io_context& io, telemetry::Metrics& metrics);
+
+// Calls start() on the io thread until it succeeds, waiting `delay` between tries, so a service
+// that comes up before NATS (or while JetStream is still electing) waits instead of exiting.
+void start_with_retry(boost::asio::io_context& io, std::function<Status()> start,
+                      std::chrono::milliseconds delay = std::chrono::milliseconds{1000});
 
 // Runs `io` on this thread until SIGINT or SIGTERM, then calls on_stop (on the io thread) and
 // lets the context drain. Returns the process exit code.

@@ -1,0 +1,21 @@
+#pragma once
+// The streams and buckets of the wire contract, with the settings every service agrees on. Each
+// service ensures the ones it uses at start (idempotent), so any start order works.
+
+#include "cvm/base/result.h"
+#include "cvm/bus/bus.h"
+
+namespace cvm::service {
+
+bus::StreamConfig builds_stream();     // CVM_BUILDS: work queue of BuildRequests
+bus::StreamConfig node_work_stream();  // CVM_NODE_WORK: NodeAssignments per node
+bus::StreamConfig events_stream();     // CVM_EVENTS: BuildEvents, kept for days
+bus::KvConfig nodes_bucket();
+bus::KvConfig settings_bucket();
+bus::KvConfig workspaces_bucket();
+bus::KvConfig gpu_leases_bucket();
+
+// Ensures all three streams.
+Status ensure_streams(bus::Connection& conn);
+
+}  // namespace cvm::service
