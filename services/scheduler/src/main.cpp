@@ -1,0 +1,41 @@
+// cvm-scheduler: places workspace builds on nodes. main() parses flags and runs SchedulerService.
+#include <iostream>
+
+#include <spdlog/spdlog.h>
+#include <CLI/CLI.hpp>
+#include <boost/asio/io_context.hpp>
+
+#include "cvm/scheduler/scheduler_service.h"
+#include "cvm/service/service.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"cvm-scheduler: places CVM workspace builds on capable nodes"};
+  cvm::service::CommonOptions common;
+  common.metrics_listen = "127.0.0.1:9461";
+  cvm::service::add_common_flags(app, common);
+  cvm::scheduler::SchedulerConfig config;
+  double node_ttl_s = static_cast<double>(config.node_ttl.count()) / 1000.0;
+  app.add_option("--node-ttl", node_ttl_s, "seconds without a heartbeat before a node is not live")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--max-deliver", config.max_deliver, "deliveries of one request before giving up")
+      ->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  config.node_ttl = std::chrono::milliseconds(static_cast<int64_t>(node_ttl_s * 1000));
+
+  cvm::telemetry::Metrics metrics;
+  if (auto st = cvm::service::init_telemetry("cvm-scheduler", common, metrics); !st) {
+    std::cerr << "cvm-scheduler: " << st.error().message << "\n";
+    return 2;
+  }
+  boost::asio::io_context io;
+  auto conn = cvm::service::connect_bus("cvm-scheduler", common, io, metrics);
+  if (!conn) {
+    spdlog::critical("cannot connect to NATS at {}: {}", common.nats_url, conn.error().message);
+    return 1;
+  }
+  cvm::SystemClock clock;
+  cvm::scheduler::SchedulerService service(io, *conn, metrics, clock, config);
+  cvm::service::start_with_retry(io, [&] { return service.start(); });
+  return cvm::service::run_until_signal(io, [&] { service.stop(); });
+}
