@@ -1,0 +1,83 @@
+// cvm-node-agent: runs CVM workspaces on this node. main() parses flags and runs AgentService.
+#include <unistd.h>
+
+#include <iostream>
+#include <string>
+
+#include <spdlog/spdlog.h>
+#include <CLI/CLI.hpp>
+#include <boost/asio/io_context.hpp>
+
+#include "cvm/agent/agent_service.h"
+#include "cvm/service/service.h"
+
+namespace {
+std::string hostname() {
+  char buf[256] = {};
+  if (gethostname(buf, sizeof(buf) - 1) != 0) return "node";
+  std::string h(buf);
+  // A node id must be a single NATS subject token.
+  for (char& c : h) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_') c = '-';
+  }
+  return h.empty() ? "node" : h;
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"cvm-node-agent: builds and runs CVM workspaces on this node"};
+  cvm::service::CommonOptions common;
+  common.metrics_listen = "127.0.0.1:9463";
+  cvm::service::add_common_flags(app, common);
+  cvm::agent::AgentConfig config;
+  config.node_id = hostname();
+  app.add_option("--node-id", config.node_id, "this node's id (default: the hostname)")
+      ->capture_default_str();
+  app.add_option("--state-dir", config.state_dir, "bundles, ID ranges and logs")
+      ->capture_default_str();
+  app.add_option("--runc-root", config.runc_root, "runc's state directory (--root)")
+      ->capture_default_str();
+  app.add_option("--path.procfs", config.roots.procfs, "procfs mountpoint")->capture_default_str();
+  app.add_option("--path.sysfs", config.roots.sysfs, "sysfs mountpoint")->capture_default_str();
+  app.add_option("--path.rootfs", config.roots.rootfs, "host root filesystem")
+      ->capture_default_str();
+  std::string pool =
+      std::to_string(config.id_pool.start) + ":" + std::to_string(config.id_pool.count);
+  app.add_option("--id-pool", pool, "START:COUNT host IDs handed out as 65536-wide ranges")
+      ->capture_default_str();
+  app.add_option("--runc", config.tools.runc, "runc binary")->capture_default_str();
+  app.add_option("--umoci", config.tools.umoci, "umoci binary")->capture_default_str();
+  app.add_option("--skopeo", config.tools.skopeo, "skopeo binary")->capture_default_str();
+  double heartbeat_s = 5;
+  app.add_option("--heartbeat-interval", heartbeat_s, "seconds between NodeStatus heartbeats")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  double grace_s = 10;
+  app.add_option("--stop-grace", grace_s, "seconds between SIGTERM and SIGKILL on stop")
+      ->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  config.heartbeat_interval = std::chrono::milliseconds(static_cast<int64_t>(heartbeat_s * 1000));
+  config.stop_grace = std::chrono::milliseconds(static_cast<int64_t>(grace_s * 1000));
+  auto parsed = cvm::agent::parse_subid_pool("cvm:" + pool, "cvm");
+  if (!parsed) {
+    std::cerr << "cvm-node-agent: --id-pool: " << parsed.error().message << "\n";
+    return 2;
+  }
+  config.id_pool = *parsed;
+
+  cvm::telemetry::Metrics metrics;
+  if (auto st = cvm::service::init_telemetry("cvm-node-agent", common, metrics); !st) {
+    std::cerr << "cvm-node-agent: " << st.error().message << "\n";
+    return 2;
+  }
+  boost::asio::io_context io;
+  auto conn = cvm::service::connect_bus("cvm-node-agent", common, io, metrics);
+  if (!conn) {
+    spdlog::critical("cannot connect to NATS at {}: {}", common.nats_url, conn.error().message);
+    return 1;
+  }
+  cvm::SystemClock clock;
+  cvm::agent::AgentService service(io, *conn, metrics, clock, config);
+  cvm::service::start_with_retry(io, [&] { return service.start(); });
+  return cvm::service::run_until_signal(io, [&] { service.stop(); });
+}
