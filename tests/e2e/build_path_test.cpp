@@ -1,0 +1,283 @@
+// End to end: a real nats-server, the three services and one node agent as processes, cvmctl as a
+// user runs it, and real runc containers in a user namespace.
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <boost/asio/io_context.hpp>
+
+#include "child_process.h"
+#include "cvm/base/wire.h"
+#include "cvm/bus/bus.h"
+#include "cvm/test/nats_server.h"
+#include "cvm/test/wait.h"
+#include "cvm/v1/build.pb.h"
+
+namespace cvm::test {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Counts of a metric in Prometheus text format (0 when absent).
+double scrape(uint16_t port, const std::string& series) {
+  auto r =
+      run_command({"curl", "-sf", "http://127.0.0.1:" + std::to_string(port) + "/metrics"}, 10s);
+  std::istringstream in(r.output);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(series + " ", 0) == 0) return std::stod(line.substr(series.size() + 1));
+  }
+  return 0;
+}
+
+class BuildPath : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    image_dir_ =
+        new std::string(fs::temp_directory_path() / ("cvm-e2e-image-" + std::to_string(getpid())));
+    auto r = run_command({CVM_BUILD_IMAGE_SCRIPT, *image_dir_, "latest"}, 120s);
+    image_ok_ = r.exit_code == 0;
+    if (!image_ok_) image_error_ = new std::string(r.output);
+  }
+  static void TearDownTestSuite() {
+    std::error_code ec;
+    fs::remove_all(*image_dir_, ec);
+    delete image_dir_;
+    delete image_error_;
+  }
+
+  void SetUp() override {
+    if (geteuid() != 0) GTEST_SKIP() << "needs root to run containers";
+    if (run_command({"runc", "--version"}).exit_code != 0) GTEST_SKIP() << "runc is missing";
+    ASSERT_TRUE(image_ok_) << (image_error_ ? *image_error_ : "");
+    work_ = fs::temp_directory_path() / ("cvm-e2e-" + std::to_string(getpid()));
+    fs::create_directories(work_);
+    fs::permissions(work_, fs::perms(0755));
+    ASSERT_TRUE(nats_.start().ok());
+    scheduler_port_ = free_port();
+    agent_port_ = free_port();
+    const std::string url = nats_.url();
+    scheduler_ = std::make_unique<ChildProcess>(
+        std::vector<std::string>{CVM_SCHEDULER_BIN, "--nats-url", url, "--metrics-listen",
+                                 "127.0.0.1:" + std::to_string(scheduler_port_)},
+        work_ + "/scheduler.log");
+    broker_ = std::make_unique<ChildProcess>(
+        std::vector<std::string>{CVM_BROKER_BIN, "--nats-url", url, "--metrics-listen", "off"},
+        work_ + "/broker.log");
+    agent_ = std::make_unique<ChildProcess>(
+        std::vector<std::string>{CVM_AGENT_BIN, "--nats-url", url, "--node-id", "e2e-node",
+                                 "--state-dir", work_ + "/agent", "--runc-root", runc_root(),
+                                 "--metrics-listen", "127.0.0.1:" + std::to_string(agent_port_),
+                                 "--heartbeat-interval", "1", "--stop-grace", "2"},
+        work_ + "/agent.log");
+    ASSERT_TRUE(wait_until([&] { return node_registered(); }, 30s)) << logs();
+  }
+
+  void TearDown() override {
+    for (auto* p : {agent_.get(), scheduler_.get(), broker_.get()}) {
+      if (p != nullptr) p->stop();
+    }
+    // Whatever a failed test left running must not outlive it.
+    auto list = run_command({"runc", "--root", runc_root(), "list", "-q"});
+    std::istringstream ids(list.output);
+    for (std::string id; std::getline(ids, id);) {
+      if (!id.empty()) run_command({"runc", "--root", runc_root(), "delete", "-f", id});
+    }
+    std::error_code ec;
+    if (!HasFailure()) fs::remove_all(work_, ec);
+  }
+
+  std::string runc_root() const { return work_ + "/runc"; }
+  std::string image_ref() const { return "oci:" + *image_dir_ + ":latest"; }
+
+  std::string logs() const {
+    std::string out;
+    for (const auto* p : {scheduler_.get(), broker_.get(), agent_.get()}) {
+      if (p != nullptr) out += "\n--- " + p->log_path() + "\n" + p->log_tail();
+    }
+    return out;
+  }
+
+  bool node_registered() {
+    auto r = run_command({CVMCTL_BIN, "--nats-url", nats_.url(), "nodes"}, 10s);
+    return r.exit_code == 0 && r.output.find("e2e-node") != std::string::npos;
+  }
+
+  CommandResult cvmctl(std::vector<std::string> args) {
+    std::vector<std::string> argv = {CVMCTL_BIN, "--nats-url", nats_.url()};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return run_command(argv, 180s);
+  }
+
+  // The pid of the workspace container's init on the host, from runc state.
+  int container_pid(const std::string& workspace) {
+    auto r = run_command({"runc", "--root", runc_root(), "state", "cvm-" + workspace});
+    const auto at = r.output.find("\"pid\":");
+    if (r.exit_code != 0 || at == std::string::npos) return 0;
+    return std::stoi(r.output.substr(at + 6));
+  }
+
+  static inline std::string* image_dir_ = nullptr;
+  static inline std::string* image_error_ = nullptr;
+  static inline bool image_ok_ = false;
+  std::string work_;
+  NatsServer nats_;
+  uint16_t scheduler_port_ = 0;
+  uint16_t agent_port_ = 0;
+  std::unique_ptr<ChildProcess> scheduler_;
+  std::unique_ptr<ChildProcess> broker_;
+  std::unique_ptr<ChildProcess> agent_;
+};
+
+TEST_F(BuildPath, StartsInAUserNamespaceStopsAndLeavesNothing) {
+  auto start = cvmctl({"build", "start", "--workspace", "ws1", "--build-id", "b-start-1", "--image",
+                       image_ref(), "--memory", "64Mi", "--watch", "--timeout", "120"});
+  ASSERT_EQ(start.exit_code, 0) << start.output << logs();
+  EXPECT_NE(start.output.find("SCHEDULED"), std::string::npos) << start.output;
+  EXPECT_NE(start.output.find("PREPARING"), std::string::npos) << start.output;
+  EXPECT_NE(start.output.find("STARTING"), std::string::npos) << start.output;
+  EXPECT_NE(start.output.find("RUNNING"), std::string::npos) << start.output;
+
+  const int pid = container_pid("ws1");
+  ASSERT_GT(pid, 0) << logs();
+  // Root inside is an unprivileged ID range outside: "0 <base> 65536" with base != 0.
+  std::istringstream uid_map(read_file("/proc/" + std::to_string(pid) + "/uid_map"));
+  uint64_t inside = 1;
+  uint64_t outside = 0;
+  uint64_t count = 0;
+  uid_map >> inside >> outside >> count;
+  EXPECT_EQ(inside, 0u);
+  EXPECT_NE(outside, 0u) << "container root must not be host root";
+  EXPECT_EQ(count, 65536u);
+  // The memory limit reached the container's cgroup (v1 here, v2 elsewhere).
+  const std::string v1 = "/sys/fs/cgroup/memory/cvm/cvm-ws1/memory.limit_in_bytes";
+  if (fs::exists(v1)) {
+    EXPECT_EQ(std::stoull(read_file(v1)), 64ULL << 20);
+  }
+
+  auto stop = cvmctl({"build", "stop", "--workspace", "ws1", "--watch", "--timeout", "60"});
+  ASSERT_EQ(stop.exit_code, 0) << stop.output << logs();
+  EXPECT_NE(stop.output.find("STOPPED"), std::string::npos) << stop.output;
+  auto list = run_command({"runc", "--root", runc_root(), "list", "-q"});
+  EXPECT_EQ(list.output, "") << "a container was left behind";
+
+  auto del = cvmctl({"build", "delete", "--workspace", "ws1", "--watch", "--timeout", "60"});
+  ASSERT_EQ(del.exit_code, 0) << del.output << logs();
+  EXPECT_FALSE(fs::exists(work_ + "/agent/workspaces/ws1")) << "DELETE keeps the bundle";
+}
+
+TEST_F(BuildPath, DuplicateSubmitRunsOnce) {
+  auto first = cvmctl({"build", "start", "--workspace", "dup", "--build-id", "b-dup", "--image",
+                       image_ref(), "--watch", "--timeout", "120"});
+  ASSERT_EQ(first.exit_code, 0) << first.output << logs();
+  const int pid = container_pid("dup");
+  ASSERT_GT(pid, 0);
+
+  // Same build id again through cvmctl: JetStream's duplicate window drops it.
+  auto again = cvmctl(
+      {"build", "start", "--workspace", "dup", "--build-id", "b-dup", "--image", image_ref()});
+  EXPECT_EQ(again.exit_code, 0) << again.output;
+  EXPECT_NE(again.output.find("duplicate"), std::string::npos) << again.output;
+
+  // Same build id under another Nats-Msg-Id gets past the stream; the scheduler must drop it.
+  boost::asio::io_context io;
+  auto conn = bus::Connection::connect({.url = nats_.url()}, io.get_executor());
+  ASSERT_TRUE(conn.ok());
+  cvm::v1::BuildRequest req;
+  req.set_build_id("b-dup");
+  req.set_workspace_id("dup");
+  req.set_image(image_ref());
+  ASSERT_TRUE(
+      (*conn)
+          ->js_publish(std::string(wire::kBuildsSubmit), req.SerializeAsString(), "b-dup-resent")
+          .ok());
+  ASSERT_TRUE(wait_until(
+      [&] { return scrape(scheduler_port_, "cvm_scheduler_builds_duplicate_total") >= 1; }, 20s))
+      << logs();
+  EXPECT_EQ(container_pid("dup"), pid) << "the workspace was launched again";
+  EXPECT_EQ(scrape(agent_port_, "cvm_agent_launches_total{result=\"running\"}"), 1);
+}
+
+TEST_F(BuildPath, BadInputIsTerminatedAnsweredAndCounted) {
+  boost::asio::io_context io;
+  auto conn = bus::Connection::connect({.url = nats_.url()}, io.get_executor());
+  ASSERT_TRUE(conn.ok());
+  // Undecodable bytes with a readable build id in the header: answered with INVALID_REQUEST.
+  ASSERT_TRUE(
+      (*conn)
+          ->js_publish(std::string(wire::kBuildsSubmit), "\xff\xff\xff not protobuf", "bad-1")
+          .ok());
+  // A request without a workspace: answered too.
+  cvm::v1::BuildRequest no_ws;
+  no_ws.set_build_id("bad-2");
+  no_ws.set_image(image_ref());
+  ASSERT_TRUE(
+      (*conn)->js_publish(std::string(wire::kBuildsSubmit), no_ws.SerializeAsString(), "").ok());
+  // Garbage with nothing to answer to: terminated and counted only.
+  ASSERT_TRUE((*conn)->js_publish(std::string(wire::kBuildsSubmit), "\x08\x96", "").ok());
+
+  for (const std::string id : {"bad-1", "bad-2"}) {
+    std::optional<bus::Message> last;
+    ASSERT_TRUE(wait_until(
+        [&] {
+          auto m = (*conn)->last_message(std::string(wire::kStreamEvents),
+                                         wire::build_events_subject(id));
+          if (m.ok() && m->has_value()) last = **m;
+          return last.has_value();
+        },
+        20s))
+        << id << logs();
+    cvm::v1::BuildEvent e;
+    ASSERT_TRUE(e.ParseFromString(last->data));
+    EXPECT_EQ(e.phase(), cvm::v1::FAILED) << id;
+    EXPECT_EQ(e.reason(), cvm::v1::INVALID_REQUEST) << id;
+    EXPECT_FALSE(e.message().empty());
+  }
+  ASSERT_TRUE(wait_until(
+      [&] { return scrape(scheduler_port_, "cvm_scheduler_builds_invalid_total") >= 3; }, 20s))
+      << logs();
+  // Terminated, not redelivered in a loop: the count stays at 3.
+  std::this_thread::sleep_for(3s);
+  EXPECT_EQ(scrape(scheduler_port_, "cvm_scheduler_builds_invalid_total"), 3);
+  EXPECT_TRUE(scheduler_->running());
+
+  // And a request that fits no node says why.
+  auto huge = cvmctl({"build", "start", "--workspace", "huge", "--image", image_ref(), "--memory",
+                      "100Ti", "--watch", "--timeout", "60"});
+  EXPECT_EQ(huge.exit_code, 1) << huge.output;
+  EXPECT_NE(huge.output.find("NO_ELIGIBLE_NODE"), std::string::npos) << huge.output;
+  EXPECT_NE(huge.output.find("0/1 nodes fit: 1 insufficient memory"), std::string::npos)
+      << huge.output;
+}
+
+TEST_F(BuildPath, ServicesSurviveANatsRestart) {
+  nats_.stop();
+  std::this_thread::sleep_for(2s);
+  EXPECT_TRUE(scheduler_->running());
+  EXPECT_TRUE(broker_->running());
+  EXPECT_TRUE(agent_->running());
+  ASSERT_TRUE(nats_.start().ok());
+  ASSERT_TRUE(wait_until([&] { return node_registered(); }, 30s)) << logs();
+  auto start = cvmctl({"build", "start", "--workspace", "after", "--image", image_ref(), "--watch",
+                       "--timeout", "120"});
+  ASSERT_EQ(start.exit_code, 0) << start.output << logs();
+  auto del = cvmctl({"build", "delete", "--workspace", "after", "--watch", "--timeout", "60"});
+  ASSERT_EQ(del.exit_code, 0) << del.output << logs();
+}
+
+}  // namespace
+}  // namespace cvm::test
