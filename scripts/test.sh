@@ -10,5 +10,4 @@ BUILD_DIR="build/${PRESET}"
 rm -rf "$BUILD_DIR"
 cmake --preset "$PRESET"
 cmake --build --preset "$PRESET" -j"$(nproc)"
-export LSAN_OPTIONS="suppressions=$PWD/tests/support/lsan.supp:${LSAN_OPTIONS:-}"
 ctest --preset "$PRESET" -j"${CTEST_JOBS:-2}" --timeout 600
