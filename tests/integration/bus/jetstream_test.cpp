@@ -140,9 +140,11 @@ TEST_F(BusJetStream, NakWithDelayRedeliversAfterDelay) {
   publish("work.a", "retry-me");
   Collector<std::pair<uint64_t, std::chrono::steady_clock::time_point>> got;
   auto c = consume(consumer(), [&](JsMessagePtr m) {
-    got.add({m->num_delivered(), std::chrono::steady_clock::now()});
+    const auto at = std::chrono::steady_clock::now();
+    // Ack before recording: the test ends (and closes the connection) once it sees the record.
     auto s = m->num_delivered() == 1 ? m->nak(300ms) : m->ack();
     EXPECT_TRUE(s.ok()) << s.error().message;
+    got.add({m->num_delivered(), at});
   });
   ASSERT_TRUE(got.wait_for(2, 5s));
   EXPECT_EQ(got.at(0).first, 1u);
