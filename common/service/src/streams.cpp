@@ -52,6 +52,15 @@ bus::KvConfig gpu_leases_bucket() {
   // History lets the fault suite check over time that no GPU was in two leases at once.
   return {.bucket = std::string(wire::kBucketGpuLeases), .history = 10};
 }
+bus::KvConfig capacity_bucket() {
+  return {.bucket = std::string(wire::kBucketCapacity), .history = 1};
+}
+bus::KvConfig placements_bucket() {
+  // A record matters until its build runs or is placed again; an hour matches the duplicate
+  // window of CVM_BUILDS, past which a redelivery can no longer arrive.
+  return {
+      .bucket = std::string(wire::kBucketPlacements), .history = 1, .ttl = std::chrono::hours(1)};
+}
 
 Status ensure_streams(bus::Connection& conn) {
   for (const auto& cfg : {builds_stream(), node_work_stream(), events_stream()}) {

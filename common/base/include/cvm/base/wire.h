@@ -18,6 +18,9 @@ inline constexpr std::string_view kBucketNodes = "cvm_nodes";
 inline constexpr std::string_view kBucketSettings = "cvm_settings";
 inline constexpr std::string_view kBucketWorkspaces = "cvm_workspaces";
 inline constexpr std::string_view kBucketGpuLeases = "cvm_gpu_leases";
+// Scheduler state (issue 4): capacity holds per node (CAS) and placement records per build.
+inline constexpr std::string_view kBucketCapacity = "cvm_capacity";
+inline constexpr std::string_view kBucketPlacements = "cvm_placements";
 inline constexpr std::string_view kSettingsKey = "infrastructure";
 
 inline constexpr std::string_view kSchedulerDurable = "scheduler";

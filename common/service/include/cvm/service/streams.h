@@ -14,6 +14,8 @@ bus::KvConfig nodes_bucket();
 bus::KvConfig settings_bucket();
 bus::KvConfig workspaces_bucket();
 bus::KvConfig gpu_leases_bucket();
+bus::KvConfig capacity_bucket();    // cvm_capacity: scheduler capacity holds, by node (CAS)
+bus::KvConfig placements_bucket();  // cvm_placements: "<node>.<build>" placement records
 
 // Ensures all three streams.
 Status ensure_streams(bus::Connection& conn);
