@@ -212,6 +212,13 @@ Result<std::shared_ptr<Connection>> Connection::connect(const ConnectOptions& op
   if (s == NATS_OK && !options.user.empty()) {
     s = natsOptions_SetUserInfo(opts.get(), options.user.c_str(), options.password.c_str());
   }
+  // A per-user inbox prefix lets the server's permissions confine each user's replies to its own
+  // inboxes (deploy/nats): with the shared "_INBOX." one, any user could read any other's.
+  if (const auto prefix = options.inbox_prefix.empty() ? inbox_prefix_for(options.user)
+                                                      : options.inbox_prefix;
+      s == NATS_OK && !prefix.empty()) {
+    s = natsOptions_SetCustomInboxPrefix(opts.get(), prefix.c_str());
+  }
   if (s == NATS_OK) s = natsOptions_SetTimeout(opts.get(), options.connect_timeout.count());
   if (s == NATS_OK) s = natsOptions_SetAllowReconnect(opts.get(), true);
   if (s == NATS_OK) s = natsOptions_SetMaxReconnect(opts.get(), options.max_reconnect);

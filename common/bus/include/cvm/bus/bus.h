@@ -28,6 +28,9 @@ struct ConnectOptions {
   std::string name;                            // client name shown by the server
   std::string user;                            // optional user/password auth
   std::string password;
+  // Where this client's reply subjects live. Empty: inbox_prefix_for(user), so each user of a
+  // least-privilege server configuration (deploy/nats) may subscribe to its own inboxes only.
+  std::string inbox_prefix;
   std::chrono::milliseconds connect_timeout{2000};
   std::chrono::milliseconds reconnect_wait{250};
   int max_reconnect = -1;               // -1: forever; services must survive NATS restarts
@@ -48,6 +51,53 @@ struct Message {
   std::string reply;
   std::string data;
   Headers headers;
+};
+
+// "_INBOX_<user>" (characters that cannot be in a subject token become '_'); "" for no user, which
+// keeps cnats' shared "_INBOX." prefix.
+std::string inbox_prefix_for(std::string_view user);
+
+// A message read back from a stream, with its place in it.
+struct StreamMessage {
+  Message message;
+  uint64_t stream_sequence = 0;
+  uint64_t pending = 0;  // messages on the subject still to come after this one, as of now
+  int64_t timestamp_unix_ns = 0;
+};
+
+// Reads the messages a stream holds on one subject, oldest first, then those that arrive later,
+// through an ordered ephemeral consumer: no gaps, no acks, and nothing left on the server when it
+// goes away. Synchronous and for one thread: made for command-line tools that own their loop.
+class StreamReader {
+ public:
+  ~StreamReader();
+  StreamReader(const StreamReader&) = delete;
+  StreamReader& operator=(const StreamReader&) = delete;
+  // The next message, or nullopt when none arrived within `timeout`.
+  Result<std::optional<StreamMessage>> next(std::chrono::milliseconds timeout);
+  struct Impl;
+  explicit StreamReader(std::unique_ptr<Impl> impl);
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// What a stream's consumer has not yet done, for dashboards and backlog alerts.
+struct ConsumerState {
+  std::string name;
+  std::string filter_subject;
+  uint64_t pending = 0;      // stored messages not yet delivered
+  uint64_t ack_pending = 0;  // delivered, not yet acknowledged
+  uint64_t redelivered = 0;
+  uint64_t waiting = 0;  // pull requests waiting: > 0 means someone is fetching
+};
+
+struct StreamState {
+  uint64_t messages = 0;
+  uint64_t bytes = 0;
+  uint64_t first_sequence = 0;
+  uint64_t last_sequence = 0;
+  int64_t consumers = 0;
 };
 
 // An RAII core subscription: unsubscribes and frees when destroyed.
@@ -233,6 +283,12 @@ class Connection {
   // The newest message stored in `stream` on `subject`, nullopt when there is none.
   Result<std::optional<Message>> last_message(const std::string& stream,
                                               const std::string& subject);
+  // Reads `subject` in `stream` from its first stored message on (stream_reader.cpp).
+  Result<std::unique_ptr<StreamReader>> read_stream(const std::string& stream,
+                                                    const std::string& subject);
+  Result<StreamState> stream_state(const std::string& stream);
+  // Every consumer of `stream`, sorted by name.
+  Result<std::vector<ConsumerState>> consumer_states(const std::string& stream);
 
   struct Impl;
   explicit Connection(std::unique_ptr<Impl> impl);
