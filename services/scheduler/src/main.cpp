@@ -1,5 +1,6 @@
 // cvm-scheduler: places workspace builds on nodes. main() parses flags and runs SchedulerService.
 #include <iostream>
+#include <string>
 
 #include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
@@ -20,8 +21,25 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--max-deliver", config.max_deliver, "deliveries of one request before giving up")
       ->capture_default_str();
+  double hold_s = static_cast<double>(config.reservation_hold.count()) / 1000.0;
+  app.add_option("--reservation-hold", hold_s,
+                 "seconds a capacity hold counts on top of what the node reports allocated")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  std::string sampling = "none";
+  app.add_option("--sampling", sampling,
+                 "candidate sampling: none (score every feasible node), log2 (Nomad), percent")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"none", "log2", "percent"}));
+  app.add_option("--sample-percent", config.sample_percent, "for --sampling percent, 1..100")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 100));
   CLI11_PARSE(app, argc, argv);
   config.node_ttl = std::chrono::milliseconds(static_cast<int64_t>(node_ttl_s * 1000));
+  config.reservation_hold = std::chrono::milliseconds(static_cast<int64_t>(hold_s * 1000));
+  config.sampling = sampling == "log2"      ? cvm::scheduler::Sampling::kLog2
+                    : sampling == "percent" ? cvm::scheduler::Sampling::kPercent
+                                            : cvm::scheduler::Sampling::kNone;
 
   cvm::telemetry::Metrics metrics;
   if (auto st = cvm::service::init_telemetry("cvm-scheduler", common, metrics); !st) {

@@ -1,33 +1,58 @@
 #pragma once
 // The scheduler's wiring: CVM_BUILDS in, NodeAssignments and BuildEvents out. The decisions are in
-// placement.h; this class only moves data between the bus and them, on one executor thread.
+// placement.h, ledger.h and liveness.h; this class only moves data between the bus and them, on
+// one executor thread. Several replicas may run at once (they share the durable consumer):
+//
+//   decide (in-memory index)  ->  hold capacity (CAS on KV cvm_capacity)  ->  GPUs (broker)
+//   ->  record the placement (KV cvm_placements, "<node>.<build>")  ->  NodeAssignment
+//   ->  SCHEDULED  ->  ack
+//
+// The record is written before the assignment, so a request redelivered after a crash anywhere in
+// that chain finds it and finishes on the same node instead of deciding again.
 
 #include <chrono>
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
+#include <unordered_map>
+#include <vector>
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
 
 #include "cvm/base/clock.h"
 #include "cvm/bus/bus.h"
+#include "cvm/scheduler/liveness.h"
 #include "cvm/scheduler/placement.h"
 #include "cvm/telemetry/metrics.h"
 #include "cvm/v1/build.pb.h"
+#include "cvm/v1/gpu.pb.h"
+#include "cvm/v1/node.pb.h"
 #include "cvm/v1/settings.pb.h"
 
 namespace cvm::scheduler {
 
+// Headers on cvm.v1.builds.submit that only schedulers publish (CVM_BUILDS is their work queue):
+// a node-lost notice, and a build to place again because its node was lost.
+inline constexpr std::string_view kHeaderNodeLost = "Cvm-Node-Lost";
+inline constexpr std::string_view kHeaderPlaceAgain = "Cvm-Place-Again-From";
+
 struct SchedulerConfig {
   std::chrono::milliseconds node_ttl{kDefaultLivenessTtlMs};
-  // How long a placement's reservation is held before the node's own NodeStatus.allocated is
-  // trusted to include it (the agent reports after each launch and on every heartbeat).
+  // How long a capacity hold counts on top of the node's own NodeStatus.allocated (the agent
+  // reports a workspace once it has received its assignment, on its next heartbeat).
   std::chrono::milliseconds reservation_hold{30000};
   std::chrono::milliseconds gpu_reserve_timeout{2000};
   std::chrono::milliseconds retry_delay{2000};  // nak delay when a peer or the bus is down
+  // How often expired holds are dropped from the index and heartbeats are checked.
+  std::chrono::milliseconds sweep_interval{1000};
+  bool detect_lost_nodes = true;
   int max_deliver = 20;
   uint32_t max_candidates = 3;
+  int cas_attempts = 4;  // compare-and-set tries on one node before moving to the next candidate
+  Sampling sampling = Sampling::kNone;
+  uint32_t sample_percent = 100;
 };
 
 class SchedulerService {
@@ -42,37 +67,87 @@ class SchedulerService {
   Status start();
   void stop();
 
+  // Counters for tests and the fleet simulator's report (read on the io thread).
+  struct Counts {
+    uint64_t scheduled = 0;
+    uint64_t failed = 0;
+    uint64_t cas_conflicts = 0;
+    uint64_t placed_again = 0;
+    uint64_t nodes_lost = 0;
+    uint64_t finished_from_record = 0;
+  };
+  [[nodiscard]] const Counts& counts() const { return counts_; }
+
  private:
   struct Meters;
+  struct CachedLedger {
+    cvm::v1::CapacityLedger ledger;
+    uint64_t revision = 0;  // 0: no key (create it)
+  };
+  enum class HoldOutcome : uint8_t { kHeld, kNoRoom, kError };
 
   void on_build(const bus::JsMessagePtr& msg);
   void handle_start(const cvm::v1::BuildRequest& req, const bus::JsMessagePtr& msg);
+  void handle_place_again(const cvm::v1::BuildRequest& req, const std::string& lost_node,
+                          const bus::JsMessagePtr& msg);
+  void handle_node_lost(const bus::JsMessagePtr& msg);
   void handle_transition(const cvm::v1::BuildRequest& req, const bus::JsMessagePtr& msg);
+
+  // Places on the first candidate whose capacity hold, GPUs and record all succeed; publishes the
+  // assignment and SCHEDULED. `lost_node` is set when placing again after a node was lost.
+  void place_and_dispatch(const cvm::v1::BuildRequest& req, const bus::JsMessagePtr& msg,
+                          const std::string& lost_node);
+  // Publishes the recorded assignment again (deduplicated) and its SCHEDULED event, then acks.
+  void finish_recorded(const cvm::v1::PlacementRecord& record, const bus::JsMessagePtr& msg);
+  Status publish_assignment(const cvm::v1::NodeAssignment& a, bool placed_again);
+  Status publish_scheduled(const cvm::v1::NodeAssignment& a, const std::string& lost_node);
   // Publishes the terminal FAILED event and acks; naks for a retry if the event cannot be sent.
   void fail(const cvm::v1::BuildRequest& req, cvm::v1::Reason reason, const std::string& message,
             const bus::JsMessagePtr& msg);
   void retry_later(const bus::JsMessagePtr& msg, const std::string& why);
+  void ack(const bus::JsMessagePtr& msg);
   bool already_handled(const std::string& build_id);
-  void hold_reservation(const std::string& build_id, const std::string& node_id,
-                        const Reservation& amount);
+  Result<std::optional<cvm::v1::Phase>> last_phase(const std::string& build_id);
+  // The newest placement record of the build on any node.
+  Result<std::optional<cvm::v1::PlacementRecord>> find_record(const std::string& build_id);
+
+  HoldOutcome hold_capacity(const std::string& node_id, const std::string& build_id,
+                            const Reservation& amount);
+  void drop_hold(const std::string& node_id, const std::string& build_id);
+  void apply_holds(const std::string& node_id);
+  void release_gpus(const std::string& workspace_id, const std::string& lease_id);
 
   void on_node(const std::optional<bus::KvEntry>& entry);
   void on_settings(const std::optional<bus::KvEntry>& entry);
   void on_lease(const std::optional<bus::KvEntry>& entry);
+  void on_ledger(const std::optional<bus::KvEntry>& entry);
+  void schedule_sweep();
+  void sweep();
 
   boost::asio::io_context& io_;
   bus::ConnectionPtr conn_;
   const Clock& clock_;
   SchedulerConfig config_;
   std::unique_ptr<Meters> meters_;
+  Counts counts_;
 
   NodeIndex index_;
+  LivenessTracker liveness_;
+  std::unordered_map<std::string, CachedLedger> ledgers_;  // by node id
+  // GPU leases seen in cvm_gpu_leases, by node, so a lost node's leases can be released.
+  std::unordered_map<std::string, std::vector<cvm::v1::GpuLease>> leases_;
   std::optional<cvm::v1::InfrastructureSettings> settings_;
   std::optional<bus::KeyValue> workspaces_;
+  std::optional<bus::KeyValue> capacity_;
+  std::optional<bus::KeyValue> placements_;
   std::unique_ptr<bus::KvWatch> nodes_watch_;
   std::unique_ptr<bus::KvWatch> settings_watch_;
   std::unique_ptr<bus::KvWatch> leases_watch_;
+  std::unique_ptr<bus::KvWatch> capacity_watch_;
   std::unique_ptr<bus::PullConsumer> consumer_;
+  boost::asio::steady_timer sweep_timer_;
+  bool nodes_loaded_ = false;
+  bool stopped_ = false;
   uint64_t decisions_ = 0;
 };
 

@@ -1,0 +1,157 @@
+// Capacity holds (KV cvm_capacity): the arithmetic every replica runs before its compare-and-set.
+#include <gtest/gtest.h>
+
+#include "cvm/scheduler/ledger.h"
+
+namespace cvm::scheduler {
+namespace {
+
+constexpr int64_t kNow = 1'700'000'000'000;
+constexpr uint64_t kGiB = 1ULL << 30;
+
+NodeRecord node(uint64_t cpu, uint64_t mem, uint64_t alloc_cpu = 0, uint64_t alloc_mem = 0) {
+  NodeRecord n;
+  n.node_id = "n1";
+  n.capacity_cpu_millicores = cpu;
+  n.capacity_memory_bytes = mem;
+  n.allocated_cpu_millicores = alloc_cpu;
+  n.allocated_memory_bytes = alloc_mem;
+  return n;
+}
+
+cvm::v1::CapacityHold hold(const std::string& build, uint64_t cpu, uint64_t mem,
+                           int64_t expires = kNow + 30'000) {
+  cvm::v1::CapacityHold h;
+  h.set_build_id(build);
+  h.set_cpu_millicores(cpu);
+  h.set_memory_bytes(mem);
+  h.set_expires_unix_ms(expires);
+  return h;
+}
+
+TEST(Ledger, EmptyLedgerHoldsNothing) {
+  cvm::v1::CapacityLedger l;
+  const auto r = held(l, kNow);
+  EXPECT_EQ(r.cpu_millicores, 0u);
+  EXPECT_EQ(r.memory_bytes, 0u);
+  EXPECT_FALSE(next_expiry(l, kNow).has_value());
+}
+
+TEST(Ledger, SumsOnlyHoldsInForce) {
+  cvm::v1::CapacityLedger l;
+  *l.add_holds() = hold("a", 1000, kGiB, kNow + 10);
+  *l.add_holds() = hold("b", 500, 2 * kGiB, kNow + 20);
+  *l.add_holds() = hold("c", 700, kGiB, kNow);  // expires exactly now: no longer counts
+  const auto r = held(l, kNow);
+  EXPECT_EQ(r.cpu_millicores, 1500u);
+  EXPECT_EQ(r.memory_bytes, 3 * kGiB);
+  EXPECT_EQ(next_expiry(l, kNow), kNow + 10);
+  EXPECT_EQ(next_expiry(l, kNow + 10), kNow + 20);
+  EXPECT_FALSE(next_expiry(l, kNow + 20).has_value());
+}
+
+TEST(Ledger, PruneDropsExpiredOnly) {
+  cvm::v1::CapacityLedger l;
+  *l.add_holds() = hold("old", 1, 1, kNow - 1);
+  *l.add_holds() = hold("new", 1, 1, kNow + 1);
+  EXPECT_EQ(prune_expired(l, kNow), 1u);
+  ASSERT_EQ(l.holds_size(), 1);
+  EXPECT_EQ(l.holds(0).build_id(), "new");
+  EXPECT_EQ(prune_expired(l, kNow), 0u);
+}
+
+TEST(Ledger, AddsWhenThereIsRoom) {
+  cvm::v1::CapacityLedger l;
+  EXPECT_EQ(add_hold(l, node(4000, 8 * kGiB), hold("a", 2000, 4 * kGiB), kNow), HoldResult::kAdded);
+  EXPECT_EQ(add_hold(l, node(4000, 8 * kGiB), hold("b", 2000, 4 * kGiB), kNow), HoldResult::kAdded);
+  EXPECT_EQ(l.holds_size(), 2);
+}
+
+TEST(Ledger, ExactFitIsRoomOneMoreIsNot) {
+  cvm::v1::CapacityLedger l;
+  EXPECT_EQ(add_hold(l, node(4000, 8 * kGiB, 1000, kGiB), hold("a", 3000, 7 * kGiB), kNow),
+            HoldResult::kAdded);
+  EXPECT_EQ(add_hold(l, node(4000, 8 * kGiB, 1000, kGiB), hold("b", 1, 0), kNow),
+            HoldResult::kNoRoom);
+  EXPECT_EQ(add_hold(l, node(4000, 8 * kGiB, 1000, kGiB), hold("c", 0, 1), kNow),
+            HoldResult::kNoRoom);
+  EXPECT_EQ(l.holds_size(), 1) << "a refused hold leaves the ledger as it was";
+}
+
+TEST(Ledger, OtherHoldsCountAgainstRoom) {
+  cvm::v1::CapacityLedger l;
+  *l.add_holds() = hold("x", 3000, kGiB);
+  EXPECT_EQ(add_hold(l, node(4000, 8 * kGiB), hold("a", 2000, kGiB), kNow), HoldResult::kNoRoom);
+  EXPECT_EQ(add_hold(l, node(4000, 8 * kGiB), hold("a", 1000, kGiB), kNow), HoldResult::kAdded);
+}
+
+TEST(Ledger, CpuAndMemoryAreEachChecked) {
+  cvm::v1::CapacityLedger l;
+  EXPECT_EQ(add_hold(l, node(4000, 8 * kGiB), hold("cpu", 5000, kGiB), kNow), HoldResult::kNoRoom);
+  EXPECT_EQ(add_hold(l, node(4000, 8 * kGiB), hold("mem", 1000, 9 * kGiB), kNow),
+            HoldResult::kNoRoom);
+  EXPECT_EQ(l.holds_size(), 0);
+}
+
+TEST(Ledger, ExpiredHoldsFreeTheirRoomAndArePruned) {
+  cvm::v1::CapacityLedger l;
+  *l.add_holds() = hold("x", 4000, 8 * kGiB, kNow - 1);
+  EXPECT_EQ(add_hold(l, node(4000, 8 * kGiB), hold("a", 4000, 8 * kGiB), kNow), HoldResult::kAdded);
+  ASSERT_EQ(l.holds_size(), 1);
+  EXPECT_EQ(l.holds(0).build_id(), "a");
+}
+
+TEST(Ledger, SameBuildIsAlreadyHeldAndNotCountedTwice) {
+  cvm::v1::CapacityLedger l;
+  EXPECT_EQ(add_hold(l, node(4000, 8 * kGiB), hold("a", 4000, 8 * kGiB), kNow), HoldResult::kAdded);
+  EXPECT_EQ(add_hold(l, node(4000, 8 * kGiB), hold("a", 4000, 8 * kGiB), kNow),
+            HoldResult::kAlreadyHeld);
+  EXPECT_EQ(l.holds_size(), 1);
+}
+
+TEST(Ledger, OverCommittedNodeNeverWrapsAround) {
+  // An agent reporting more allocated than its capacity must not look like a node with room.
+  cvm::v1::CapacityLedger l;
+  EXPECT_EQ(add_hold(l, node(4000, 8 * kGiB, 6000, 10 * kGiB), hold("a", 1, 1), kNow),
+            HoldResult::kNoRoom);
+  EXPECT_EQ(add_hold(l, node(0, 0), hold("a", 1, 1), kNow), HoldResult::kNoRoom);
+}
+
+TEST(Ledger, HugeRequestDoesNotOverflow) {
+  cvm::v1::CapacityLedger l;
+  EXPECT_EQ(add_hold(l, node(4000, 8 * kGiB), hold("a", UINT64_MAX / 2, UINT64_MAX / 2), kNow),
+            HoldResult::kNoRoom);
+}
+
+TEST(Ledger, RemoveHold) {
+  cvm::v1::CapacityLedger l;
+  *l.add_holds() = hold("a", 1, 1);
+  *l.add_holds() = hold("b", 1, 1);
+  *l.add_holds() = hold("gone", 1, 1, kNow - 5);
+  EXPECT_TRUE(remove_hold(l, "a", kNow));
+  ASSERT_EQ(l.holds_size(), 1) << "removing also prunes expired holds";
+  EXPECT_EQ(l.holds(0).build_id(), "b");
+  EXPECT_FALSE(remove_hold(l, "a", kNow));
+  EXPECT_FALSE(remove_hold(l, "nope", kNow));
+}
+
+// The property the CAS relies on: whatever order holds are added in, the sum of what a ledger
+// accepts never exceeds the room the node had.
+TEST(Ledger, AcceptedHoldsNeverExceedCapacity) {
+  for (uint64_t cap = 0; cap <= 4000; cap += 250) {
+    for (uint64_t req = 1; req <= 1500; req += 137) {
+      cvm::v1::CapacityLedger l;
+      const NodeRecord n = node(cap, cap * kGiB, cap / 4, 0);
+      for (int i = 0; i < 40; ++i) {
+        (void)add_hold(l, n, hold("b" + std::to_string(i), req, req * kGiB), kNow);
+      }
+      const auto total = held(l, kNow);
+      EXPECT_LE(total.cpu_millicores + n.allocated_cpu_millicores, cap);
+      EXPECT_LE(total.memory_bytes, cap * kGiB);
+      EXPECT_EQ(total.cpu_millicores, static_cast<uint64_t>(l.holds_size()) * req);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cvm::scheduler
