@@ -2,7 +2,10 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <limits>
 #include <tuple>
+
+#include "cvm/broker/topology.h"
 
 namespace cvm::broker {
 
@@ -34,6 +37,7 @@ NodeGpuInventory inventory_from(const cvm::v1::NodeStatus& status) {
   inv.node_id = status.node_id();
   inv.bare_metal = status.host().bare_metal();
   inv.gpus.assign(status.gpus().begin(), status.gpus().end());
+  inv.heartbeat_unix_ms = status.heartbeat_unix_ms();
   return inv;
 }
 
@@ -82,8 +86,37 @@ std::optional<Refusal> check_gpu_policy(const GpuPolicyInput& input) {
   return std::nullopt;
 }
 
+bool is_allocatable(const cvm::v1::GpuDevice& gpu) {
+  return gpu.vendor() == cvm::v1::NVIDIA && !gpu.mig_enabled();
+}
+
+const cvm::v1::GpuDevice* mig_parent(const NodeGpuInventory& node, const cvm::v1::GpuDevice& gpu) {
+  if (gpu.mig_parent_uuid().empty()) return nullptr;
+  for (const auto& g : node.gpus) {
+    if (g.uuid() == gpu.mig_parent_uuid()) return &g;
+  }
+  return nullptr;
+}
+
+int64_t quarantined_until(const cvm::v1::GpuDevice& gpu, const HealthOptions& health,
+                          const cvm::v1::GpuDevice* parent) {
+  if (!gpu.healthy() || (parent != nullptr && !parent->healthy())) {
+    return std::numeric_limits<int64_t>::max();
+  }
+  int64_t last = gpu.last_health_event_unix_ms();
+  if (parent != nullptr) last = std::max(last, parent->last_health_event_unix_ms());
+  if (last <= 0 || health.healthy_period_ms <= 0) return 0;
+  const int64_t until = last + health.healthy_period_ms;
+  return health.now_unix_ms < until ? until : 0;
+}
+
+bool is_quarantined(const cvm::v1::GpuDevice& gpu, const HealthOptions& health,
+                    const cvm::v1::GpuDevice* parent) {
+  return quarantined_until(gpu, health, parent) != 0;
+}
+
 GpuChoice choose_gpus(const NodeGpuInventory& node, const GpuLeases& leased, uint32_t count,
-                      uint64_t min_memory_bytes) {
+                      uint64_t min_memory_bytes, const HealthOptions& health) {
   GpuChoice choice;
   if (count == 0) {
     choice.refusal =
@@ -93,11 +126,17 @@ GpuChoice choose_gpus(const NodeGpuInventory& node, const GpuLeases& leased, uin
 
   std::vector<const cvm::v1::GpuDevice*> usable;
   usable.reserve(node.gpus.size());
+  size_t quarantined = 0;
   for (const auto& gpu : node.gpus) {
-    if (gpu.healthy() && gpu.vendor() == cvm::v1::NVIDIA &&
-        gpu.memory_bytes() >= min_memory_bytes && !leased.contains(gpu.uuid())) {
-      usable.push_back(&gpu);
+    if (!is_allocatable(gpu) || gpu.memory_bytes() < min_memory_bytes ||
+        leased.contains(gpu.uuid())) {
+      continue;
     }
+    if (is_quarantined(gpu, health, mig_parent(node, gpu))) {
+      ++quarantined;
+      continue;
+    }
+    usable.push_back(&gpu);
   }
 
   if (usable.size() < count) {
@@ -106,19 +145,176 @@ GpuChoice choose_gpus(const NodeGpuInventory& node, const GpuLeases& leased, uin
                       (free == 1 ? "" : "s");
     if (min_memory_bytes > 0) msg += " with \u2265 " + format_bytes(min_memory_bytes);
     msg += ", " + std::to_string(count) + " requested";
+    if (quarantined > 0) msg += " (" + std::to_string(quarantined) + " more quarantined)";
     choice.refusal = refusal(cvm::v1::INSUFFICIENT_CAPACITY, std::move(msg));
     return choice;
   }
 
-  // Agents may report devices in any order; first fit is by /dev/nvidia<minor>, and the uuid
-  // breaks ties so the choice never depends on report order.
+  // Agents may report devices in any order; the order is by /dev/nvidia<minor>, and the uuid
+  // breaks ties (MIG instances share their parent's minor), so the choice never depends on it.
   std::sort(usable.begin(), usable.end(), [](const auto* a, const auto* b) {
     return std::make_tuple(a->minor(), std::string_view(a->uuid())) <
            std::make_tuple(b->minor(), std::string_view(b->uuid()));
   });
+  const ScoreMatrix scores(usable);
+  const auto best = choose_best_set(scores, count);
+  choice.score = best.score;
   choice.gpus.reserve(count);
-  for (uint32_t i = 0; i < count; ++i) choice.gpus.push_back(*usable[i]);
+  for (size_t i : best.indices) choice.gpus.push_back(*usable[i]);
   return choice;
+}
+
+NodeChoice choose_node(std::span<const NodeGpuInventory* const> nodes,
+                       const std::function<GpuLeases(const std::string&)>& leases_of,
+                       const NodeChoiceInput& input) {
+  NodeChoice out;
+  if (input.count == 0) {
+    out.refusal = refusal(cvm::v1::INVALID_REQUEST, "a GPU reservation needs a count of 1 or more");
+    return out;
+  }
+  // Request properties first: they refuse whatever the node.
+  if (auto r = check_gpu_policy(
+          {.vendor = input.vendor, .bare_metal = true, .cached_cvm = input.cached_cvm})) {
+    out.refusal = std::move(r);
+    return out;
+  }
+  struct Offer {
+    const NodeGpuInventory* node;
+    GpuChoice choice;
+    size_t free;
+  };
+  std::optional<Offer> best;
+  std::optional<Refusal> policy_refusal;
+  size_t policy_refused = 0;
+  size_t stale = 0;
+  size_t checked = 0;
+  size_t most_free = 0;
+  for (const auto* node : nodes) {
+    if (node == nullptr) continue;
+    ++checked;
+    if (input.node_ttl_ms > 0 &&
+        input.health.now_unix_ms - node->heartbeat_unix_ms > input.node_ttl_ms) {
+      ++stale;
+      continue;
+    }
+    if (auto r = check_gpu_policy({.vendor = input.vendor, .bare_metal = node->bare_metal})) {
+      ++policy_refused;
+      policy_refusal = std::move(r);
+      continue;
+    }
+    const auto leased = leases_of(node->node_id);
+    // Every free device counts toward "how full is this node", whatever the request's memory.
+    size_t free = 0;
+    for (const auto& g : node->gpus) {
+      if (is_allocatable(g) && !leased.contains(g.uuid()) &&
+          !is_quarantined(g, input.health, mig_parent(*node, g))) {
+        ++free;
+      }
+    }
+    most_free = std::max(most_free, free);
+    auto choice = choose_gpus(*node, leased, input.count, input.min_memory_bytes, input.health);
+    if (!choice.ok()) continue;
+    bool take = !best.has_value();
+    if (!take) {
+      const bool fewer = free < best->free;
+      const bool more = free > best->free;
+      if (input.placement == NodePlacement::kPacked ? fewer : more) {
+        take = true;
+      } else if (free == best->free) {
+        take = choice.score > best->choice.score ||
+               (choice.score == best->choice.score && node->node_id < best->node->node_id);
+      }
+    }
+    if (take) best = Offer{node, std::move(choice), free};
+  }
+  if (best) {
+    out.node_id = best->node->node_id;
+    out.choice = std::move(best->choice);
+    return out;
+  }
+  if (checked > 0 && policy_refused == checked) {
+    out.refusal = std::move(policy_refusal);
+    return out;
+  }
+  std::string msg =
+      "no node has " + std::to_string(input.count) + " free GPU" + (input.count == 1 ? "" : "s");
+  if (input.min_memory_bytes > 0) msg += " with \u2265 " + format_bytes(input.min_memory_bytes);
+  msg += " (" + std::to_string(checked) + " node" + (checked == 1 ? "" : "s") + " checked";
+  if (stale > 0) msg += ", " + std::to_string(stale) + " not heartbeating";
+  if (policy_refused > 0) msg += ", " + std::to_string(policy_refused) + " not bare metal";
+  msg += ", at most " + std::to_string(most_free) + " free on one node)";
+  out.refusal = refusal(cvm::v1::INSUFFICIENT_CAPACITY, std::move(msg));
+  return out;
+}
+
+std::map<std::string, GpuCounts> count_gpus(const NodeGpuInventory& node, const GpuLeases& leased,
+                                            const HealthOptions& health) {
+  std::map<std::string, GpuCounts> out;
+  for (const auto& g : node.gpus) {
+    auto& c = out[g.name().empty() ? std::string("unknown") : g.name()];
+    if (g.vendor() != cvm::v1::NVIDIA) {
+      ++c.unsupported;
+      continue;
+    }
+    if (!is_allocatable(g)) continue;  // a MIG parent: its instances count
+    ++c.total;
+    const bool held = leased.contains(g.uuid());
+    const bool sick = is_quarantined(g, health, mig_parent(node, g));
+    if (held) ++c.leased;
+    if (sick) ++c.unhealthy;
+    if (!held && !sick) ++c.free;
+  }
+  return out;
+}
+
+std::vector<HealthNotice> health_notices(const NodeGpuInventory* before,
+                                         const NodeGpuInventory& now, const GpuLeases& leased,
+                                         const HealthOptions& health) {
+  std::vector<HealthNotice> out;
+  for (const auto& g : now.gpus) {
+    const auto holder = leased.holder(g.uuid());
+    if (!holder) continue;
+    const auto* parent = mig_parent(now, g);
+    if (!is_quarantined(g, health, parent)) continue;
+    int64_t event = g.last_health_event_unix_ms();
+    bool healthy_flag = g.healthy();
+    std::string reason = g.health_reason();
+    if (parent != nullptr) {
+      event = std::max(event, parent->last_health_event_unix_ms());
+      healthy_flag = healthy_flag && parent->healthy();
+      if (reason.empty()) reason = parent->health_reason();
+    }
+    bool fresh = before == nullptr;
+    if (before != nullptr) {
+      const cvm::v1::GpuDevice* old = nullptr;
+      for (const auto& o : before->gpus) {
+        if (o.uuid() == g.uuid()) old = &o;
+      }
+      const auto* old_parent = old != nullptr ? mig_parent(*before, *old) : nullptr;
+      if (old == nullptr) {
+        fresh = true;
+      } else {
+        int64_t old_event = old->last_health_event_unix_ms();
+        bool old_healthy = old->healthy();
+        if (old_parent != nullptr) {
+          old_event = std::max(old_event, old_parent->last_health_event_unix_ms());
+          old_healthy = old_healthy && old_parent->healthy();
+        }
+        fresh = event > old_event || (old_healthy && !healthy_flag);
+      }
+    }
+    if (!fresh) continue;
+    HealthNotice n;
+    n.gpu_uuid = g.uuid();
+    n.workspace_id = std::string(*holder);
+    n.event_unix_ms = event;
+    n.message = "GPU " + g.uuid() + (g.name().empty() ? "" : " (" + g.name() + ")") + " on node " +
+                now.node_id + " is unhealthy" + (reason.empty() ? "" : ": " + reason) +
+                "; it is quarantined (no new leases) until it has been healthy for " +
+                std::to_string(health.healthy_period_ms / 1000) + " s";
+    out.push_back(std::move(n));
+  }
+  return out;
 }
 
 std::string lease_key(std::string_view node_id, std::string_view gpu_uuid) {

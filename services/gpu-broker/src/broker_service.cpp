@@ -1,15 +1,33 @@
 #include "cvm/broker/broker_service.h"
 
+#include <algorithm>
 #include <chrono>
+#include <set>
 #include <string>
 #include <vector>
 
 #include <spdlog/spdlog.h>
 
 #include "cvm/base/wire.h"
+#include "cvm/service/events.h"
 #include "cvm/service/streams.h"
+#include "cvm/v1/settings.pb.h"
 
 namespace cvm::broker {
+
+namespace {
+
+constexpr std::string_view kSource = "gpu-broker";
+
+// Reserve decisions are tens of microseconds and the KV round trips a fraction of a millisecond:
+// the shared latency buckets start at 100 µs, these resolve the fast end too.
+const std::vector<double>& reserve_buckets() {
+  static const std::vector<double> b{0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                                     0.025,   0.05,   0.1,     0.25,   0.5,   1,      2.5,   5};
+  return b;
+}
+
+}  // namespace
 
 struct BrokerService::Meters {
   explicit Meters(telemetry::Metrics& m)
@@ -22,7 +40,16 @@ struct BrokerService::Meters {
         conflicts(m.counter("cvm_gpu_broker_lease_conflicts_total",
                             "Lease creations lost to another reservation (CAS conflicts)")),
         released(m.counter("cvm_gpu_broker_leases_released_total", "GPU leases released")),
-        latency(m.histogram("cvm_gpu_broker_reserve_seconds", "Time to answer a reserve")),
+        reclaimed_node(m.counter("cvm_gpu_broker_leases_reclaimed_total",
+                                 "GPU leases freed by the reconcile, by cause",
+                                 {{"cause", "node"}})),
+        reclaimed_workspace(m.counter("cvm_gpu_broker_leases_reclaimed_total",
+                                      "GPU leases freed by the reconcile, by cause",
+                                      {{"cause", "workspace"}})),
+        notices(m.counter("cvm_gpu_broker_health_notices_total",
+                          "Warnings sent to workspaces whose GPU was quarantined")),
+        latency(m.histogram("cvm_gpu_broker_reserve_seconds", "Time to answer a reserve", {},
+                            reserve_buckets())),
         gpus(m.gauge("cvm_gpu_broker_gpus", "GPUs known", {{"state", "total"}})),
         leased(m.gauge("cvm_gpu_broker_gpus", "GPUs known", {{"state", "leased"}})) {}
   prometheus::Counter& granted;
@@ -30,32 +57,55 @@ struct BrokerService::Meters {
   prometheus::Counter& invalid;
   prometheus::Counter& conflicts;
   prometheus::Counter& released;
+  prometheus::Counter& reclaimed_node;
+  prometheus::Counter& reclaimed_workspace;
+  prometheus::Counter& notices;
   prometheus::Histogram& latency;
   prometheus::Gauge& gpus;
   prometheus::Gauge& leased;
 };
 
 BrokerService::BrokerService(bus::ConnectionPtr conn, telemetry::Metrics& metrics,
-                             const Clock& clock)
-    : conn_(std::move(conn)), clock_(clock), meters_(std::make_unique<Meters>(metrics)) {}
+                             const Clock& clock, BrokerConfig config)
+    : conn_(std::move(conn)),
+      clock_(clock),
+      config_(config),
+      meters_(std::make_unique<Meters>(metrics)),
+      metrics_(metrics) {}
 
 BrokerService::~BrokerService() { stop(); }
 
 Status BrokerService::start() {
+  stopped_ = false;
   auto nodes = conn_->ensure_kv(service::nodes_bucket());
   if (!nodes) return nodes.error();
   auto leases = conn_->ensure_kv(service::gpu_leases_bucket());
   if (!leases) return leases.error();
+  auto workspaces = conn_->ensure_kv(service::workspaces_bucket());
+  if (!workspaces) return workspaces.error();
+  auto settings = conn_->ensure_kv(service::settings_bucket());
+  if (!settings) return settings.error();
+  // Notices go to CVM_EVENTS; it must exist even if the broker is the first service up.
+  if (auto st = conn_->ensure_stream(service::events_stream()); !st) return st;
+
   auto nw = nodes->watch(">", [this](std::optional<bus::KvEntry> e) { on_node(e); });
   if (!nw) return nw.error();
   nodes_watch_ = std::move(*nw);
   auto lw = leases->watch(">", [this](std::optional<bus::KvEntry> e) { on_lease(e); });
   if (!lw) return lw.error();
   leases_watch_ = std::move(*lw);
+  auto ww = workspaces->watch(">", [this](std::optional<bus::KvEntry> e) { on_workspace(e); });
+  if (!ww) return ww.error();
+  workspaces_watch_ = std::move(*ww);
+  auto sw = settings->watch(std::string(wire::kSettingsKey),
+                            [this](std::optional<bus::KvEntry> e) { on_settings(e); });
+  if (!sw) return sw.error();
+  settings_watch_ = std::move(*sw);
   leases_kv_ = std::move(*leases);
 
   const std::string queue(wire::kBrokerQueue);
   auto rs = conn_->subscribe(std::string(wire::kGpuReserve), queue, [this](bus::Message m) {
+    const auto t0 = std::chrono::steady_clock::now();
     cvm::v1::GpuReserveRequest req;
     if (!req.ParseFromString(m.data)) {
       meters_->invalid.Increment();
@@ -64,7 +114,6 @@ Status BrokerService::start() {
       bad.set_message("the request is not a cvm.v1.GpuReserveRequest");
       return reply(m, bad);
     }
-    const auto t0 = std::chrono::steady_clock::now();
     auto r = reserve(req);
     meters_->latency.Observe(
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
@@ -86,17 +135,24 @@ Status BrokerService::start() {
   release_sub_ = std::move(*rl);
   // Make sure the server has the subscriptions before anyone is told we are up.
   if (auto st = conn_->flush(); !st) return st;
+  reconcile_timer_ = std::make_unique<boost::asio::steady_timer>(conn_->executor());
   spdlog::info("gpu-broker answering {} and {} (queue {})", wire::kGpuReserve, wire::kGpuRelease,
                queue);
   return {};
 }
 
 void BrokerService::stop() {
+  stopped_ = true;
   reserve_sub_.reset();
   release_sub_.reset();
   nodes_watch_.reset();
   leases_watch_.reset();
+  workspaces_watch_.reset();
+  settings_watch_.reset();
+  if (reconcile_timer_) reconcile_timer_->cancel();
 }
+
+bool BrokerService::synced() const { return nodes_synced_ && leases_synced_ && workspaces_synced_; }
 
 void BrokerService::reply(const bus::Message& msg, const google::protobuf::Message& body) {
   if (msg.reply.empty()) return;
@@ -105,73 +161,172 @@ void BrokerService::reply(const bus::Message& msg, const google::protobuf::Messa
   }
 }
 
+HealthOptions BrokerService::health_now() const {
+  return {.now_unix_ms = clock_.now_unix_ms(), .healthy_period_ms = config_.healthy_period.count()};
+}
+
+GpuLeases BrokerService::leases_of(const std::string& node_id) const {
+  GpuLeases out;
+  // Keys are "<node>.<uuid>", so one node's leases are one range of the ordered map.
+  const std::string prefix = lease_key(node_id, "").substr(0, lease_key(node_id, "").size() - 1);
+  for (auto it = leases_.lower_bound(prefix); it != leases_.end(); ++it) {
+    if (it->first.compare(0, prefix.size(), prefix) != 0) break;
+    out.add(it->second.lease.gpu_uuid(), it->second.lease.workspace_id());
+  }
+  return out;
+}
+
+Status BrokerService::erase_lease(const std::string& key, uint64_t revision) {
+  // A KV delete is a message with KV-Operation: DEL on the key's subject; the expected-sequence
+  // header turns it into compare-and-delete, which the KV API of cnats 3.4 does not offer.
+  const std::string subject = "$KV." + std::string(wire::kBucketGpuLeases) + "." + key;
+  auto ack = conn_->js_publish(
+      subject, "", "",
+      {{"KV-Operation", "DEL"}, {"Nats-Expected-Last-Subject-Sequence", std::to_string(revision)}});
+  if (!ack) return ack.error();
+  auto it = leases_.find(key);
+  if (it != leases_.end() && it->second.revision == revision) leases_.erase(it);
+  return {};
+}
+
 cvm::v1::GpuReserveReply BrokerService::reserve(const cvm::v1::GpuReserveRequest& req) {
   cvm::v1::GpuReserveReply out;
   auto refuse = [&](cvm::v1::Reason reason, std::string message) {
     meters_->refused.Increment();
+    out.Clear();
     out.set_ok(false);
     out.set_reason(reason);
     out.set_message(std::move(message));
-    spdlog::info("refused {} GPU(s) on {} for {}: {}", req.count(), req.node_id(),
-                 req.workspace_id(), out.message());
+    spdlog::info("refused {} GPU(s) on {} for {}: {}", req.count(),
+                 req.node_id().empty() ? "any node" : req.node_id(), req.workspace_id(),
+                 out.message());
     return out;
   };
-  if (!wire::is_valid_id(req.node_id()) || !wire::is_valid_id(req.workspace_id()) ||
-      req.count() == 0) {
-    return refuse(cvm::v1::INVALID_REQUEST, "node_id, workspace_id and count > 0 are required");
+  bool ids_ok = wire::is_valid_id(req.workspace_id()) &&
+                (req.node_id().empty() || wire::is_valid_id(req.node_id())) &&
+                (req.build_id().empty() || wire::is_valid_id(req.build_id()));
+  for (const auto& n : req.candidate_nodes()) ids_ok = ids_ok && wire::is_valid_id(n);
+  if (!ids_ok || req.count() == 0) {
+    return refuse(cvm::v1::INVALID_REQUEST,
+                  "workspace_id and count > 0 are required; ids must be [A-Za-z0-9_-]{1,128}");
+  }
+  // Request properties refuse whatever the node, and before any node is looked at.
+  if (auto r = check_gpu_policy(
+          {.vendor = req.vendor(), .bare_metal = true, .cached_cvm = req.cached_cvm()})) {
+    return refuse(r->reason, r->message);
   }
   // A retried reservation (the scheduler crashed or timed out after we granted) gets the same
   // lease back instead of a second set of GPUs.
   const std::string lease_id = req.build_id().empty() ? req.workspace_id() : req.build_id();
-  std::vector<cvm::v1::GpuDevice> held;
-  const auto it = inventory_.find(req.node_id());
-  if (it != inventory_.end()) {
-    for (const auto& g : it->second.gpus) {
-      auto l = leases_.find(lease_key(req.node_id(), g.uuid()));
-      if (l != leases_.end() && l->second.lease_id() == lease_id) held.push_back(g);
+  {
+    std::string held_node;
+    std::vector<std::string> held_uuids;
+    for (const auto& [key, entry] : leases_) {
+      if (entry.lease.lease_id() != lease_id) continue;
+      if (!req.node_id().empty() && entry.lease.node_id() != req.node_id()) continue;
+      if (held_node.empty()) held_node = entry.lease.node_id();
+      if (entry.lease.node_id() == held_node) held_uuids.push_back(entry.lease.gpu_uuid());
+    }
+    const auto inv = inventory_.find(held_node);
+    if (!held_uuids.empty() && inv != inventory_.end()) {
+      for (const auto& g : inv->second.gpus) {
+        if (std::find(held_uuids.begin(), held_uuids.end(), g.uuid()) != held_uuids.end()) {
+          *out.add_gpus() = g;
+        }
+      }
+      if (out.gpus_size() > 0) {
+        meters_->granted.Increment();
+        out.set_ok(true);
+        out.set_lease_id(lease_id);
+        out.set_node_id(held_node);
+        return out;
+      }
     }
   }
-  if (!held.empty()) {
+
+  if (!req.node_id().empty()) {
+    auto r = reserve_on(req.node_id(), req, lease_id);
+    if (!r.ok()) return refuse(r.reason(), r.message());
     meters_->granted.Increment();
-    out.set_ok(true);
-    out.set_lease_id(lease_id);
-    for (auto& g : held) *out.add_gpus() = std::move(g);
-    return out;
+    return r;
   }
+
+  // No node named: pick one by the placement setting, then lease there. A lost race on that node
+  // picks again with what the race taught us.
+  for (int round = 0; round < 3; ++round) {
+    std::vector<const NodeGpuInventory*> nodes;
+    if (req.candidate_nodes_size() > 0) {
+      for (const auto& id : req.candidate_nodes()) {
+        auto it = inventory_.find(id);
+        if (it != inventory_.end()) nodes.push_back(&it->second);
+      }
+    } else {
+      for (const auto& [id, inv] : inventory_) nodes.push_back(&inv);
+    }
+    NodeChoiceInput in{.count = req.count(),
+                       .min_memory_bytes = req.min_memory_bytes(),
+                       .vendor = req.vendor(),
+                       .cached_cvm = req.cached_cvm(),
+                       .placement = placement_,
+                       .health = health_now(),
+                       .node_ttl_ms = config_.node_ttl.count()};
+    auto pick = choose_node(
+        nodes, [this](const std::string& n) { return leases_of(n); }, in);
+    if (!pick.ok()) return refuse(pick.refusal->reason, pick.refusal->message);
+    auto r = reserve_on(pick.node_id, req, lease_id);
+    if (r.ok()) {
+      meters_->granted.Increment();
+      return r;
+    }
+    if (r.reason() != cvm::v1::INSUFFICIENT_CAPACITY) return refuse(r.reason(), r.message());
+  }
+  return refuse(cvm::v1::INSUFFICIENT_CAPACITY,
+                "GPUs are being taken by concurrent reservations; try again");
+}
+
+cvm::v1::GpuReserveReply BrokerService::reserve_on(const std::string& node_id,
+                                                   const cvm::v1::GpuReserveRequest& req,
+                                                   const std::string& lease_id) {
+  cvm::v1::GpuReserveReply out;
+  auto fail = [&](cvm::v1::Reason reason, std::string message) {
+    out.set_ok(false);
+    out.set_reason(reason);
+    out.set_message(std::move(message));
+    return out;
+  };
+  const auto it = inventory_.find(node_id);
   if (it == inventory_.end()) {
-    return refuse(cvm::v1::INSUFFICIENT_CAPACITY, "node " + req.node_id() + " reports no GPUs");
+    return fail(cvm::v1::INSUFFICIENT_CAPACITY, "node " + node_id + " reports no GPUs");
   }
   const auto& node = it->second;
-  if (auto refusal = check_gpu_policy({.vendor = req.vendor(), .bare_metal = node.bare_metal})) {
-    return refuse(refusal->reason, refusal->message);
+  if (auto refusal = check_gpu_policy({.vendor = req.vendor(),
+                                       .bare_metal = node.bare_metal,
+                                       .cached_cvm = req.cached_cvm()})) {
+    return fail(refusal->reason, refusal->message);
   }
 
   // Up to a few rounds: a lost create means another reservation took that GPU; learn it and
   // choose again.
   for (int round = 0; round < 4; ++round) {
-    std::vector<cvm::v1::GpuLease> node_leases;
-    for (const auto& [key, lease] : leases_) {
-      if (lease.node_id() == req.node_id()) node_leases.push_back(lease);
-    }
-    auto choice = choose_gpus(node, leases_on_node(req.node_id(), node_leases), req.count(),
-                              req.min_memory_bytes());
-    if (!choice.ok()) return refuse(choice.refusal->reason, choice.refusal->message);
+    auto choice =
+        choose_gpus(node, leases_of(node_id), req.count(), req.min_memory_bytes(), health_now());
+    if (!choice.ok()) return fail(choice.refusal->reason, choice.refusal->message);
 
-    std::vector<std::string> created;
+    std::vector<std::pair<std::string, uint64_t>> created;
     bool conflict = false;
     for (const auto& g : choice.gpus) {
       cvm::v1::GpuLease lease;
       lease.set_lease_id(lease_id);
-      lease.set_node_id(req.node_id());
+      lease.set_node_id(node_id);
       lease.set_gpu_uuid(g.uuid());
       lease.set_workspace_id(req.workspace_id());
       lease.set_build_id(req.build_id());
       lease.set_leased_unix_ms(clock_.now_unix_ms());
-      const auto key = lease_key(req.node_id(), g.uuid());
+      const auto key = lease_key(node_id, g.uuid());
       auto rev = leases_kv_->create(key, lease.SerializeAsString());
       if (rev) {
-        created.push_back(key);
-        leases_[key] = lease;
+        created.emplace_back(key, *rev);
+        leases_[key] = LeaseEntry{key, *rev, lease};
         continue;
       }
       if (rev.error().is_conflict()) {
@@ -179,7 +334,9 @@ cvm::v1::GpuReserveReply BrokerService::reserve(const cvm::v1::GpuReserveRequest
         conflict = true;
         if (auto cur = leases_kv_->get(key); cur && cur->has_value()) {
           cvm::v1::GpuLease theirs;
-          if (theirs.ParseFromString((*cur)->value)) leases_[key] = theirs;
+          if (theirs.ParseFromString((*cur)->value)) {
+            leases_[key] = LeaseEntry{key, (*cur)->revision, theirs};
+          }
         }
       } else {
         spdlog::warn("cannot write lease {}: {}", key, rev.error().message);
@@ -187,40 +344,75 @@ cvm::v1::GpuReserveReply BrokerService::reserve(const cvm::v1::GpuReserveRequest
       break;
     }
     if (created.size() == choice.gpus.size()) {
-      meters_->granted.Increment();
       out.set_ok(true);
       out.set_lease_id(lease_id);
+      out.set_node_id(node_id);
       for (const auto& g : choice.gpus) *out.add_gpus() = g;
-      spdlog::info("leased {} GPU(s) on {} to {} (lease {})", created.size(), req.node_id(),
-                   req.workspace_id(), lease_id);
+      spdlog::info("leased {} GPU(s) on {} to {} (lease {}, topology score {})", created.size(),
+                   node_id, req.workspace_id(), lease_id, choice.score);
       return out;
     }
-    // All or nothing: give back what this round took.
-    for (const auto& key : created) {
-      (void)leases_kv_->erase(key);
-      leases_.erase(key);
+    // All or nothing: give back what this round took (only if still ours, by revision).
+    for (const auto& [key, rev] : created) {
+      if (auto st = erase_lease(key, rev); !st) {
+        spdlog::warn("cannot roll back lease {}: {}", key, st.error().message);
+      }
     }
     if (!conflict) {
-      return refuse(cvm::v1::INSUFFICIENT_CAPACITY, "the lease ledger could not be written");
+      return fail(cvm::v1::INSUFFICIENT_CAPACITY, "the lease ledger could not be written");
     }
   }
-  return refuse(cvm::v1::INSUFFICIENT_CAPACITY,
-                "GPUs on " + req.node_id() + " are being taken by concurrent reservations");
+  return fail(cvm::v1::INSUFFICIENT_CAPACITY,
+              "GPUs on " + node_id + " are being taken by concurrent reservations");
 }
 
 cvm::v1::GpuReleaseReply BrokerService::release(const cvm::v1::GpuReleaseRequest& req) {
   cvm::v1::GpuReleaseReply out;
-  uint32_t released = 0;
-  std::vector<std::string> keys;
-  for (const auto& [key, lease] : leases_) {
-    if (lease.workspace_id() == req.workspace_id() &&
-        (req.lease_id().empty() || lease.lease_id() == req.lease_id())) {
-      keys.push_back(key);
+  if (!wire::is_valid_id(req.workspace_id())) {
+    out.set_ok(false);
+    out.set_message("workspace_id is required");
+    return out;
+  }
+  auto matches = [&](const cvm::v1::GpuLease& lease) {
+    return lease.workspace_id() == req.workspace_id() &&
+           (req.lease_id().empty() || lease.lease_id() == req.lease_id());
+  };
+  // key -> revision to delete at.
+  std::map<std::string, uint64_t> targets;
+  if (!req.node_id().empty() && req.gpu_uuids_size() > 0) {
+    // Named GPUs: read the ledger itself, so a release right after a grant by another replica
+    // works before this replica's watch has caught up.
+    for (const auto& uuid : req.gpu_uuids()) {
+      const auto key = lease_key(req.node_id(), uuid);
+      auto cur = leases_kv_->get(key);
+      if (!cur) {
+        out.set_message("cannot read lease " + key + ": " + cur.error().message);
+        continue;
+      }
+      if (!cur->has_value()) continue;
+      cvm::v1::GpuLease lease;
+      if (lease.ParseFromString((*cur)->value) && matches(lease)) {
+        targets[key] = (*cur)->revision;
+      }
     }
   }
-  for (const auto& key : keys) {
-    if (auto st = leases_kv_->erase(key); st) {
-      leases_.erase(key);
+  for (const auto& [key, entry] : leases_) {
+    if (matches(entry.lease) && !targets.contains(key)) targets[key] = entry.revision;
+  }
+  uint32_t released = 0;
+  for (const auto& [key, revision] : targets) {
+    auto st = erase_lease(key, revision);
+    if (!st && st.error().is_conflict()) {
+      // Changed since we read it: look again, it may still be this workspace's (a re-put).
+      auto cur = leases_kv_->get(key);
+      cvm::v1::GpuLease lease;
+      if (cur && cur->has_value() && lease.ParseFromString((*cur)->value) && matches(lease)) {
+        st = erase_lease(key, (*cur)->revision);
+      } else {
+        continue;  // someone else released it first
+      }
+    }
+    if (st) {
       ++released;
     } else {
       out.set_message("cannot release " + key + ": " + st.error().message);
@@ -233,32 +425,223 @@ cvm::v1::GpuReleaseReply BrokerService::release(const cvm::v1::GpuReleaseRequest
   return out;
 }
 
+size_t BrokerService::reconcile() {
+  if (!synced() || stopped_) return 0;
+  std::vector<LeaseEntry> all;
+  all.reserve(leases_.size());
+  for (const auto& [key, entry] : leases_) all.push_back(entry);
+  const auto plan = plan_reclaims(all, heartbeats_, workspaces_,
+                                  {.now_unix_ms = clock_.now_unix_ms(),
+                                   .node_ttl_ms = config_.node_ttl.count(),
+                                   .lease_grace_ms = config_.lease_grace.count()});
+  size_t freed = 0;
+  for (const auto& r : plan) {
+    auto st = erase_lease(r.key, r.revision);
+    if (!st) {
+      // A conflict means another replica (or a release) got there first, or it was leased anew.
+      if (!st.error().is_conflict()) {
+        spdlog::warn("cannot reclaim lease {}: {}", r.key, st.error().message);
+      }
+      continue;
+    }
+    ++freed;
+    const bool node_cause =
+        r.cause == ReclaimCause::kNodeGone || r.cause == ReclaimCause::kNodeLost;
+    (node_cause ? meters_->reclaimed_node : meters_->reclaimed_workspace).Increment();
+    spdlog::info("reclaimed GPU lease {} of {} ({}: {})", r.key, r.workspace_id,
+                 reclaim_cause_name(r.cause), r.message);
+  }
+  if (freed > 0) update_gauges();
+  return freed;
+}
+
+void BrokerService::schedule_reconcile() {
+  if (!reconcile_timer_ || stopped_) return;
+  reconcile_timer_->expires_after(config_.reconcile_interval);
+  reconcile_timer_->async_wait([this](const boost::system::error_code& ec) {
+    if (ec || stopped_) return;
+    reconcile();
+    update_gauges();  // quarantines end with time, not with a message
+    schedule_reconcile();
+  });
+}
+
+void BrokerService::on_synced() {
+  if (!synced()) return;
+  spdlog::info("gpu-broker in sync: {} GPU node(s), {} lease(s), {} workspace(s)",
+               inventory_.size(), leases_.size(), workspaces_.size());
+  reconcile();  // on start-up: whatever was lost while no broker ran
+  schedule_reconcile();
+}
+
+void BrokerService::notify_health(const NodeGpuInventory* before, const NodeGpuInventory& now) {
+  const auto notices = health_notices(before, now, leases_of(now.node_id), health_now());
+  for (const auto& n : notices) {
+    const auto it = leases_.find(lease_key(now.node_id, n.gpu_uuid));
+    if (it == leases_.end() || it->second.lease.build_id().empty()) {
+      spdlog::warn("{} (workspace {}, no build to tell)", n.message, n.workspace_id);
+      continue;
+    }
+    const auto& lease = it->second.lease;
+    // A notice repeats the build's last phase: it adds a warning without moving the build.
+    auto phase = cvm::v1::PHASE_UNSPECIFIED;
+    auto last = conn_->last_message(std::string(wire::kStreamEvents),
+                                    wire::build_events_subject(lease.build_id()));
+    if (last && last->has_value()) {
+      cvm::v1::BuildEvent prev;
+      if (prev.ParseFromString((*last)->data)) phase = prev.phase();
+    }
+    auto e = service::make_event(lease.build_id(), lease.workspace_id(), phase, clock_, kSource);
+    e.set_node_id(now.node_id);
+    e.set_notice(true);
+    e.add_gpu_uuids(n.gpu_uuid);
+    e.add_warnings(n.message);
+    // Every replica sees the same report: the msg-id lets the stream keep one notice per event.
+    const std::string msg_id =
+        lease.build_id() + ".gpu-health." + n.gpu_uuid + "." + std::to_string(n.event_unix_ms);
+    auto ack = conn_->js_publish(wire::build_events_subject(lease.build_id()),
+                                 e.SerializeAsString(), msg_id);
+    if (!ack) {
+      spdlog::warn("cannot publish the GPU health notice for {}: {}", lease.build_id(),
+                   ack.error().message);
+      continue;
+    }
+    if (!ack->duplicate) meters_->notices.Increment();
+    spdlog::warn("{} (workspace {}, build {})", n.message, n.workspace_id, lease.build_id());
+  }
+}
+
 void BrokerService::on_node(const std::optional<bus::KvEntry>& entry) {
-  if (!entry) return;
+  if (!entry) {
+    nodes_synced_ = true;
+    on_synced();
+    return;
+  }
   if (entry->op != bus::KvOp::kPut) {
     inventory_.erase(entry->key);
-  } else {
-    cvm::v1::NodeStatus status;
-    if (!status.ParseFromString(entry->value)) return;
-    if (status.gpus_size() == 0) {
-      inventory_.erase(status.node_id());
-    } else {
-      inventory_[status.node_id()] = inventory_from(status);
-    }
+    heartbeats_.erase(entry->key);
+    update_gauges();
+    reconcile();  // a deregistered node's GPUs are free now
+    return;
   }
-  size_t total = 0;
-  for (const auto& [id, inv] : inventory_) total += inv.gpus.size();
-  meters_->gpus.Set(static_cast<double>(total));
+  cvm::v1::NodeStatus status;
+  if (!status.ParseFromString(entry->value)) {
+    spdlog::warn("ignoring an unreadable NodeStatus for {} (revision {})", entry->key,
+                 entry->revision);
+    return;
+  }
+  const std::string id = status.node_id().empty() ? entry->key : status.node_id();
+  heartbeats_[id] = status.heartbeat_unix_ms();
+  auto inv = inventory_from(status);
+  inv.node_id = id;
+  const auto old = inventory_.find(id);
+  if (leases_synced_) notify_health(old == inventory_.end() ? nullptr : &old->second, inv);
+  if (inv.gpus.empty()) {
+    inventory_.erase(id);
+  } else {
+    inventory_[id] = std::move(inv);
+  }
+  update_gauges(&id);
 }
 
 void BrokerService::on_lease(const std::optional<bus::KvEntry>& entry) {
-  if (!entry) return;
+  if (!entry) {
+    leases_synced_ = true;
+    on_synced();
+    return;
+  }
   if (entry->op != bus::KvOp::kPut) {
     leases_.erase(entry->key);
   } else {
-    cvm::v1::GpuLease lease;
-    if (lease.ParseFromString(entry->value)) leases_[entry->key] = std::move(lease);
+    LeaseEntry e{entry->key, entry->revision, {}};
+    if (!e.lease.ParseFromString(entry->value) || e.lease.node_id().empty()) {
+      // An unreadable lease still holds its GPU: freeing it on a guess could lease it twice.
+      const auto dot = entry->key.find('.');
+      e.lease.set_node_id(entry->key.substr(0, dot));
+      if (dot != std::string::npos) e.lease.set_gpu_uuid(entry->key.substr(dot + 1));
+      spdlog::warn("lease {} is unreadable; its GPU stays held", entry->key);
+    }
+    leases_[entry->key] = std::move(e);
   }
+  const std::string node = entry->key.substr(0, entry->key.find('.'));
+  update_gauges(&node);
+}
+
+void BrokerService::on_workspace(const std::optional<bus::KvEntry>& entry) {
+  if (!entry) {
+    workspaces_synced_ = true;
+    on_synced();
+    return;
+  }
+  if (entry->op != bus::KvOp::kPut) {
+    workspaces_.erase(entry->key);
+    return;
+  }
+  cvm::v1::WorkspaceRecord rec;
+  WorkspaceView view;
+  // An unreadable record still says the workspace exists.
+  if (rec.ParseFromString(entry->value)) {
+    view.phase = rec.phase();
+    view.updated_unix_ms = rec.updated_unix_ms();
+  }
+  workspaces_[entry->key] = view;
+}
+
+void BrokerService::on_settings(const std::optional<bus::KvEntry>& entry) {
+  if (!entry) return;
+  cvm::v1::InfrastructureSettings s;
+  if (entry->op != bus::KvOp::kPut) {
+    placement_ = NodePlacement::kPacked;
+    return;
+  }
+  if (!s.ParseFromString(entry->value)) {
+    spdlog::warn("ignoring unreadable infrastructure settings (revision {})", entry->revision);
+    return;
+  }
+  placement_ = s.gpu_placement() == cvm::v1::GPU_PLACEMENT_SPREAD ? NodePlacement::kSpread
+                                                                  : NodePlacement::kPacked;
+}
+
+void BrokerService::update_gauges(const std::string* only_node) {
+  const auto health = health_now();
+  const auto set = [&](const std::string& node, const std::string& model, const char* state,
+                       uint32_t v) {
+    metrics_
+        .gauge("cvm_gpu_broker_node_gpus", "GPUs by node, model and state",
+               {{"node", node}, {"model", model}, {"state", state}})
+        .Set(v);
+  };
+  std::set<std::string> seen;
+  for (const auto& [id, inv] : inventory_) {
+    if (only_node != nullptr && id != *only_node) continue;
+    for (const auto& [model, c] : count_gpus(inv, leases_of(id), health)) {
+      seen.insert(id + "\n" + model);
+      set(id, model, "total", c.total);
+      set(id, model, "free", c.free);
+      set(id, model, "leased", c.leased);
+      set(id, model, "unhealthy", c.unhealthy);
+      set(id, model, "unsupported", c.unsupported);
+    }
+  }
+  // Nodes or models that went away read 0 rather than their last value.
+  for (auto it = gauge_labels_.begin(); it != gauge_labels_.end();) {
+    const auto nl = it->find('\n');
+    const std::string node = it->substr(0, nl);
+    if (seen.contains(*it) || (only_node != nullptr && node != *only_node)) {
+      ++it;
+      continue;
+    }
+    for (const char* state : {"total", "free", "leased", "unhealthy", "unsupported"}) {
+      set(node, it->substr(nl + 1), state, 0);
+    }
+    it = gauge_labels_.erase(it);
+  }
+  gauge_labels_.insert(seen.begin(), seen.end());
+  size_t total = 0;
+  for (const auto& [id, inv] : inventory_) {
+    for (const auto& g : inv.gpus) total += is_allocatable(g) ? 1 : 0;
+  }
+  meters_->gpus.Set(static_cast<double>(total));
   meters_->leased.Set(static_cast<double>(leases_.size()));
 }
 

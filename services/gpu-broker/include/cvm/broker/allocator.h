@@ -4,6 +4,8 @@
 // result atomic with create-if-absent on each lease key; nothing here touches NATS or clocks.
 
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <optional>
 #include <span>
 #include <string>
@@ -28,6 +30,7 @@ struct NodeGpuInventory {
   std::string node_id;
   bool bare_metal = false;
   std::vector<cvm::v1::GpuDevice> gpus;
+  int64_t heartbeat_unix_ms = 0;
 };
 NodeGpuInventory inventory_from(const cvm::v1::NodeStatus& status);
 
@@ -61,18 +64,108 @@ struct GpuPolicyInput {
 // GPU_WITH_CACHING_UNSUPPORTED; a node that is not bare metal -> GPU_REQUIRES_BARE_METAL.
 std::optional<Refusal> check_gpu_policy(const GpuPolicyInput& input);
 
+// ---- health
+// --------------------------------------------------------------------------------------
+
+// When unhealthy GPUs come back: a GPU is quarantined while its agent reports it unhealthy and for
+// `healthy_period_ms` after its last XID/ECC event. 0 and 0 (the default) only honour `healthy`.
+struct HealthOptions {
+  int64_t now_unix_ms = 0;
+  int64_t healthy_period_ms = 0;
+};
+
+// A MIG instance shares its parent's health: pass the parent (when the node reports it) too.
+[[nodiscard]] bool is_quarantined(const cvm::v1::GpuDevice& gpu, const HealthOptions& health,
+                                  const cvm::v1::GpuDevice* parent = nullptr);
+// When the quarantine ends if nothing else happens; 0 when not quarantined; INT64_MAX while the
+// agent reports the device unhealthy (it has to answer again first).
+[[nodiscard]] int64_t quarantined_until(const cvm::v1::GpuDevice& gpu, const HealthOptions& health,
+                                        const cvm::v1::GpuDevice* parent = nullptr);
+// The device a MIG instance belongs to, among the node's devices; nullptr when not reported.
+[[nodiscard]] const cvm::v1::GpuDevice* mig_parent(const NodeGpuInventory& node,
+                                                   const cvm::v1::GpuDevice& gpu);
+
+// A device a lease may name: an NVIDIA GPU not in MIG mode, or a MIG instance.
+[[nodiscard]] bool is_allocatable(const cvm::v1::GpuDevice& gpu);
+
+// ---- choice
+// --------------------------------------------------------------------------------------
+
 struct GpuChoice {
   std::vector<cvm::v1::GpuDevice> gpus;  // ascending minor on success
+  std::optional<Refusal> refusal;
+  int score = 0;  // the set's topology score (see topology.h)
+
+  [[nodiscard]] bool ok() const { return !refusal.has_value(); }
+};
+
+// The best set over allocatable, unquarantined, unleased devices with at least min_memory_bytes:
+// for count > 1 NVLink-connected sets first, then the closest PCIe relation; on equal scores the
+// set that leaves the best-connected devices free, then the lowest minors (so without topology
+// information this is first fit by minor). Fewer than `count` -> INSUFFICIENT_CAPACITY ("node n1
+// has 2 free GPUs with ≥ 16 GiB, 4 requested"); count 0 -> INVALID_REQUEST.
+GpuChoice choose_gpus(const NodeGpuInventory& node, const GpuLeases& leased, uint32_t count,
+                      uint64_t min_memory_bytes, const HealthOptions& health = {});
+
+// How the broker picks a node when the request names none (InfrastructureSettings.gpu_placement).
+enum class NodePlacement { kPacked, kSpread };
+
+struct NodeChoice {
+  std::string node_id;
+  GpuChoice choice;  // the GPUs on that node
   std::optional<Refusal> refusal;
 
   [[nodiscard]] bool ok() const { return !refusal.has_value(); }
 };
 
-// First fit by minor number over healthy, NVIDIA, unleased devices with at least min_memory_bytes.
-// Fewer than `count` -> INSUFFICIENT_CAPACITY ("node n1 has 2 free GPUs with ≥ 16 GiB, 4
-// requested"); count 0 -> INVALID_REQUEST.
-GpuChoice choose_gpus(const NodeGpuInventory& node, const GpuLeases& leased, uint32_t count,
-                      uint64_t min_memory_bytes);
+struct NodeChoiceInput {
+  uint32_t count = 0;
+  uint64_t min_memory_bytes = 0;
+  cvm::v1::GpuVendor vendor = cvm::v1::GPU_VENDOR_UNSPECIFIED;
+  bool cached_cvm = false;
+  NodePlacement placement = NodePlacement::kPacked;
+  HealthOptions health;
+  // Nodes whose heartbeat is older than this are not offered (0: no liveness check).
+  int64_t node_ttl_ms = 0;
+};
+
+// Among `nodes` (each with its leases looked up through `leases_of`), the node to lease from:
+// packed takes the node with the fewest free devices that still fits, spread the one with the
+// most; ties go to the better topology score, then the node id. When nothing fits: the policy
+// refusal if every node was refused by policy, else INSUFFICIENT_CAPACITY naming the best offer.
+NodeChoice choose_node(std::span<const NodeGpuInventory* const> nodes,
+                       const std::function<GpuLeases(const std::string&)>& leases_of,
+                       const NodeChoiceInput& input);
+
+// ---- metrics
+// -------------------------------------------------------------------------------------
+
+struct GpuCounts {
+  uint32_t total = 0;  // allocatable devices (MIG instances count, their parents do not)
+  uint32_t free = 0;   // allocatable, not leased, not quarantined
+  uint32_t leased = 0;
+  uint32_t unhealthy = 0;    // quarantined, leased or not
+  uint32_t unsupported = 0;  // other vendors (AMD): reported, never leased
+};
+// By model (GpuDevice.name) for one node.
+std::map<std::string, GpuCounts> count_gpus(const NodeGpuInventory& node, const GpuLeases& leased,
+                                            const HealthOptions& health);
+
+// ---- health notices
+// ------------------------------------------------------------------------------
+
+// A leased GPU that went into quarantine: its workspace gets a warning.
+struct HealthNotice {
+  std::string gpu_uuid;
+  std::string workspace_id;
+  std::string message;
+  int64_t event_unix_ms = 0;  // identifies the health event (the notice's msg-id uses it)
+};
+// Leased GPUs of `now` that are quarantined and were not (or had an older event) in `before`
+// (nullptr: the broker had not seen the node yet).
+std::vector<HealthNotice> health_notices(const NodeGpuInventory* before,
+                                         const NodeGpuInventory& now, const GpuLeases& leased,
+                                         const HealthOptions& health);
 
 // KV cvm_gpu_leases key "<node_id>.<gpu_uuid>". Characters a NATS KV key cannot hold become '_',
 // and so does '.' inside either part, so the key always splits back into exactly two tokens.
