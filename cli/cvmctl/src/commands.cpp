@@ -3,25 +3,23 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <ctime>
 #include <random>
-#include <sstream>
 #include <string>
-#include <thread>
 
-#include <google/protobuf/util/json_util.h>
-#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
-#include <boost/asio/steady_timer.hpp>
 
-#include "cvm/base/reasons.h"
 #include "cvm/base/validate.h"
 #include "cvm/base/wire.h"
 #include "cvm/bus/bus.h"
 #include "cvm/cli/quantity.h"
+#include "cvm/service/streams.h"
+#include "cvm/v1/gpu.pb.h"
+#include "cvm/v1/settings.pb.h"
 
 namespace cvm::cli {
 namespace {
+
+using namespace std::chrono_literals;
 
 int64_t now_ms() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -29,12 +27,22 @@ int64_t now_ms() {
       .count();
 }
 
-std::string to_json(const google::protobuf::Message& m) {
-  std::string out;
-  google::protobuf::util::JsonPrintOptions opts;
-  opts.preserve_proto_field_names = true;
-  (void)google::protobuf::util::MessageToJsonString(m, &out, opts);
-  return out;
+// What to try next when the bus says no: the words differ for "nobody there" and "not allowed".
+std::string next_step(const Error& e, const GlobalOptions& g) {
+  const auto& m = e.message;
+  if (m.find("uthorization") != std::string::npos || m.find("ermission") != std::string::npos) {
+    return "  NATS refused user '" + (g.nats_user.empty() ? std::string("(none)") : g.nats_user) +
+           "': check --nats-user/--nats-password (or CVM_NATS_USER/CVM_NATS_PASSWORD) and the "
+           "user's permissions in deploy/nats.";
+  }
+  return "  Is the stack running? Start it with scripts/demo.sh or systemctl start "
+         "nats-server cvm-scheduler, or point --nats-url (CVM_NATS_URL) at it.";
+}
+
+int unavailable(std::ostream& err, const std::string& what, const Error& e,
+                const GlobalOptions& g) {
+  err << "cvmctl: " << what << ": " << e.message << "\n" << next_step(e, g) << "\n";
+  return kExitUnavailable;
 }
 
 Result<bus::ConnectionPtr> connect(const GlobalOptions& g, boost::asio::io_context& io) {
@@ -49,14 +57,136 @@ Result<bus::ConnectionPtr> connect(const GlobalOptions& g, boost::asio::io_conte
   return bus::Connection::connect(co, io.get_executor());
 }
 
-std::string human_bytes(uint64_t b) {
-  char buf[32];
-  if (b >= (1ULL << 30)) {
-    std::snprintf(buf, sizeof(buf), "%.1fGi", static_cast<double>(b) / (1ULL << 30));
-  } else {
-    std::snprintf(buf, sizeof(buf), "%lluMi", static_cast<unsigned long long>(b >> 20));
+// Every decodable value of a bucket; undecodable ones are reported, not fatal.
+template <class M>
+Result<std::vector<M>> read_bucket(bus::Connection& conn, const bus::KvConfig& config,
+                                   std::ostream& err) {
+  auto kv = conn.ensure_kv(config);
+  if (!kv) return kv.error();
+  auto keys = kv->keys();
+  if (!keys) return keys.error();
+  std::vector<M> out;
+  for (const auto& key : *keys) {
+    auto entry = kv->get(key);
+    if (!entry) return entry.error();
+    if (!entry->has_value()) continue;  // deleted between keys() and get()
+    M m;
+    if (m.ParseFromString((*entry)->value)) {
+      out.push_back(std::move(m));
+    } else {
+      err << "cvmctl: skipping " << config.bucket << "/" << key << ": not a valid "
+          << M::descriptor()->name() << "\n";
+    }
   }
-  return buf;
+  return out;
+}
+
+// Is a cvm-scheduler pulling from CVM_BUILDS right now? Unknown (no permission, say) counts as
+// yes, so the hint never accuses a scheduler that may be fine.
+bool scheduler_fetching(bus::Connection& conn) {
+  auto consumers = conn.consumer_states(std::string(wire::kStreamBuilds));
+  if (!consumers) return true;
+  for (const auto& c : *consumers) {
+    if (c.name == wire::kSchedulerDurable) return c.waiting > 0 || c.ack_pending > 0;
+  }
+  return false;
+}
+
+class LiveLine {
+ public:
+  LiveLine(std::ostream& out, bool enabled) : out_(out), enabled_(enabled) {}
+  void show(const std::string& text) {
+    if (!enabled_) return;
+    static constexpr const char* kSpinner[] = {"|", "/", "-", "\\"};
+    out_ << "\r\033[2K" << kSpinner[frame_++ % 4] << " " << text << std::flush;
+    shown_ = true;
+  }
+  void clear() {
+    if (enabled_ && shown_) out_ << "\r\033[2K" << std::flush;
+    shown_ = false;
+  }
+
+ private:
+  std::ostream& out_;
+  bool enabled_;
+  bool shown_ = false;
+  unsigned frame_ = 0;
+};
+
+// Reads the build's events from CVM_EVENTS (history, then live) until one ends it.
+int follow(bus::Connection& conn, const GlobalOptions& g, const std::string& build_id,
+           cvm::v1::Transition transition, std::chrono::seconds timeout, std::ostream& out,
+           std::ostream& err) {
+  auto reader =
+      conn.read_stream(std::string(wire::kStreamEvents), wire::build_events_subject(build_id));
+  if (!reader)
+    return unavailable(err, "cannot read the events of build " + build_id, reader.error(), g);
+  const int64_t started = now_ms();
+  const int64_t deadline = started + std::chrono::milliseconds(timeout).count();
+  BuildWatch watch(transition, started);
+  LiveLine live(out, g.live);
+  bool fetching = true;
+  int64_t last_check = started;
+  while (true) {
+    const int64_t now = now_ms();
+    if (now >= deadline) break;
+    auto m = (*reader)->next(std::chrono::milliseconds(std::min<int64_t>(250, deadline - now)));
+    if (!m) {
+      live.clear();
+      return unavailable(err, "lost the events of build " + build_id, m.error(), g);
+    }
+    if (!m->has_value()) {
+      // Caught up with the history and the build had already ended (a duplicate, a re-watch).
+      if (watch.done()) break;
+      if (g.live && watch.events() == 0 && now_ms() - last_check >= 2000) {
+        last_check = now_ms();
+        fetching = scheduler_fetching(conn);
+      }
+      live.show(watch.status_line(now_ms(), fetching));
+      continue;
+    }
+    cvm::v1::BuildEvent e;
+    if (!e.ParseFromString((*m)->message.data)) {
+      live.clear();
+      err << "cvmctl: skipping event " << (*m)->stream_sequence << ": not a BuildEvent\n";
+      continue;
+    }
+    live.clear();
+    out << (g.output == "json" ? to_json(e) : format_event_line(e)) << "\n" << std::flush;
+    watch.on_event(e, now_ms());
+    // A build that ended long ago may have later notices (LOST): print its whole history.
+    if (watch.done() && (*m)->pending == 0) break;
+    if (!watch.done()) live.show(watch.status_line(now_ms(), fetching));
+  }
+  live.clear();
+  if (watch.done()) return watch.exit_code();
+  err << "cvmctl: build " << build_id << " reached no final phase within " << timeout.count()
+      << "s (last: " << watch.status_line(now_ms(), fetching) << ").\n  It may still finish: "
+      << "cvmctl build watch " << build_id << "\n";
+  return kExitWatchTimeout;
+}
+
+Status parse_resources(const BuildOptions& o, cvm::v1::Resources* res) {
+  if (!o.cpu.empty()) {
+    auto cpu = parse_cpu(o.cpu);
+    if (!cpu) return cpu.error();
+    res->set_cpu_millicores(*cpu);
+  }
+  if (!o.memory.empty()) {
+    auto mem = parse_bytes(o.memory);
+    if (!mem) return mem.error();
+    res->set_memory_bytes(*mem);
+  }
+  if (o.gpus > 0) {
+    res->mutable_gpu()->set_count(o.gpus);
+    res->mutable_gpu()->set_vendor(o.gpu_vendor == "amd" ? cvm::v1::AMD : cvm::v1::NVIDIA);
+    if (!o.gpu_min_memory.empty()) {
+      auto mem = parse_bytes(o.gpu_min_memory);
+      if (!mem) return mem.error();
+      res->mutable_gpu()->set_min_memory_bytes(*mem);
+    }
+  }
+  return {};
 }
 
 }  // namespace
@@ -70,57 +200,10 @@ std::string new_build_id() {
   return buf;
 }
 
-bool ends_build(cvm::v1::Transition transition, cvm::v1::Phase phase) {
-  if (phase == cvm::v1::FAILED) return true;
-  if (transition == cvm::v1::STOP || transition == cvm::v1::DELETE) {
-    return phase == cvm::v1::STOPPED;
-  }
-  return phase == cvm::v1::RUNNING;
-}
-
-std::string format_event_line(const cvm::v1::BuildEvent& e) {
-  const std::time_t secs = e.timestamp_unix_ms() / 1000;
-  std::tm tm{};
-  gmtime_r(&secs, &tm);
-  char ts[32];
-  std::snprintf(ts, sizeof(ts), "%02d:%02d:%02d.%03d", tm.tm_hour, tm.tm_min, tm.tm_sec,
-                static_cast<int>(e.timestamp_unix_ms() % 1000));
-  std::string line =
-      std::string(ts) + "  " + e.build_id() + "  " + std::string(phase_name(e.phase()));
-  if (!e.node_id().empty()) line += "  node=" + e.node_id();
-  if (e.reason() != cvm::v1::REASON_UNSPECIFIED) {
-    line += "  reason=" + cvm::v1::Reason_Name(e.reason());
-  }
-  if (!e.message().empty()) line += "  " + e.message();
-  for (const auto& w : e.warnings()) line += "\n    warning: " + w;
-  return line;
-}
-
-std::string format_nodes_table(const std::vector<cvm::v1::NodeStatus>& nodes, int64_t now) {
-  std::ostringstream out;
-  char buf[512];
-  std::snprintf(buf, sizeof(buf), "%-20s %-8s %-10s %-12s %-9s %-17s %-4s %s\n", "NODE", "SELINUX",
-                "RUNTIME", "CPU", "MEMORY", "KERNEL", "GPUS", "HEARTBEAT");
-  out << buf;
-  for (const auto& n : nodes) {
-    const auto& h = n.host();
-    const char* selinux =
-        h.selinux_enforcing() ? "enforce" : (h.selinux_enabled() ? "permit" : "off");
-    std::string runtime = n.runtime().runtime().empty() ? "-" : n.runtime().runtime();
-    if (!n.runtime().ready()) runtime += "!";
-    const std::string cpu = std::to_string(n.allocated().cpu_millicores()) + "/" +
-                            std::to_string(n.capacity().cpu_millicores()) + "m";
-    const std::string mem =
-        human_bytes(n.allocated().memory_bytes()) + "/" + human_bytes(n.capacity().memory_bytes());
-    const double age_s = static_cast<double>(now - n.heartbeat_unix_ms()) / 1000.0;
-    char hb[32];
-    std::snprintf(hb, sizeof(hb), "%.1fs ago", age_s < 0 ? 0.0 : age_s);
-    std::snprintf(buf, sizeof(buf), "%-20s %-8s %-10s %-12s %-9s %-17s %-4d %s\n",
-                  n.node_id().c_str(), selinux, runtime.c_str(), cpu.c_str(), mem.c_str(),
-                  h.kernel_version().c_str(), n.gpus_size(), hb);
-    out << buf;
-  }
-  return out.str();
+std::optional<std::pair<std::string, std::string>> split_assignment(const std::string& text) {
+  const auto eq = text.find('=');
+  if (eq == std::string::npos || eq == 0) return std::nullopt;
+  return std::make_pair(text.substr(0, eq), text.substr(eq + 1));
 }
 
 int build_command(const GlobalOptions& global, const BuildOptions& o,
@@ -131,34 +214,9 @@ int build_command(const GlobalOptions& global, const BuildOptions& o,
   req.set_owner(o.owner);
   req.set_image(o.image);
   req.set_transition(transition);
-  auto* res = req.mutable_resources();
-  if (!o.cpu.empty()) {
-    auto cpu = parse_cpu(o.cpu);
-    if (!cpu) {
-      err << "cvmctl: " << cpu.error().message << "\n";
-      return kExitUsage;
-    }
-    res->set_cpu_millicores(*cpu);
-  }
-  if (!o.memory.empty()) {
-    auto mem = parse_bytes(o.memory);
-    if (!mem) {
-      err << "cvmctl: " << mem.error().message << "\n";
-      return kExitUsage;
-    }
-    res->set_memory_bytes(*mem);
-  }
-  if (o.gpus > 0) {
-    res->mutable_gpu()->set_count(o.gpus);
-    res->mutable_gpu()->set_vendor(o.gpu_vendor == "amd" ? cvm::v1::AMD : cvm::v1::NVIDIA);
-    if (!o.gpu_min_memory.empty()) {
-      auto mem = parse_bytes(o.gpu_min_memory);
-      if (!mem) {
-        err << "cvmctl: " << mem.error().message << "\n";
-        return kExitUsage;
-      }
-      res->mutable_gpu()->set_min_memory_bytes(*mem);
-    }
+  if (auto st = parse_resources(o, req.mutable_resources()); !st) {
+    err << "cvmctl: " << st.error().message << "\n";
+    return kExitUsage;
   }
   req.mutable_options()->set_tun(o.tun);
   req.mutable_options()->set_fuse(o.fuse);
@@ -171,110 +229,194 @@ int build_command(const GlobalOptions& global, const BuildOptions& o,
 
   boost::asio::io_context io;
   auto conn = connect(global, io);
-  if (!conn) {
-    err << "cvmctl: cannot reach NATS at " << global.nats_url << ": " << conn.error().message
-        << "\n  Is the stack running? Start it with scripts/demo.sh, or pass --nats-url.\n";
-    return kExitUnavailable;
-  }
-
-  int exit_code = kExitOk;
-  bool done = false;
-  std::optional<bus::Subscription> sub;
-  if (o.watch) {
-    // Subscribe before publishing so that no event can slip past.
-    auto s =
-        (*conn)->subscribe(wire::build_events_subject(req.build_id()), "", [&](bus::Message m) {
-          cvm::v1::BuildEvent e;
-          if (done || !e.ParseFromString(m.data)) return;
-          if (global.output == "json") {
-            out << to_json(e) << "\n";
-          } else {
-            out << format_event_line(e) << "\n";
-          }
-          out.flush();
-          if (ends_build(transition, e.phase())) {
-            done = true;
-            exit_code = e.phase() == cvm::v1::FAILED ? kExitBuildFailed : kExitOk;
-            io.stop();
-          }
-        });
-    if (!s) {
-      err << "cvmctl: cannot watch events: " << s.error().message << "\n";
-      return kExitUnavailable;
-    }
-    sub = std::move(*s);
-    (void)(*conn)->flush();
-  }
+  if (!conn)
+    return unavailable(err, "cannot reach NATS at " + global.nats_url, conn.error(), global);
 
   auto ack = (*conn)->js_publish(std::string(wire::kBuildsSubmit), req.SerializeAsString(),
                                  req.build_id());
   if (!ack) {
     err << "cvmctl: the build request was not accepted: " << ack.error().message
-        << "\n  Is cvm-scheduler running? It creates the CVM_BUILDS stream at start.\n";
+        << "\n  Is cvm-scheduler running? It creates the CVM_BUILDS stream at start "
+           "(systemctl status cvm-scheduler).\n";
     return kExitUnavailable;
   }
   if (global.output == "json") {
-    out << "{\"build_id\":\"" << req.build_id() << "\",\"workspace_id\":\"" << req.workspace_id()
-        << "\",\"stream_sequence\":" << ack->sequence
+    out << "{\"build_id\":" << to_json_string(req.build_id())
+        << ",\"workspace_id\":" << to_json_string(req.workspace_id())
+        << ",\"stream_sequence\":" << ack->sequence
         << ",\"duplicate\":" << (ack->duplicate ? "true" : "false") << "}\n";
   } else {
     out << "build " << req.build_id() << " submitted for workspace " << req.workspace_id()
-        << (ack->duplicate ? " (duplicate: already submitted)" : "") << "\n";
+        << (ack->duplicate ? " (duplicate: already submitted; showing its events)" : "") << "\n";
   }
+  out.flush();
   if (!o.watch) return kExitOk;
+  // The events are read back from the stream, so nothing published before this point is missed.
+  return follow(**conn, global, req.build_id(), transition, o.timeout, out, err);
+}
 
-  boost::asio::steady_timer timer(io, o.timeout);
-  timer.async_wait([&](const boost::system::error_code& ec) {
-    if (ec || done) return;
-    done = true;
-    exit_code = kExitWatchTimeout;
-    io.stop();
-  });
-  auto guard = boost::asio::make_work_guard(io);
-  io.run();
-  if (exit_code == kExitWatchTimeout) {
-    err << "cvmctl: no terminal phase for build " << req.build_id() << " within "
-        << o.timeout.count() << "s; it may still finish (see the CVM_EVENTS stream)\n";
+int watch_command(const GlobalOptions& global, const std::string& build_id,
+                  std::chrono::seconds timeout, std::ostream& out, std::ostream& err) {
+  if (!wire::is_valid_id(build_id)) {
+    err << "cvmctl: '" << build_id << "' is not a build id ([A-Za-z0-9_-], 1..128)\n";
+    return kExitUsage;
   }
-  return exit_code;
+  boost::asio::io_context io;
+  auto conn = connect(global, io);
+  if (!conn)
+    return unavailable(err, "cannot reach NATS at " + global.nats_url, conn.error(), global);
+  return follow(**conn, global, build_id, cvm::v1::TRANSITION_UNSPECIFIED, timeout, out, err);
+}
+
+int events_command(const GlobalOptions& global, const std::string& build_id, std::ostream& out,
+                   std::ostream& err) {
+  if (!wire::is_valid_id(build_id)) {
+    err << "cvmctl: '" << build_id << "' is not a build id ([A-Za-z0-9_-], 1..128)\n";
+    return kExitUsage;
+  }
+  boost::asio::io_context io;
+  auto conn = connect(global, io);
+  if (!conn)
+    return unavailable(err, "cannot reach NATS at " + global.nats_url, conn.error(), global);
+  const std::string stream(wire::kStreamEvents);
+  const std::string subject = wire::build_events_subject(build_id);
+  // The last message tells whether there is anything at all: an empty subject would only time out.
+  auto last = (*conn)->last_message(stream, subject);
+  if (!last) return unavailable(err, "cannot read " + stream, last.error(), global);
+  if (!last->has_value()) {
+    err << "cvmctl: no events for build " << build_id
+        << ". Check the id (cvmctl build start prints it); " << stream
+        << " keeps events for 14 days.\n";
+    return kExitNotFound;
+  }
+  auto reader = (*conn)->read_stream(stream, subject);
+  if (!reader) return unavailable(err, "cannot read " + stream, reader.error(), global);
+  while (true) {
+    auto m = (*reader)->next(5s);
+    if (!m) return unavailable(err, "cannot read " + stream, m.error(), global);
+    if (!m->has_value()) {
+      err << "cvmctl: the events of build " << build_id << " stopped arriving; try again\n";
+      return kExitUnavailable;
+    }
+    cvm::v1::BuildEvent e;
+    if (e.ParseFromString((*m)->message.data)) {
+      out << (global.output == "json" ? to_json(e) : format_event_line(e)) << "\n";
+    } else {
+      err << "cvmctl: skipping event " << (*m)->stream_sequence << ": not a BuildEvent\n";
+    }
+    if ((*m)->pending == 0) return kExitOk;
+  }
 }
 
 int nodes_command(const GlobalOptions& global, std::ostream& out, std::ostream& err) {
   boost::asio::io_context io;
   auto conn = connect(global, io);
-  if (!conn) {
-    err << "cvmctl: cannot reach NATS at " << global.nats_url << ": " << conn.error().message
-        << "\n";
-    return kExitUnavailable;
-  }
-  auto kv = (*conn)->ensure_kv({.bucket = std::string(wire::kBucketNodes)});
-  if (!kv) {
-    err << "cvmctl: cannot open KV " << wire::kBucketNodes << ": " << kv.error().message << "\n";
-    return kExitUnavailable;
-  }
-  auto keys = kv->keys();
-  if (!keys) {
-    err << "cvmctl: cannot list nodes: " << keys.error().message << "\n";
-    return kExitUnavailable;
-  }
-  std::vector<cvm::v1::NodeStatus> nodes;
-  for (const auto& key : *keys) {
-    auto entry = kv->get(key);
-    if (!entry || !entry->has_value()) continue;
-    cvm::v1::NodeStatus n;
-    if (n.ParseFromString((*entry)->value)) nodes.push_back(std::move(n));
-  }
-  std::sort(nodes.begin(), nodes.end(),
+  if (!conn)
+    return unavailable(err, "cannot reach NATS at " + global.nats_url, conn.error(), global);
+  auto nodes = read_bucket<cvm::v1::NodeStatus>(**conn, service::nodes_bucket(), err);
+  if (!nodes) return unavailable(err, "cannot list nodes", nodes.error(), global);
+  std::sort(nodes->begin(), nodes->end(),
             [](const auto& a, const auto& b) { return a.node_id() < b.node_id(); });
   if (global.output == "json") {
     out << "[";
-    for (size_t i = 0; i < nodes.size(); ++i) out << (i ? "," : "") << to_json(nodes[i]);
+    for (size_t i = 0; i < nodes->size(); ++i) out << (i ? "," : "") << to_json((*nodes)[i]);
     out << "]\n";
   } else {
-    out << format_nodes_table(nodes, now_ms());
-    if (nodes.empty()) out << "(no nodes registered: is a cvm-node-agent running?)\n";
+    out << format_nodes_table(*nodes, now_ms());
+    if (nodes->empty()) {
+      out << "(no nodes registered: start cvm-node-agent on each node; it registers within "
+             "seconds)\n";
+    }
   }
   return kExitOk;
+}
+
+int gpus_command(const GlobalOptions& global, std::ostream& out, std::ostream& err) {
+  boost::asio::io_context io;
+  auto conn = connect(global, io);
+  if (!conn)
+    return unavailable(err, "cannot reach NATS at " + global.nats_url, conn.error(), global);
+  auto nodes = read_bucket<cvm::v1::NodeStatus>(**conn, service::nodes_bucket(), err);
+  if (!nodes) return unavailable(err, "cannot list nodes", nodes.error(), global);
+  auto leases = read_bucket<cvm::v1::GpuLease>(**conn, service::gpu_leases_bucket(), err);
+  if (!leases) return unavailable(err, "cannot list GPU leases", leases.error(), global);
+  const auto rows = gpu_rows(*nodes, *leases, now_ms());
+  if (global.output == "json") {
+    out << gpus_json(rows) << "\n";
+  } else {
+    out << format_gpus_table(rows, now_ms());
+    if (rows.empty()) out << "(no GPUs: no node reports one and no lease is held)\n";
+  }
+  return kExitOk;
+}
+
+int settings_get_command(const GlobalOptions& global, std::ostream& out, std::ostream& err) {
+  boost::asio::io_context io;
+  auto conn = connect(global, io);
+  if (!conn)
+    return unavailable(err, "cannot reach NATS at " + global.nats_url, conn.error(), global);
+  auto kv = (*conn)->ensure_kv(service::settings_bucket());
+  if (!kv) return unavailable(err, "cannot open the settings", kv.error(), global);
+  auto entry = kv->get(std::string(wire::kSettingsKey));
+  if (!entry) return unavailable(err, "cannot read the settings", entry.error(), global);
+  std::optional<cvm::v1::InfrastructureSettings> stored;
+  if (entry->has_value()) {
+    stored.emplace();
+    if (!stored->ParseFromString((*entry)->value)) {
+      err << "cvmctl: the stored settings do not decode; the services use the defaults until "
+             "they are set again (cvmctl settings set ...)\n";
+      stored.reset();
+    }
+  }
+  const auto* s = stored ? &*stored : nullptr;
+  out << (global.output == "json" ? settings_json(s) + "\n" : format_settings(s));
+  return kExitOk;
+}
+
+int settings_set_command(const GlobalOptions& global, const std::vector<std::string>& assignments,
+                         std::ostream& out, std::ostream& err) {
+  // Check every assignment before touching the store: all or nothing.
+  std::vector<std::pair<std::string, std::string>> edits;
+  cvm::v1::InfrastructureSettings probe;
+  for (const auto& a : assignments) {
+    auto kv = split_assignment(a);
+    if (!kv) {
+      err << "cvmctl: '" << a << "' is not KEY=VALUE (e.g. caching=true)\n";
+      return kExitUsage;
+    }
+    if (auto st = apply_setting(probe, kv->first, kv->second); !st) {
+      err << "cvmctl: " << st.error().message << "\n";
+      return kExitUsage;
+    }
+    edits.push_back(*kv);
+  }
+  boost::asio::io_context io;
+  auto conn = connect(global, io);
+  if (!conn)
+    return unavailable(err, "cannot reach NATS at " + global.nats_url, conn.error(), global);
+  auto kv = (*conn)->ensure_kv(service::settings_bucket());
+  if (!kv) return unavailable(err, "cannot open the settings", kv.error(), global);
+  const std::string key(wire::kSettingsKey);
+  // Compare-and-set, so two admins editing at once do not lose each other's change.
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    auto entry = kv->get(key);
+    if (!entry) return unavailable(err, "cannot read the settings", entry.error(), global);
+    cvm::v1::InfrastructureSettings s;
+    if (entry->has_value() && !s.ParseFromString((*entry)->value)) s.Clear();
+    for (const auto& [k, v] : edits) (void)apply_setting(s, k, v);
+    auto rev = entry->has_value() ? kv->update(key, s.SerializeAsString(), (*entry)->revision)
+                                  : kv->create(key, s.SerializeAsString());
+    if (rev) {
+      out << (global.output == "json" ? settings_json(&s) + "\n" : format_settings(&s));
+      if (global.output != "json") out << "(applies to the next build)\n";
+      return kExitOk;
+    }
+    if (!rev.error().is_conflict()) {
+      return unavailable(err, "cannot write the settings", rev.error(), global);
+    }
+  }
+  err << "cvmctl: the settings kept changing under us; try again\n";
+  return kExitUnavailable;
 }
 
 }  // namespace cvm::cli

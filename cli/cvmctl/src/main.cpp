@@ -1,5 +1,7 @@
 // cvmctl: the command line of cvm-control. main() only parses flags; the commands live in
 // commands.cpp.
+#include <unistd.h>
+
 #include <iostream>
 
 #include <CLI/CLI.hpp>
@@ -10,8 +12,14 @@ int main(int argc, char** argv) {
   using namespace cvm::cli;
   CLI::App app{"cvmctl: build, stop and inspect CVM workspaces"};
   app.require_subcommand(1);
+  // Global flags are accepted after the subcommand too: `cvmctl nodes -o json`.
+  app.fallthrough();
+  app.footer(
+      "Exit codes: 0 ok, 1 the build FAILED, 2 bad usage, 3 NATS or a service unavailable, "
+      "4 --watch timed out, 5 no such build (events).");
   GlobalOptions global;
-  app.add_option("--nats-url", global.nats_url, "NATS server URL")
+  bool plain = false;
+  app.add_option("--nats-url", global.nats_url, "NATS server URL(s), comma-separated")
       ->capture_default_str()
       ->envname("CVM_NATS_URL");
   app.add_option("--nats-user", global.nats_user)->envname("CVM_NATS_USER");
@@ -19,18 +27,24 @@ int main(int argc, char** argv) {
   app.add_option("-o,--output", global.output, "text or json")
       ->capture_default_str()
       ->check(CLI::IsMember({"text", "json"}));
+  app.add_flag("--plain", plain, "no live progress line, even on a terminal");
 
-  auto* build = app.add_subcommand("build", "start, stop or delete a workspace build");
+  auto* build = app.add_subcommand("build", "start, stop, delete or watch a workspace build");
   build->require_subcommand(1);
   BuildOptions opts;
   int timeout_s = 300;
   bool cvm = false;
   bool no_cvm = false;
+  std::string build_id;
+  auto add_timeout = [&](CLI::App* cmd) {
+    cmd->add_option("--timeout", timeout_s, "seconds to wait for a final phase")
+        ->capture_default_str();
+  };
   auto add_common = [&](CLI::App* cmd) {
     cmd->add_option("--workspace", opts.workspace, "workspace id")->required();
     cmd->add_option("--build-id", opts.build_id, "build id (default: generated)");
-    cmd->add_flag("--watch", opts.watch, "print each phase until a terminal one");
-    cmd->add_option("--timeout", timeout_s, "seconds --watch waits")->capture_default_str();
+    cmd->add_flag("--watch", opts.watch, "follow the build until a final phase");
+    add_timeout(cmd);
   };
   auto* start = build->add_subcommand("start", "build and start a workspace");
   add_common(start);
@@ -50,8 +64,21 @@ int main(int argc, char** argv) {
   add_common(stop);
   auto* del = build->add_subcommand("delete", "stop a workspace and remove its files");
   add_common(del);
+  auto* watch = build->add_subcommand("watch", "follow a build: its history, then live events");
+  watch->add_option("BUILD_ID", build_id, "the id `build start` printed")->required();
+  add_timeout(watch);
 
-  auto* nodes = app.add_subcommand("nodes", "list registered nodes and their capabilities");
+  auto* events = app.add_subcommand("events", "print the events of a build so far");
+  events->add_option("BUILD_ID", build_id, "the id `build start` printed")->required();
+  auto* nodes = app.add_subcommand("nodes", "nodes: capabilities, runtime, capacity, GPUs");
+  auto* gpus = app.add_subcommand("gpus", "GPUs of every node, their health and leases");
+  auto* settings = app.add_subcommand("settings", "the admin's infrastructure settings");
+  settings->require_subcommand(1);
+  auto* get = settings->add_subcommand("get", "show the settings in force");
+  auto* set = settings->add_subcommand("set", "change settings: KEY=VALUE ...");
+  std::vector<std::string> assignments;
+  set->add_option("KEY=VALUE", assignments, "e.g. caching=true auto_load_shiftfs=false")
+      ->required();
 
   try {
     app.parse(argc, argv);
@@ -62,10 +89,18 @@ int main(int argc, char** argv) {
   opts.timeout = std::chrono::seconds(timeout_s);
   if (cvm) opts.use_cvm = true;
   if (no_cvm) opts.use_cvm = false;
+  global.live = !plain && global.output == "text" && isatty(STDOUT_FILENO) == 1;
 
-  if (start->parsed()) return build_command(global, opts, cvm::v1::START, std::cout, std::cerr);
-  if (stop->parsed()) return build_command(global, opts, cvm::v1::STOP, std::cout, std::cerr);
-  if (del->parsed()) return build_command(global, opts, cvm::v1::DELETE, std::cout, std::cerr);
-  if (nodes->parsed()) return nodes_command(global, std::cout, std::cerr);
+  auto& out = std::cout;
+  auto& err = std::cerr;
+  if (start->parsed()) return build_command(global, opts, cvm::v1::START, out, err);
+  if (stop->parsed()) return build_command(global, opts, cvm::v1::STOP, out, err);
+  if (del->parsed()) return build_command(global, opts, cvm::v1::DELETE, out, err);
+  if (watch->parsed()) return watch_command(global, build_id, opts.timeout, out, err);
+  if (events->parsed()) return events_command(global, build_id, out, err);
+  if (nodes->parsed()) return nodes_command(global, out, err);
+  if (gpus->parsed()) return gpus_command(global, out, err);
+  if (get->parsed()) return settings_get_command(global, out, err);
+  if (set->parsed()) return settings_set_command(global, assignments, out, err);
   return kExitUsage;
 }

@@ -1,5 +1,7 @@
 #include <gtest/gtest.h>
 
+#include <sstream>
+
 #include "cvm/base/wire.h"
 #include "cvm/cli/commands.h"
 #include "cvm/cli/quantity.h"
@@ -59,6 +61,220 @@ TEST(BuildIds, AreValidAndDistinct) {
   EXPECT_NE(a, b);
 }
 
+TEST(Watch, UnknownTransitionEndsOnAnyFinalPhase) {
+  for (auto p : {cvm::v1::RUNNING, cvm::v1::STOPPED, cvm::v1::FAILED}) {
+    EXPECT_TRUE(ends_build(cvm::v1::TRANSITION_UNSPECIFIED, p));
+  }
+  for (auto p : {cvm::v1::PENDING, cvm::v1::SCHEDULED, cvm::v1::PREPARING, cvm::v1::STARTING,
+                 cvm::v1::STOPPING, cvm::v1::PHASE_UNSPECIFIED}) {
+    EXPECT_FALSE(ends_build(cvm::v1::TRANSITION_UNSPECIFIED, p));
+  }
+}
+
+cvm::v1::BuildEvent event(cvm::v1::Phase phase, const std::string& node = "n1") {
+  cvm::v1::BuildEvent e;
+  e.set_build_id("b1");
+  e.set_phase(phase);
+  e.set_node_id(node);
+  return e;
+}
+
+TEST(Watch, FollowsPhasesAndEndsWithTheRightExitCode) {
+  BuildWatch w(cvm::v1::START, 1000);
+  EXPECT_EQ(w.status_line(1500, true),
+            "SUBMITTED  0.5s in phase, 0.5s total  waiting for cvm-scheduler to take the request");
+  EXPECT_NE(w.status_line(1500, false).find("none is fetching"), std::string::npos);
+  EXPECT_FALSE(w.on_event(event(cvm::v1::SCHEDULED), 2000));
+  EXPECT_FALSE(w.on_event(event(cvm::v1::PREPARING), 3000));
+  EXPECT_EQ(w.status_line(4500, true),
+            "PREPARING  1.5s in phase, 3.5s total  node n1 is preparing the image and the "
+            "workspace's files");
+  EXPECT_FALSE(w.done());
+  EXPECT_TRUE(w.on_event(event(cvm::v1::RUNNING), 5000));
+  EXPECT_TRUE(w.done());
+  EXPECT_EQ(w.exit_code(), 0);
+  EXPECT_EQ(w.events(), 3);
+  // A later notice (the node was lost) updates the view but cannot end the watch twice.
+  EXPECT_FALSE(w.on_event(event(cvm::v1::FAILED), 6000));
+  EXPECT_EQ(w.exit_code(), 0);
+
+  BuildWatch f(cvm::v1::STOP, 0);
+  EXPECT_TRUE(f.on_event(event(cvm::v1::FAILED, ""), 10));
+  EXPECT_EQ(f.exit_code(), 1);
+}
+
+TEST(Watch, SaysWhatEachPhaseWaitsOn) {
+  EXPECT_NE(waiting_on(cvm::v1::SCHEDULED, "n7", true).find("node agent on node n7"),
+            std::string::npos);
+  EXPECT_NE(waiting_on(cvm::v1::STARTING, "", true).find("the node"), std::string::npos);
+  EXPECT_NE(waiting_on(cvm::v1::STOPPING, "n1", true).find("stopping"), std::string::npos);
+  EXPECT_NE(waiting_on(cvm::v1::PENDING, "", true).find("room"), std::string::npos);
+  // Every phase has words.
+  for (int p = cvm::v1::Phase_MIN; p <= cvm::v1::Phase_MAX; ++p) {
+    if (!cvm::v1::Phase_IsValid(p)) continue;
+    EXPECT_FALSE(waiting_on(static_cast<cvm::v1::Phase>(p), "n", true).empty()) << p;
+  }
+}
+
+TEST(Watch, DurationsReadWell) {
+  EXPECT_EQ(format_duration(-5), "0.0s");
+  EXPECT_EQ(format_duration(1234), "1.2s");
+  EXPECT_EQ(format_duration(123'000), "2m03s");
+  EXPECT_EQ(format_duration(3'720'000), "1h02m");
+}
+
+// The line of `text` that starts with `key`, blanks squeezed to one.
+std::string line_of(const std::string& text, const std::string& key) {
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind(key + " ", 0) != 0) continue;
+    std::string out;
+    for (char c : line) {
+      if (c != ' ' || out.empty() || out.back() != ' ') out += c;
+    }
+    return out;
+  }
+  return "";
+}
+
+TEST(Settings, DefaultsWhenNothingIsStored) {
+  const auto eff = effective_settings(nullptr);
+  EXPECT_TRUE(eff.cvm_enabled());
+  EXPECT_TRUE(eff.default_to_cvm());
+  EXPECT_FALSE(eff.caching());
+  EXPECT_FALSE(eff.auto_load_shiftfs());
+  const auto text = format_settings(nullptr);
+  EXPECT_EQ(line_of(text, "cvm_enabled"), "cvm_enabled = true (default)") << text;
+  EXPECT_EQ(line_of(text, "caching"), "caching = false (default)") << text;
+  const auto json = settings_json(nullptr);
+  EXPECT_NE(json.find("\"stored\":false"), std::string::npos) << json;
+  EXPECT_NE(json.find("\"cvm_enabled\":true"), std::string::npos) << json;
+  EXPECT_NE(json.find("\"caching\":false"), std::string::npos) << json;
+}
+
+TEST(Settings, StoredValuesWinAndAreNotMarkedDefault) {
+  cvm::v1::InfrastructureSettings s;
+  s.set_cvm_enabled(false);
+  s.set_caching(true);
+  const auto eff = effective_settings(&s);
+  EXPECT_FALSE(eff.cvm_enabled());
+  EXPECT_TRUE(eff.default_to_cvm());
+  const auto text = format_settings(&s);
+  EXPECT_EQ(line_of(text, "cvm_enabled"), "cvm_enabled = false") << text;
+  EXPECT_EQ(line_of(text, "default_to_cvm"), "default_to_cvm = true (default)") << text;
+  EXPECT_EQ(line_of(text, "caching"), "caching = true") << text;
+}
+
+TEST(Settings, ApplyTakesNamesValuesAndSpellingsAdminsUse) {
+  cvm::v1::InfrastructureSettings s;
+  EXPECT_TRUE(apply_setting(s, "caching", "on").ok());
+  EXPECT_TRUE(s.caching());
+  EXPECT_TRUE(apply_setting(s, "auto-load-shiftfs", "YES").ok());
+  EXPECT_TRUE(s.auto_load_shiftfs());
+  EXPECT_TRUE(apply_setting(s, "cvm_enabled", "false").ok());
+  ASSERT_TRUE(s.has_cvm_enabled()) << "an explicit false must be stored, not read as default";
+  EXPECT_FALSE(s.cvm_enabled());
+  EXPECT_TRUE(apply_setting(s, "Default_To_CVM", "0").ok());
+  EXPECT_FALSE(s.default_to_cvm());
+  EXPECT_TRUE(apply_setting(s, "scoring", "spread").ok());
+  EXPECT_EQ(s.scoring(), cvm::v1::SPREAD);
+  EXPECT_TRUE(apply_setting(s, "scoring", "BINPACK").ok());
+  EXPECT_EQ(s.scoring(), cvm::v1::BINPACK);
+
+  auto unknown = apply_setting(s, "cachingg", "true");
+  ASSERT_FALSE(unknown.ok());
+  EXPECT_NE(unknown.error().message.find("caching"), std::string::npos) << "lists the names";
+  auto bad_bool = apply_setting(s, "caching", "maybe");
+  ASSERT_FALSE(bad_bool.ok());
+  EXPECT_NE(bad_bool.error().message.find("true or false"), std::string::npos);
+  auto bad_enum = apply_setting(s, "scoring", "random");
+  ASSERT_FALSE(bad_enum.ok());
+  EXPECT_NE(bad_enum.error().message.find("spread"), std::string::npos);
+  EXPECT_FALSE(apply_setting(s, "", "x").ok());
+}
+
+TEST(Settings, AssignmentsSplitAtTheFirstEquals) {
+  EXPECT_EQ(split_assignment("caching=true"),
+            std::make_pair(std::string("caching"), std::string("true")));
+  EXPECT_EQ(split_assignment("a=b=c")->second, "b=c");
+  EXPECT_EQ(split_assignment("caching=")->second, "");
+  EXPECT_FALSE(split_assignment("caching"));
+  EXPECT_FALSE(split_assignment("=true"));
+}
+
+cvm::v1::NodeStatus gpu_node(const std::string& id, int64_t heartbeat) {
+  cvm::v1::NodeStatus n;
+  n.set_node_id(id);
+  n.set_heartbeat_unix_ms(heartbeat);
+  n.mutable_host()->set_bare_metal(true);
+  auto* g0 = n.add_gpus();
+  g0->set_uuid("GPU-b");
+  g0->set_name("A100");
+  g0->set_memory_bytes(40ULL << 30);
+  g0->set_healthy(true);
+  auto* g1 = n.add_gpus();
+  g1->set_uuid("GPU-a");
+  g1->set_healthy(false);
+  g1->set_health_reason("XID 79");
+  return n;
+}
+
+TEST(Gpus, RowsJoinDevicesWithLeasesAndKeepOrphanLeases) {
+  cvm::v1::GpuLease lease;
+  lease.set_node_id("n1");
+  lease.set_gpu_uuid("GPU-b");
+  lease.set_workspace_id("alice");
+  lease.set_build_id("b9");
+  lease.set_leased_unix_ms(40'000);
+  cvm::v1::GpuLease orphan;
+  orphan.set_node_id("gone");
+  orphan.set_gpu_uuid("GPU-z");
+  orphan.set_workspace_id("bob");
+  const auto rows = gpu_rows({gpu_node("n1", 99'000)}, {lease, orphan}, 100'000);
+  ASSERT_EQ(rows.size(), 3u);
+  EXPECT_EQ(rows[0].node_id, "gone");
+  EXPECT_FALSE(rows[0].reported);
+  EXPECT_EQ(rows[1].device.uuid(), "GPU-a");
+  EXPECT_FALSE(rows[1].lease);
+  EXPECT_EQ(rows[2].device.uuid(), "GPU-b");
+  ASSERT_TRUE(rows[2].lease);
+  EXPECT_EQ(rows[2].lease->workspace_id(), "alice");
+  EXPECT_TRUE(rows[2].node_live);
+
+  const auto table = format_gpus_table(rows, 100'000);
+  EXPECT_NE(table.find("UNHEALTHY (XID 79)"), std::string::npos) << table;
+  EXPECT_NE(table.find("alice (build b9)"), std::string::npos) << table;
+  EXPECT_NE(table.find("1m00s ago"), std::string::npos) << table;
+  EXPECT_NE(table.find("not reported"), std::string::npos) << table;
+  const auto json = gpus_json(rows);
+  EXPECT_EQ(json.front(), '[');
+  EXPECT_NE(json.find("\"workspace_id\":\"alice\""), std::string::npos) << json;
+  EXPECT_NE(json.find("\"lease\":null"), std::string::npos) << json;
+
+  // A node that stopped heartbeating: its GPUs are not shown as healthy.
+  const auto stale = gpu_rows({gpu_node("n1", 0)}, {}, 100'000);
+  EXPECT_NE(format_gpus_table(stale, 100'000).find("node not live"), std::string::npos);
+}
+
+TEST(Json, StringsAreEscaped) {
+  EXPECT_EQ(to_json_string("a\"b\\c\nd\x01"), "\"a\\\"b\\\\c\\nd\\u0001\"");
+}
+
+TEST(Nodes, CapabilitiesPutSelinuxFirstAndNameTheCloud) {
+  cvm::v1::NodeStatus n;
+  n.mutable_host()->set_selinux_enabled(true);
+  n.mutable_host()->set_selinux_enforcing(true);
+  n.mutable_host()->set_idmapped_mounts(true);
+  n.mutable_host()->set_virtualization("Google Compute Engine");
+  n.mutable_runtime()->set_sysbox(true);
+  EXPECT_EQ(node_capabilities(n), "selinux-enforcing,sysbox,idmap,vm(Google Compute Engine)");
+  cvm::v1::NodeStatus m;
+  m.mutable_host()->set_shiftfs_module_available(true);
+  m.mutable_host()->set_kernel_headers(true);
+  m.mutable_host()->set_bare_metal(true);
+  EXPECT_EQ(node_capabilities(m), "shiftfs-module,headers,bare-metal");
+}
+
 TEST(Nodes, TableListsEachNode) {
   cvm::v1::NodeStatus n;
   n.set_node_id("node-a");
@@ -72,6 +288,10 @@ TEST(Nodes, TableListsEachNode) {
   EXPECT_NE(table.find("node-a"), std::string::npos);
   EXPECT_NE(table.find("0/2000m"), std::string::npos);
   EXPECT_NE(table.find("2.5s ago"), std::string::npos);
+  EXPECT_NE(table.find("yes"), std::string::npos) << "live";
+  EXPECT_NE(table.find("CAPABILITIES"), std::string::npos);
+  // Heartbeats older than the stale limit show as not live.
+  EXPECT_NE(format_nodes_table({n}, 1000 + kNodeStaleAfterMs + 1).find("NO"), std::string::npos);
 }
 
 }  // namespace

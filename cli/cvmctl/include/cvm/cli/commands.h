@@ -1,12 +1,17 @@
 #pragma once
 // cvmctl's commands, each a function of parsed options and a bus connection; main() only parses.
+// Everything shown is computed by the pure functions of views.h and watch.h.
 
 #include <chrono>
 #include <cstdint>
 #include <optional>
 #include <ostream>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "cvm/cli/views.h"
+#include "cvm/cli/watch.h"
 #include "cvm/v1/build.pb.h"
 #include "cvm/v1/node.pb.h"
 
@@ -15,10 +20,11 @@ namespace cvm::cli {
 // Exit codes scripts can rely on.
 enum ExitCode : int {
   kExitOk = 0,
-  kExitBuildFailed = 1,  // the build ended FAILED
-  kExitUsage = 2,        // bad flags or input
-  kExitUnavailable = 3,  // NATS unreachable, or a request timed out
-  kExitWatchTimeout = 4  // --watch gave up before a terminal phase
+  kExitBuildFailed = 1,   // the build ended FAILED
+  kExitUsage = 2,         // bad flags or input
+  kExitUnavailable = 3,   // NATS unreachable, refused us, or a request timed out
+  kExitWatchTimeout = 4,  // --watch gave up before a terminal phase
+  kExitNotFound = 5       // `events`: the stream holds nothing for that build
 };
 
 struct GlobalOptions {
@@ -26,6 +32,8 @@ struct GlobalOptions {
   std::string nats_user;
   std::string nats_password;
   std::string output = "text";  // text | json
+  // Redraw a progress line in place: stdout is a terminal and the output is text.
+  bool live = false;
 };
 
 struct BuildOptions {
@@ -47,14 +55,22 @@ struct BuildOptions {
 
 int build_command(const GlobalOptions& global, const BuildOptions& options,
                   cvm::v1::Transition transition, std::ostream& out, std::ostream& err);
+// Follows a build by id: its history first, then live events, until a terminal phase.
+int watch_command(const GlobalOptions& global, const std::string& build_id,
+                  std::chrono::seconds timeout, std::ostream& out, std::ostream& err);
+// Prints the history of a build's events and exits.
+int events_command(const GlobalOptions& global, const std::string& build_id, std::ostream& out,
+                   std::ostream& err);
 int nodes_command(const GlobalOptions& global, std::ostream& out, std::ostream& err);
+int gpus_command(const GlobalOptions& global, std::ostream& out, std::ostream& err);
+int settings_get_command(const GlobalOptions& global, std::ostream& out, std::ostream& err);
+// assignments: "key=value" each.
+int settings_set_command(const GlobalOptions& global, const std::vector<std::string>& assignments,
+                         std::ostream& out, std::ostream& err);
 
 // Pure pieces, unit-tested.
 std::string new_build_id();
-// One line per event for people, e.g. "12:00:01.123  b1  RUNNING  node-1".
-std::string format_event_line(const cvm::v1::BuildEvent& event);
-// Does this phase end a build of the given transition, and was it a success?
-bool ends_build(cvm::v1::Transition transition, cvm::v1::Phase phase);
-std::string format_nodes_table(const std::vector<cvm::v1::NodeStatus>& nodes, int64_t now_ms);
+// Splits "key=value"; nullopt without '=' or with an empty key.
+std::optional<std::pair<std::string, std::string>> split_assignment(const std::string& text);
 
 }  // namespace cvm::cli
