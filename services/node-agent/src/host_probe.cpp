@@ -232,6 +232,16 @@ Virtualization classify_virtualization(std::string_view sys_vendor, std::string_
   return Virtualization{true, ""};
 }
 
+cvm::v1::GpuVendor classify_pci_gpu(std::string_view vendor, std::string_view pci_class) {
+  const std::string v = lower(trim(vendor));
+  const std::string c = lower(trim(pci_class));
+  // class is 0xCCSSPP: base class 0x03 is "display controller" (VGA 0x0300, 3D 0x0302).
+  if (c.size() != 8 || c.rfind("0x03", 0) != 0) return cvm::v1::GPU_VENDOR_UNSPECIFIED;
+  if (v == "0x10de") return cvm::v1::NVIDIA;
+  if (v == "0x1002") return cvm::v1::AMD;
+  return cvm::v1::GPU_VENDOR_UNSPECIFIED;
+}
+
 std::string parse_runc_version(std::string_view output) {
   return first_token(value_after(output, "runc version"));
 }
@@ -318,6 +328,10 @@ cvm::v1::HostCapabilities probe_host(const HostRoots& roots) {
                               cpuinfo && cpuinfo_has_flag(*cpuinfo, "hypervisor"));
   caps.set_bare_metal(virt.bare_metal);
   caps.set_virtualization(virt.name);
+  caps.set_hypervisor_flag(cpuinfo && cpuinfo_has_flag(*cpuinfo, "hypervisor"));
+  const PciGpuCount gpus = probe_pci_gpus(roots);
+  caps.set_nvidia_pci_gpus(gpus.nvidia);
+  caps.set_amd_pci_gpus(gpus.amd);
   return caps;
 }
 
@@ -338,6 +352,27 @@ cvm::v1::Capacity probe_capacity(const HostRoots& roots) {
     capacity.set_memory_bytes(parse_meminfo_total_bytes(*meminfo).value_or(0));
   }
   return capacity;
+}
+
+PciGpuCount probe_pci_gpus(const HostRoots& roots) {
+  PciGpuCount count;
+  std::error_code ec;
+  size_t seen = 0;
+  for (fs::directory_iterator it(join_path(roots.sysfs, "bus/pci/devices"), ec);
+       !ec && it != fs::directory_iterator() && ++seen < 4096; it.increment(ec)) {
+    const std::string dir = it->path().string();
+    switch (classify_pci_gpu(read_trimmed(dir + "/vendor"), read_trimmed(dir + "/class"))) {
+      case cvm::v1::NVIDIA:
+        ++count.nvidia;
+        break;
+      case cvm::v1::AMD:
+        ++count.amd;
+        break;
+      default:
+        break;
+    }
+  }
+  return count;
 }
 
 Result<uint64_t> read_cap_bounding(const HostRoots& roots) {

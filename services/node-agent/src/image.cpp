@@ -130,8 +130,61 @@ Result<ImageRef> parse_image_ref(std::string_view ref) {
   return out;
 }
 
-Result<ImageTool::LocalImage> ImageTool::fetch(const ImageRef& ref) {
-  if (ref.kind == ImageRef::Kind::kOciLayout) return LocalImage{ref.layout, ref.tag, ""};
+std::string cache_tag(std::string_view source) {
+  if (source.rfind("docker://", 0) == 0) source.remove_prefix(9);
+  std::string tag;
+  for (char c : source) {
+    tag +=
+        std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' || c == '_' ? c : '_';
+  }
+  // FNV-1a: "a/b:c" and "a_b_c" sanitize alike; the hash of the exact text tells them apart.
+  uint64_t h = 1469598103934665603ULL;
+  for (char c : source) {
+    h ^= static_cast<unsigned char>(c);
+    h *= 1099511628211ULL;
+  }
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+  if (tag.size() > 110) tag.resize(110);
+  while (!tag.empty() && (tag.front() == '.' || tag.front() == '-')) tag.erase(0, 1);
+  return (tag.empty() ? std::string("image") : tag) + "-" + hex;
+}
+
+bool layout_index_has_tag(std::string_view index_json, std::string_view tag) {
+  const json index = json::parse(index_json, nullptr, /*allow_exceptions=*/false);
+  if (!index.is_object() || !index.contains("manifests") || !index["manifests"].is_array()) {
+    return false;
+  }
+  for (const auto& m : index["manifests"]) {
+    if (!m.is_object() || !m.contains("annotations") || !m["annotations"].is_object()) continue;
+    const auto& a = m["annotations"];
+    const auto name = a.find("org.opencontainers.image.ref.name");
+    if (name != a.end() && name->is_string() && name->get<std::string>() == tag) return true;
+  }
+  return false;
+}
+
+Result<ImageTool::LocalImage> ImageTool::fetch(const ImageRef& ref, bool cache) {
+  if (ref.kind == ImageRef::Kind::kOciLayout) return LocalImage{ref.layout, ref.tag, "", false};
+
+  if (cache && !options_.cache_dir.empty()) {
+    const std::string layout = detail::join_path(options_.cache_dir, "layout");
+    const std::string tag = cache_tag(ref.source);
+    if (const auto index = detail::read_file(detail::join_path(layout, "index.json"))) {
+      if (layout_index_has_tag(*index, tag)) return LocalImage{layout, tag, "", true};
+    }
+    std::error_code ec;
+    fs::create_directories(options_.cache_dir, ec);
+    std::vector<std::string> argv = {options_.tools.skopeo, "copy", "--quiet"};
+    argv.insert(argv.end(), options_.skopeo_copy_args.begin(), options_.skopeo_copy_args.end());
+    argv.push_back(ref.source);
+    argv.push_back("oci:" + layout + ":" + tag);
+    ProcessOptions popts;
+    popts.timeout = options_.pull_timeout;
+    auto pulled = run_tool(argv, popts);
+    if (!pulled) return pulled.error();
+    return LocalImage{layout, tag, "", false};
+  }
 
   auto staging = make_temp_dir(temp_base(options_.staging_dir), "cvm-pull.");
   if (!staging) return staging.error();
@@ -148,11 +201,11 @@ Result<ImageTool::LocalImage> ImageTool::fetch(const ImageRef& ref) {
     fs::remove_all(*staging, ec);
     return pulled.error();
   }
-  return LocalImage{layout, "image", *staging};
+  return LocalImage{layout, "image", *staging, false};
 }
 
 Result<UnpackedImage> ImageTool::unpack(const std::string& image_ref, const std::string& bundle_dir,
-                                        IdRange ids) {
+                                        IdRange ids, bool cache) {
   auto ref = parse_image_ref(image_ref);
   if (!ref) return ref.error();
   if (ids.count == 0) return make_error(ErrorDomain::kInvalid, "unpack: empty ID range");
@@ -167,7 +220,7 @@ Result<UnpackedImage> ImageTool::unpack(const std::string& image_ref, const std:
 
   if (auto st = check_traversable(bundle_dir); !st) return st.error();
 
-  auto local = fetch(*ref);
+  auto local = fetch(*ref, cache);
   if (!local) return local.error();
   const auto cleanup = [&] {
     if (!local->cleanup.empty()) fs::remove_all(local->cleanup, ec);
@@ -201,6 +254,7 @@ Result<UnpackedImage> ImageTool::unpack(const std::string& image_ref, const std:
   image.bundle = bundle_dir;
   image.rootfs = detail::join_path(bundle_dir, "rootfs");
   image.has_sbin_init = rootfs_has_sbin_init(image.rootfs);
+  image.cache_hit = local->cache_hit;
   image.tmp_files = rootfs_tmp_files(image.rootfs);
   if (const auto config = detail::read_file(detail::join_path(bundle_dir, "config.json"))) {
     const json j = json::parse(*config, nullptr, /*allow_exceptions=*/false);

@@ -85,9 +85,17 @@ json device_rule(bool allow, std::string_view type, std::optional<int64_t> major
   return rule;
 }
 
-json device_node(std::string_view path, int64_t major, int64_t minor) {
-  return {{"path", path},     {"type", "c"}, {"major", major}, {"minor", minor},
-          {"fileMode", 0666}, {"uid", 0},    {"gid", 0}};
+json device_node(const DeviceNode& d) {
+  return {{"path", d.path},          {"type", "c"}, {"major", d.major}, {"minor", d.minor},
+          {"fileMode", d.file_mode}, {"uid", 0},    {"gid", 0}};
+}
+
+std::vector<DeviceNode> all_devices(const SpecInput& in) {
+  std::vector<DeviceNode> out;
+  if (in.tun) out.push_back(tun_device());
+  if (in.fuse) out.push_back(fuse_device());
+  out.insert(out.end(), in.devices.begin(), in.devices.end());
+  return out;
 }
 
 json resources(const SpecInput& in) {
@@ -102,8 +110,7 @@ json resources(const SpecInput& in) {
       device_rule(true, "c", 5, 2),                        // /dev/ptmx
       device_rule(true, "c", 136, std::nullopt),           // /dev/pts/*
   });
-  if (in.tun) devices.push_back(device_rule(true, "c", 10, 200));
-  if (in.fuse) devices.push_back(device_rule(true, "c", 10, 229));
+  for (const auto& d : all_devices(in)) devices.push_back(device_rule(true, "c", d.major, d.minor));
 
   json res = {{"devices", std::move(devices)}};
   if (in.memory_limit_bytes > 0) {
@@ -118,11 +125,22 @@ json resources(const SpecInput& in) {
   return res;
 }
 
+json bind_mount(const BindMount& b) {
+  std::vector<std::string> options = {"rbind", b.read_only ? "ro" : "rw", "nosuid"};
+  return {{"destination", b.destination},
+          {"type", "bind"},
+          {"source", b.source},
+          {"options", std::move(options)}};
+}
+
 json id_mappings(IdRange ids) {
   return json::array({{{"containerID", 0}, {"hostID", ids.base}, {"size", ids.count}}});
 }
 
 }  // namespace
+
+DeviceNode tun_device() { return {"/dev/net/tun", 10, 200, 0666}; }
+DeviceNode fuse_device() { return {"/dev/fuse", 10, 229, 0666}; }
 
 int64_t cpu_quota_us(uint64_t millicores, uint64_t period_us) {
   if (millicores == 0) return 0;
@@ -146,8 +164,7 @@ nlohmann::json build_runtime_spec(const SpecInput& in) {
   };
 
   json devices = json::array();
-  if (in.tun) devices.push_back(device_node("/dev/net/tun", 10, 200));
-  if (in.fuse) devices.push_back(device_node("/dev/fuse", 10, 229));
+  for (const auto& d : all_devices(in)) devices.push_back(device_node(d));
 
   json linux_section = {
       {"uidMappings", id_mappings(in.ids)},
@@ -169,12 +186,15 @@ nlohmann::json build_runtime_spec(const SpecInput& in) {
   if (!devices.empty()) linux_section["devices"] = std::move(devices);
   if (!in.cgroups_path.empty()) linux_section["cgroupsPath"] = in.cgroups_path;
 
+  json all_mounts = mounts(in);
+  for (const auto& b : in.binds) all_mounts.push_back(bind_mount(b));
+
   json spec = {
       {"ociVersion", kOciVersion},
       {"process", std::move(process)},
       {"root", {{"path", in.rootfs}, {"readonly", in.rootfs_readonly}}},
       {"hostname", in.hostname},
-      {"mounts", mounts(in)},
+      {"mounts", std::move(all_mounts)},
       {"linux", std::move(linux_section)},
   };
   if (!in.annotations.empty()) spec["annotations"] = in.annotations;

@@ -72,6 +72,12 @@ struct Virtualization {
                                                      std::string_view product_name,
                                                      bool hypervisor_flag);
 
+// A PCI function's GPU vendor from sysfs `vendor` and `class` ("0x10de", "0x030200"): NVIDIA
+// (0x10de) or AMD (0x1002) display controllers (class 0x03xxxx) only, so a GPU's audio or USB
+// function is not counted as another GPU. GPU_VENDOR_UNSPECIFIED for anything else.
+[[nodiscard]] cvm::v1::GpuVendor classify_pci_gpu(std::string_view vendor,
+                                                  std::string_view pci_class);
+
 // Version strings from the tools' --version output; empty when not recognised.
 [[nodiscard]] std::string parse_runc_version(std::string_view output);        // "1.1.5+ds1"
 [[nodiscard]] std::string parse_sysbox_version(std::string_view output);      // "0.6.2"
@@ -81,6 +87,14 @@ struct Virtualization {
 
 [[nodiscard]] cvm::v1::HostCapabilities probe_host(const HostRoots& roots);
 [[nodiscard]] cvm::v1::Capacity probe_capacity(const HostRoots& roots);
+
+struct PciGpuCount {
+  uint32_t nvidia = 0;
+  uint32_t amd = 0;
+};
+// GPUs present on the PCI bus (<sysfs>/bus/pci/devices/*/{vendor,class}), driver or not. The NVML
+// inventory (issue 5) says which are usable; this says which are there.
+[[nodiscard]] PciGpuCount probe_pci_gpus(const HostRoots& roots);
 
 // Whether <rootfs>/lib/modules/<kernel>/ holds shiftfs.ko[.xz|.zst|.gz]. The walk is bounded (depth
 // and entries) so a huge or looping module tree cannot stall the probe.

@@ -41,13 +41,16 @@ struct UnpackedImage {
   std::vector<std::string> env;
   std::vector<std::string> args;
   std::string cwd = "/";
+  bool cache_hit = false;  // a docker:// image found in the node cache (no pull)
 };
 
 struct ImageToolOptions {
   ToolPaths tools;
-  // Where pulled images are staged; empty: the system temp dir. Issue 3's cache replaces the
-  // staging in ImageTool::fetch with a persistent, content-addressed store under this dir.
+  // Where pulled images are staged when they are not cached; empty: the system temp dir.
   std::string staging_dir;
+  // The node cache (Caching on): one OCI image layout (content-addressed blobs shared by every
+  // image) under /var/lib by default; each pulled reference is a tag in it, reused by later builds.
+  std::string cache_dir;
   // Extra `skopeo copy` flags, e.g. {"--src-tls-verify=false"} for a plain-HTTP test registry.
   std::vector<std::string> skopeo_copy_args;
   std::chrono::milliseconds unpack_timeout{std::chrono::minutes(10)};
@@ -61,21 +64,32 @@ class ImageTool {
   // Unpacks into `bundle_dir` (created, must not exist or be empty; made 0755 so the mapped
   // container root can traverse it). On a missing image the error carries umoci's or skopeo's
   // own message.
+  // With `cache` (the Caching setting), a docker:// image is taken from / kept in the node cache;
+  // without it, it is pulled into a staging layout that is removed after unpacking.
   [[nodiscard]] Result<UnpackedImage> unpack(const std::string& image_ref,
-                                             const std::string& bundle_dir, IdRange ids);
+                                             const std::string& bundle_dir, IdRange ids,
+                                             bool cache = false);
 
-  // The local OCI layout holding `ref`. The hook for caching: today docker:// images are pulled
-  // into a fresh staging layout that `cleanup` names (the caller removes it).
+  // The local OCI layout holding `ref`: the layout itself for oci:, the cache or a fresh staging
+  // layout (named in `cleanup`, which the caller removes) for docker://.
   struct LocalImage {
     std::string layout;
     std::string tag;
     std::string cleanup;  // a directory to remove after unpacking; empty: nothing to remove
+    bool cache_hit = false;
   };
-  [[nodiscard]] Result<LocalImage> fetch(const ImageRef& ref);
+  [[nodiscard]] Result<LocalImage> fetch(const ImageRef& ref, bool cache = false);
 
  private:
   ImageToolOptions options_;
 };
+
+// The cache tag of a docker:// source: its name with every character outside [A-Za-z0-9_.-] made
+// '_', plus a hash of the exact source so two references never share a tag (at most 128 chars).
+[[nodiscard]] std::string cache_tag(std::string_view source);
+
+// Whether an OCI layout's index.json text names `tag` (org.opencontainers.image.ref.name).
+[[nodiscard]] bool layout_index_has_tag(std::string_view index_json, std::string_view tag);
 
 // Writes config.json into the bundle (replacing umoci's).
 [[nodiscard]] Status write_runtime_spec(const std::string& bundle_dir, const nlohmann::json& spec);

@@ -30,6 +30,30 @@ inline const std::vector<std::string>& sleep_entrypoint() {
   return args;
 }
 
+// A bind mount of a host path (or, for an inner container, a path of its supervisor).
+struct BindMount {
+  std::string source;
+  std::string destination;
+  bool read_only = true;
+  bool operator==(const BindMount&) const = default;
+};
+
+// A character device the container gets: allowed in its device cgroup and present in its /dev.
+// Without a user namespace runc creates the node (mknod) with `file_mode`, owned by container
+// root; in a user namespace runc bind-mounts the node at `path` from the host (or supervisor), so
+// the mode there is what counts.
+struct DeviceNode {
+  std::string path;  // in the container, e.g. "/dev/nvidia0"
+  int64_t major = 0;
+  int64_t minor = 0;
+  uint32_t file_mode = 0666;
+  bool operator==(const DeviceNode&) const = default;
+};
+
+// /dev/net/tun (10:200) and /dev/fuse (10:229).
+[[nodiscard]] DeviceNode tun_device();
+[[nodiscard]] DeviceNode fuse_device();
+
 enum class CapabilityProfile {
   kSystemContainer,  // every capability, held inside the container's user namespace (CVMs)
   kDocker,           // Docker's default set (plain containers)
@@ -64,6 +88,8 @@ struct SpecInput {
   uint64_t cpu_millicores = 0;      // 0: unlimited
   bool tun = false;                 // /dev/net/tun (10:200)
   bool fuse = false;                // /dev/fuse (10:229)
+  std::vector<DeviceNode> devices;  // more devices (assigned GPUs), after TUN/FUSE
+  std::vector<BindMount> binds;     // after the standard mounts (GPU driver libraries)
 
   std::map<std::string, std::string> annotations;
 };

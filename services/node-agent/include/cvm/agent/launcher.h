@@ -1,0 +1,139 @@
+#pragma once
+// Turns a workspace start into running containers on this host, and takes them down again. No NATS:
+// the agent's wiring calls it on its worker thread, integration tests call it directly.
+//
+// A CVM is laid out under <workspaces_dir>/<workspace>/:
+//   bundle/       the inner container's bundle (the image, unpacked onto the workspace's ID range)
+//   supervisor/   the supervising container's bundle (config.json + an empty rootfs)
+//   run/          shared with the supervisor: status.json (its report), inner.log (inner stdio)
+//   runc.log      the supervising (or plain) container's stdio and the runtime's errors
+// The host's runc knows one container per workspace, "cvm-<workspace>": the supervising container
+// of a CVM, or the only container of a plain (non-CVM) workspace.
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cvm/agent/id_range.h"
+#include "cvm/agent/image.h"
+#include "cvm/agent/oci_spec.h"
+#include "cvm/agent/runtime.h"
+#include "cvm/base/result.h"
+#include "cvm/v1/build.pb.h"
+
+namespace cvm::agent {
+
+struct LauncherConfig {
+  std::string workspaces_dir;         // <state-dir>/workspaces
+  std::string supervisor_binary;      // host path of cvm-supervisor
+  std::string inner_runtime;          // host path of sysbox-runc, or of runc standing in for it
+  std::string host_paths_root = "/";  // where the mount table's hostPaths are taken from
+  std::string dev_root = "/dev";      // where the NVIDIA device nodes are looked up
+  std::string gpu_library_dir;        // NVIDIA driver libraries; empty: none handed over
+  std::string machine = "x86_64";     // for the image's multiarch library folder
+  std::vector<BindMount> supervisor_extra_binds;  // e.g. /run/sysbox for sysbox-runc
+  std::chrono::milliseconds stop_grace{10000};
+  std::chrono::milliseconds ready_timeout{60000};  // supervisor started -> inner running
+  std::optional<uint64_t> host_cap_bounding;
+  std::optional<uint64_t> host_nofile_hard;
+};
+
+struct AssignedGpu {
+  uint32_t minor = 0;
+  std::string uuid;
+};
+
+struct LaunchRequest {
+  std::string workspace_id;
+  std::string build_id;
+  std::string image;
+  bool cvm = true;
+  bool caching = false;
+  bool auto_load_shiftfs = false;
+  uint64_t cpu_millicores = 1000;
+  uint64_t memory_bytes = 512ULL << 20;
+  bool tun = false;
+  bool fuse = false;
+  std::vector<AssignedGpu> gpus;
+  IdRange ids;
+};
+
+struct LaunchOutcome {
+  bool ok = false;
+  cvm::v1::Reason reason = cvm::v1::REASON_UNSPECIFIED;
+  std::string message;
+  std::vector<std::string> warnings;
+  int pid = 0;  // host pid of the runc container's init (the supervisor for a CVM)
+};
+
+// What the supervisor reported in run/status.json.
+struct SupervisorStatus {
+  enum class State { kStarting, kRunning, kFailed, kExited, kStopping, kStopped };
+  State state = State::kStarting;
+  int pid = 0;  // the inner init, in the supervisor's PID namespace
+  int code = 0;
+  std::string message;
+};
+// Parses status.json text; kInvalid when it is not one.
+[[nodiscard]] Result<SupervisorStatus> parse_supervisor_status(std::string_view text);
+
+// The host PID of the inner container's init: the child of `supervisor_pid` that is PID 1 of its
+// own namespace (NSpid ends in 1). 0 when there is none.
+[[nodiscard]] int find_inner_host_pid(const std::string& procfs, int supervisor_pid);
+
+// The host path of `name` (absolute or looked up on PATH); kNotFound when it is not executable.
+[[nodiscard]] Result<std::string> find_executable(const std::string& name);
+
+class WorkspaceLauncher {
+ public:
+  WorkspaceLauncher(LauncherConfig config, OciRuntime& runtime, ImageTool& images);
+
+  // Finds the shared libraries of the supervisor and the inner runtime (ldd). CVM launches fail
+  // until this has succeeded; the error says why (for the node status).
+  Status prepare();
+  [[nodiscard]] bool cvm_ready() const { return prepared_; }
+
+  // Unpacks, writes the bundle(s), creates and starts, and for a CVM waits for the supervisor's
+  // report. `on_starting` runs once the bundles are written, before the runtime is called. On
+  // failure nothing is left: no container, no bundle.
+  LaunchOutcome launch(const LaunchRequest& request,
+                       const std::function<void()>& on_starting = nullptr);
+
+  // For a workspace whose container runs (an agent restart): the supervisor's report, waiting up
+  // to `timeout` while it is still starting.
+  Result<SupervisorStatus> wait_ready(const std::string& workspace_id, int supervisor_pid,
+                                      std::chrono::milliseconds timeout);
+
+  // SIGTERM (a CVM's supervisor then stops the inner container with its grace), then SIGKILL.
+  // A container already gone is success.
+  Status stop(const std::string& workspace_id);
+  // Deletes the container and, with `remove_files`, the workspace's directory.
+  Status remove(const std::string& workspace_id, bool remove_files);
+
+  [[nodiscard]] static std::string container_id(const std::string& workspace_id);
+  [[nodiscard]] std::string workspace_dir(const std::string& workspace_id) const;
+  [[nodiscard]] const std::vector<std::string>& supervisor_files() const { return files_; }
+
+ private:
+  LaunchOutcome launch_plain(const LaunchRequest& r, const UnpackedImage& image,
+                             const std::function<void()>& on_starting, LaunchOutcome out);
+  LaunchOutcome launch_cvm(const LaunchRequest& r, const UnpackedImage& image,
+                           const std::function<void()>& on_starting, LaunchOutcome out);
+  LaunchOutcome fail(const std::string& workspace_id, cvm::v1::Reason reason, std::string message,
+                     LaunchOutcome out);
+
+  LauncherConfig config_;
+  OciRuntime& runtime_;
+  ImageTool& images_;
+  std::vector<std::string> files_;  // bound into every supervising container
+  bool prepared_ = false;
+};
+
+// Removes a directory tree, retrying while something (an orphaned tool of a killed agent) may still
+// be writing into it.
+Status remove_tree(const std::string& path);
+
+}  // namespace cvm::agent

@@ -1,0 +1,480 @@
+#include "cvm/agent/launcher.h"
+
+#include <poll.h>
+#include <sys/inotify.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <sstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "cvm/agent/gpu_passthrough.h"
+#include "cvm/agent/process.h"
+#include "cvm/agent/supervisor_spec.h"
+#include "file_util.h"
+
+namespace cvm::agent {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+// A file descriptor closed on scope exit.
+class Fd {
+ public:
+  explicit Fd(int fd) : fd_(fd) {}
+  ~Fd() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  [[nodiscard]] int get() const { return fd_; }
+
+ private:
+  int fd_;
+};
+
+std::string tail_of(const std::string& path, size_t bytes = 2000) {
+  auto content = detail::read_file(path, 1 << 20);
+  if (!content) return {};
+  std::string text(detail::trim(*content));
+  if (text.size() > bytes) text = "..." + text.substr(text.size() - bytes);
+  return text;
+}
+
+Result<std::vector<std::string>> shared_libraries(const std::string& binary) {
+  ProcessOptions options;
+  options.timeout = std::chrono::seconds(10);
+  auto r = run_process({"ldd", binary}, options);
+  if (!r) return r.error();
+  const std::string all = r->out + r->err;
+  // A static binary needs nothing else (ldd then exits 1).
+  if (all.find("not a dynamic executable") != std::string::npos ||
+      all.find("statically linked") != std::string::npos) {
+    return std::vector<std::string>{};
+  }
+  if (!r->success()) {
+    return make_error(ErrorDomain::kTool, "ldd " + binary + ": " + tool_error_text(all));
+  }
+  return parse_ldd_output(r->out);
+}
+
+void make_dir(const std::string& path) {
+  std::error_code ec;
+  fs::create_directories(path, ec);
+  // The inner container's mapped root must traverse every directory above its rootfs.
+  fs::permissions(path, fs::perms(0755), ec);
+}
+
+}  // namespace
+
+Result<SupervisorStatus> parse_supervisor_status(std::string_view text) {
+  const auto j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object() || !j.contains("state") || !j["state"].is_string()) {
+    return make_error(ErrorDomain::kInvalid, "supervisor status is not a status object");
+  }
+  SupervisorStatus s;
+  const std::string state = j["state"].get<std::string>();
+  using S = SupervisorStatus::State;
+  if (state == "running") {
+    s.state = S::kRunning;
+  } else if (state == "failed") {
+    s.state = S::kFailed;
+  } else if (state == "exited") {
+    s.state = S::kExited;
+  } else if (state == "stopping") {
+    s.state = S::kStopping;
+  } else if (state == "stopped") {
+    s.state = S::kStopped;
+  } else {
+    return make_error(ErrorDomain::kInvalid, "supervisor status: unknown state '" + state + "'");
+  }
+  if (j.contains("pid") && j["pid"].is_number_integer()) s.pid = j["pid"].get<int>();
+  if (j.contains("code") && j["code"].is_number_integer()) s.code = j["code"].get<int>();
+  if (j.contains("message") && j["message"].is_string()) s.message = j["message"];
+  return s;
+}
+
+int find_inner_host_pid(const std::string& procfs, int supervisor_pid) {
+  if (supervisor_pid <= 0) return 0;
+  std::vector<int> children;
+  const std::string sup = std::to_string(supervisor_pid);
+  if (auto list = detail::read_file(procfs + "/" + sup + "/task/" + sup + "/children")) {
+    std::istringstream in(*list);
+    for (int pid = 0; in >> pid;) children.push_back(pid);
+  } else {
+    // Kernels without CONFIG_PROC_CHILDREN: scan for the parent in each stat.
+    std::error_code ec;
+    for (fs::directory_iterator it(procfs, ec); !ec && it != fs::directory_iterator();
+         it.increment(ec)) {
+      const std::string name = it->path().filename().string();
+      if (name.empty() || !std::all_of(name.begin(), name.end(), ::isdigit)) continue;
+      auto stat = detail::read_file(it->path().string() + "/stat", 4096);
+      if (!stat) continue;
+      const size_t close = stat->rfind(')');
+      if (close == std::string::npos) continue;
+      std::istringstream in(stat->substr(close + 1));
+      std::string state;
+      int ppid = 0;
+      in >> state >> ppid;
+      if (ppid == supervisor_pid) children.push_back(std::stoi(name));
+    }
+  }
+  for (int child : children) {
+    auto status = detail::read_file(procfs + "/" + std::to_string(child) + "/status");
+    if (!status) continue;
+    const size_t at = status->find("NSpid:");
+    if (at == std::string::npos) continue;
+    std::istringstream line(status->substr(at + 6, status->find('\n', at) - at - 6));
+    std::vector<int> ids;
+    for (int id = 0; line >> id;) ids.push_back(id);
+    if (ids.size() >= 2 && ids.back() == 1) return child;
+  }
+  return 0;
+}
+
+Result<std::string> find_executable(const std::string& name) {
+  const auto usable = [](const std::string& p) { return ::access(p.c_str(), X_OK) == 0; };
+  if (name.find('/') != std::string::npos) {
+    if (!usable(name)) return make_error(ErrorDomain::kNotFound, name + " is not executable");
+    std::error_code ec;
+    return fs::absolute(name, ec).lexically_normal().string();
+  }
+  const char* path = std::getenv("PATH");
+  std::istringstream dirs(path ? path : "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin");
+  for (std::string dir; std::getline(dirs, dir, ':');) {
+    if (dir.empty()) continue;
+    const std::string candidate = detail::join_path(dir, name);
+    if (usable(candidate)) return candidate;
+  }
+  return make_error(ErrorDomain::kNotFound, name + " not found on PATH");
+}
+
+Status remove_tree(const std::string& path) {
+  std::error_code ec;
+  for (int attempt = 0; attempt < 20; ++attempt) {
+    fs::remove_all(path, ec);
+    if (!ec && !fs::exists(path, ec)) return {};
+    // ENOTEMPTY: an orphaned tool wrote a new entry while the tree was walked.
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  return make_error(ErrorDomain::kSystem,
+                    "cannot remove " + path + (ec ? ": " + ec.message() : std::string()));
+}
+
+WorkspaceLauncher::WorkspaceLauncher(LauncherConfig config, OciRuntime& runtime, ImageTool& images)
+    : config_(std::move(config)), runtime_(runtime), images_(images) {}
+
+std::string WorkspaceLauncher::container_id(const std::string& workspace_id) {
+  return "cvm-" + workspace_id;
+}
+
+std::string WorkspaceLauncher::workspace_dir(const std::string& workspace_id) const {
+  return detail::join_path(config_.workspaces_dir, workspace_id);
+}
+
+Status WorkspaceLauncher::prepare() {
+  prepared_ = false;
+  files_.clear();
+  auto supervisor = find_executable(config_.supervisor_binary);
+  if (!supervisor)
+    return make_error(ErrorDomain::kNotFound, "cvm-supervisor: " + supervisor.error().message);
+  auto runtime = find_executable(config_.inner_runtime);
+  if (!runtime)
+    return make_error(ErrorDomain::kNotFound, "inner runtime: " + runtime.error().message);
+  config_.supervisor_binary = *supervisor;
+  config_.inner_runtime = *runtime;
+  files_.push_back(*runtime);
+  for (const auto& binary : {*runtime, *supervisor}) {
+    auto libs = shared_libraries(binary);
+    if (!libs) return libs.error();
+    for (const auto& lib : *libs) {
+      if (std::find(files_.begin(), files_.end(), lib) == files_.end()) files_.push_back(lib);
+    }
+  }
+  prepared_ = true;
+  return {};
+}
+
+LaunchOutcome WorkspaceLauncher::fail(const std::string& workspace_id, cvm::v1::Reason reason,
+                                      std::string message, LaunchOutcome out) {
+  // Leave no half-made container and no bundle behind.
+  (void)runtime_.remove(container_id(workspace_id), true);
+  (void)remove_tree(workspace_dir(workspace_id));
+  out.ok = false;
+  out.reason = reason;
+  out.message = std::move(message);
+  return out;
+}
+
+LaunchOutcome WorkspaceLauncher::launch(const LaunchRequest& r,
+                                        const std::function<void()>& on_starting) {
+  LaunchOutcome out;
+  const std::string dir = workspace_dir(r.workspace_id);
+  const std::string bundle = dir + "/bundle";
+  // A container or files from an earlier life of this workspace would make runc or umoci refuse;
+  // this START replaces them.
+  (void)runtime_.remove(container_id(r.workspace_id), true);
+  if (auto st = remove_tree(dir); !st) {
+    return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, st.error().message, std::move(out));
+  }
+  make_dir(dir);
+  if (r.cvm && !prepared_) {
+    if (auto st = prepare(); !st) {
+      return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR,
+                  "cannot run a supervising container: " + st.error().message, std::move(out));
+    }
+  }
+
+  auto image = images_.unpack(r.image, bundle, r.ids, r.caching);
+  if (!image) {
+    return fail(r.workspace_id, cvm::v1::IMAGE_UNAVAILABLE,
+                "image " + r.image + ": " + image.error().message, std::move(out));
+  }
+  if (!image->tmp_files.empty()) {
+    out.warnings.push_back("the image has " + std::to_string(image->tmp_files.size()) +
+                           " file(s) under /tmp (e.g. " + image->tmp_files.front() +
+                           "): they are gone once the CVM is built");
+  }
+  return r.cvm ? launch_cvm(r, *image, on_starting, std::move(out))
+               : launch_plain(r, *image, on_starting, std::move(out));
+}
+
+namespace {
+
+// The inner (or plain) container's spec, GPUs included.
+Result<SpecInput> workspace_spec(const LauncherConfig& config, const LaunchRequest& r,
+                                 const UnpackedImage& image, std::vector<std::string>& warnings) {
+  SpecInput in;
+  in.hostname = r.workspace_id;
+  in.has_sbin_init = image.has_sbin_init;
+  in.env = image.env;
+  in.cwd = image.cwd.empty() ? "/" : image.cwd;
+  in.ids = r.ids;
+  in.capability_profile = r.cvm ? CapabilityProfile::kSystemContainer : CapabilityProfile::kDocker;
+  in.host_cap_bounding = config.host_cap_bounding;
+  in.host_nofile_hard = config.host_nofile_hard;
+  in.cgroups_path = r.cvm ? std::string(kInnerCgroupsPath)
+                          : "/cvm/" + WorkspaceLauncher::container_id(r.workspace_id);
+  in.memory_limit_bytes = r.memory_bytes;
+  in.cpu_millicores = r.cpu_millicores;
+  in.tun = r.tun;
+  in.fuse = r.fuse;
+  in.annotations["io.cvm.workspace"] = r.workspace_id;
+  in.annotations["io.cvm.build"] = r.build_id;
+  if (!r.gpus.empty()) {
+    GpuPassthroughInput g;
+    for (const auto& gpu : r.gpus) {
+      g.minors.push_back(gpu.minor);
+      g.uuids.push_back(gpu.uuid);
+    }
+    g.present_devices = collect_nvidia_devices(config.dev_root);
+    if (!config.gpu_library_dir.empty()) {
+      LibraryScan scan = collect_library_files(config.gpu_library_dir);
+      g.libraries = std::move(scan.files);
+      for (const auto& s : scan.skipped) {
+        warnings.push_back("GPU library " + s + " skipped: its link leaves " +
+                           config.gpu_library_dir + " or dangles");
+      }
+    }
+    g.library_source_dir = r.cvm ? std::string(kSupervisorGpuLibDir) : config.gpu_library_dir;
+    std::string os_release;
+    if (auto p = resolve_in_rootfs(image.rootfs, "/etc/os-release")) {
+      os_release = detail::read_file(*p, 64 * 1024).value_or("");
+    } else if (auto q = resolve_in_rootfs(image.rootfs, "/usr/lib/os-release")) {
+      os_release = detail::read_file(*q, 64 * 1024).value_or("");
+    }
+    g.image_library_dir = image_library_dir(os_release, config.machine);
+    auto plan = plan_gpu_passthrough(g);
+    if (!plan) return plan.error();
+    in.devices = plan->devices;
+    in.binds = plan->libraries;
+    in.env.insert(in.env.end(), plan->env.begin(), plan->env.end());
+    warnings.insert(warnings.end(), plan->warnings.begin(), plan->warnings.end());
+  }
+  return in;
+}
+
+}  // namespace
+
+LaunchOutcome WorkspaceLauncher::launch_plain(const LaunchRequest& r, const UnpackedImage& image,
+                                              const std::function<void()>& on_starting,
+                                              LaunchOutcome out) {
+  const std::string dir = workspace_dir(r.workspace_id);
+  const std::string id = container_id(r.workspace_id);
+  auto in = workspace_spec(config_, r, image, out.warnings);
+  if (!in) return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, in.error().message, std::move(out));
+  if (auto st = write_runtime_spec(image.bundle, build_runtime_spec(*in)); !st) {
+    return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, st.error().message, std::move(out));
+  }
+  if (on_starting) on_starting();
+  const std::string log = dir + "/runc.log";
+  auto created = runtime_.create(id, image.bundle, log);
+  Status started = created ? runtime_.start(id) : created;
+  if (!started) {
+    return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, started.error().message, std::move(out));
+  }
+  auto state = runtime_.state(id);
+  if (!state || state->status != ContainerStatus::kRunning) {
+    std::string why = state ? "the container exited right after it started: " + tail_of(log)
+                            : state.error().message;
+    return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, std::move(why), std::move(out));
+  }
+  out.ok = true;
+  out.pid = state->pid;
+  return out;
+}
+
+LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, const UnpackedImage& image,
+                                            const std::function<void()>& on_starting,
+                                            LaunchOutcome out) {
+  const std::string dir = workspace_dir(r.workspace_id);
+  const std::string id = container_id(r.workspace_id);
+  auto in = workspace_spec(config_, r, image, out.warnings);
+  if (!in) return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, in.error().message, std::move(out));
+  if (auto st = write_runtime_spec(image.bundle, build_runtime_spec(*in)); !st) {
+    return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, st.error().message, std::move(out));
+  }
+
+  const std::string sup_bundle = dir + "/supervisor";
+  const std::string run_dir = dir + "/run";
+  make_dir(sup_bundle + "/rootfs");
+  make_dir(run_dir);
+  SupervisorSpecInput s;
+  s.hostname = r.workspace_id;
+  s.files = files_;
+  s.supervisor_binary = config_.supervisor_binary;
+  s.runtime_binary = config_.inner_runtime;
+  s.inner_bundle = image.bundle;
+  s.run_dir = run_dir;
+  if (!r.gpus.empty()) s.gpu_library_dir = config_.gpu_library_dir;
+  for (const auto& row : supervisor_host_paths(r.caching, r.auto_load_shiftfs)) {
+    const std::string source = detail::join_path(config_.host_paths_root, row.path);
+    std::error_code ec;
+    if (!fs::exists(source, ec)) {
+      out.warnings.push_back("this node has no " + row.path +
+                             ": the supervising container runs without it");
+      continue;
+    }
+    s.host_paths.push_back({source, row});
+  }
+  s.extra_binds = config_.supervisor_extra_binds;
+  s.stop_grace = config_.stop_grace;
+  s.cgroups_path = "/cvm/" + id;
+  s.memory_limit_bytes = r.memory_bytes;
+  s.cpu_millicores = r.cpu_millicores;
+  if (r.tun) s.devices.push_back(tun_device());
+  if (r.fuse) s.devices.push_back(fuse_device());
+  s.devices.insert(s.devices.end(), in->devices.begin(), in->devices.end());
+  s.host_cap_bounding = config_.host_cap_bounding;
+  s.host_nofile_hard = config_.host_nofile_hard;
+  s.annotations = in->annotations;
+  s.annotations["io.cvm.role"] = "supervisor";
+  if (auto st = write_runtime_spec(sup_bundle, build_supervisor_spec(s)); !st) {
+    return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, st.error().message, std::move(out));
+  }
+
+  if (on_starting) on_starting();
+  const std::string log = dir + "/runc.log";
+  auto created = runtime_.create(id, sup_bundle, log);
+  Status started = created ? runtime_.start(id) : created;
+  if (!started) {
+    return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, started.error().message, std::move(out));
+  }
+  auto state = runtime_.state(id);
+  if (!state)
+    return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, state.error().message, std::move(out));
+  auto status = wait_ready(r.workspace_id, state->pid, config_.ready_timeout);
+  if (!status) {
+    return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, status.error().message, std::move(out));
+  }
+  using S = SupervisorStatus::State;
+  switch (status->state) {
+    case S::kRunning:
+      out.ok = true;
+      out.pid = state->pid;
+      return out;
+    case S::kFailed:
+      return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, status->message, std::move(out));
+    default: {
+      std::string why = "the workspace's init exited (status " + std::to_string(status->code) +
+                        ") right after it started";
+      if (auto t = tail_of(run_dir + "/inner.log"); !t.empty()) why += ": " + t;
+      return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, std::move(why), std::move(out));
+    }
+  }
+}
+
+Result<SupervisorStatus> WorkspaceLauncher::wait_ready(const std::string& workspace_id,
+                                                       int supervisor_pid,
+                                                       std::chrono::milliseconds timeout) {
+  const std::string run_dir = workspace_dir(workspace_id) + "/run";
+  const std::string path = run_dir + "/status.json";
+  const auto read_status = [&]() -> std::optional<SupervisorStatus> {
+    auto text = detail::read_file(path, 64 * 1024);
+    if (!text) return std::nullopt;
+    auto s = parse_supervisor_status(*text);
+    if (!s) return std::nullopt;
+    return *s;
+  };
+  // inotify wakes us when the supervisor renames its status into place; the pidfd when the
+  // supervisor dies without a word. No polling loop.
+  Fd watch(::inotify_init1(IN_CLOEXEC | IN_NONBLOCK));
+  if (watch.get() >= 0) {
+    (void)::inotify_add_watch(watch.get(), run_dir.c_str(), IN_MOVED_TO | IN_CLOSE_WRITE);
+  }
+  Fd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, supervisor_pid, 0)));
+  const bool gone_at_start = pidfd.get() < 0 && errno == ESRCH;
+  const auto deadline = Clock::now() + timeout;
+  for (;;) {
+    if (auto s = read_status(); s && s->state != SupervisorStatus::State::kStarting) return *s;
+    pollfd fds[2] = {{watch.get(), POLLIN, 0}, {pidfd.get(), POLLIN, 0}};
+    if (gone_at_start || (pidfd.get() >= 0 && ::poll(&fds[1], 1, 0) > 0)) {
+      if (auto s = read_status(); s) return *s;
+      std::string why = "the supervising container exited without a report";
+      if (auto t = tail_of(workspace_dir(workspace_id) + "/runc.log"); !t.empty()) {
+        why += ": " + t;
+      }
+      return make_error(ErrorDomain::kTool, why);
+    }
+    const auto left =
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+    if (left <= 0) {
+      return make_error(ErrorDomain::kTimeout, "the supervisor did not report within " +
+                                                   std::to_string(timeout.count() / 1000) + " s");
+    }
+    // Without inotify (or a pidfd), wake up now and then to look again.
+    const int wait_ms = watch.get() >= 0 && pidfd.get() >= 0
+                            ? static_cast<int>(left)
+                            : static_cast<int>(std::min<int64_t>(left, 100));
+    (void)::poll(fds, 2, wait_ms);
+    char buf[4096];
+    while (watch.get() >= 0 && ::read(watch.get(), buf, sizeof buf) > 0) {
+    }
+  }
+}
+
+Status WorkspaceLauncher::stop(const std::string& workspace_id) {
+  // A CVM's supervisor spends up to stop_grace on the inner container before it exits.
+  const auto grace = config_.stop_grace + std::chrono::seconds(5);
+  Status st = stop_container(runtime_, container_id(workspace_id), grace);
+  if (!st && st.error().is_not_found()) return {};
+  return st;
+}
+
+Status WorkspaceLauncher::remove(const std::string& workspace_id, bool remove_files) {
+  Status st = runtime_.remove(container_id(workspace_id), true);
+  if (!st && !st.error().is_not_found()) return st;
+  if (remove_files) return remove_tree(workspace_dir(workspace_id));
+  return {};
+}
+
+}  // namespace cvm::agent
