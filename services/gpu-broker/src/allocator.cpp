@@ -251,12 +251,12 @@ std::map<std::string, GpuCounts> count_gpus(const NodeGpuInventory& node, const 
                                             const HealthOptions& health) {
   std::map<std::string, GpuCounts> out;
   for (const auto& g : node.gpus) {
+    if (g.vendor() == cvm::v1::NVIDIA && !is_allocatable(g)) continue;  // a MIG parent
     auto& c = out[g.name().empty() ? std::string("unknown") : g.name()];
     if (g.vendor() != cvm::v1::NVIDIA) {
       ++c.unsupported;
       continue;
     }
-    if (!is_allocatable(g)) continue;  // a MIG parent: its instances count
     ++c.total;
     const bool held = leased.contains(g.uuid());
     const bool sick = is_quarantined(g, health, mig_parent(node, g));
