@@ -218,30 +218,9 @@ cvm::v1::GpuReserveReply BrokerService::reserve(const cvm::v1::GpuReserveRequest
   // A retried reservation (the scheduler crashed or timed out after we granted) gets the same
   // lease back instead of a second set of GPUs.
   const std::string lease_id = req.build_id().empty() ? req.workspace_id() : req.build_id();
-  {
-    std::string held_node;
-    std::vector<std::string> held_uuids;
-    for (const auto& [key, entry] : leases_) {
-      if (entry.lease.lease_id() != lease_id) continue;
-      if (!req.node_id().empty() && entry.lease.node_id() != req.node_id()) continue;
-      if (held_node.empty()) held_node = entry.lease.node_id();
-      if (entry.lease.node_id() == held_node) held_uuids.push_back(entry.lease.gpu_uuid());
-    }
-    const auto inv = inventory_.find(held_node);
-    if (!held_uuids.empty() && inv != inventory_.end()) {
-      for (const auto& g : inv->second.gpus) {
-        if (std::find(held_uuids.begin(), held_uuids.end(), g.uuid()) != held_uuids.end()) {
-          *out.add_gpus() = g;
-        }
-      }
-      if (out.gpus_size() > 0) {
-        meters_->granted.Increment();
-        out.set_ok(true);
-        out.set_lease_id(lease_id);
-        out.set_node_id(held_node);
-        return out;
-      }
-    }
+  if (auto held = held_lease(req, lease_id)) {
+    meters_->granted.Increment();
+    return *held;
   }
 
   if (!req.node_id().empty()) {
@@ -282,6 +261,42 @@ cvm::v1::GpuReserveReply BrokerService::reserve(const cvm::v1::GpuReserveRequest
   }
   return refuse(cvm::v1::INSUFFICIENT_CAPACITY,
                 "GPUs are being taken by concurrent reservations; try again");
+}
+
+std::optional<cvm::v1::GpuReserveReply> BrokerService::held_lease(
+    const cvm::v1::GpuReserveRequest& req, const std::string& lease_id) {
+  std::string node;
+  std::vector<std::string> keys;
+  for (const auto& [key, entry] : leases_) {
+    if (entry.lease.lease_id() != lease_id) continue;
+    if (!req.node_id().empty() && entry.lease.node_id() != req.node_id()) continue;
+    if (node.empty()) node = entry.lease.node_id();
+    if (entry.lease.node_id() == node) keys.push_back(key);
+  }
+  const auto inv = inventory_.find(node);
+  if (keys.empty() || inv == inventory_.end()) return std::nullopt;
+  // The view may be behind: a lease this replica saw created may already have been rolled back
+  // and the GPU leased to someone else. Only the ledger itself can confirm the lease still holds.
+  std::vector<std::string> uuids;
+  for (const auto& key : keys) {
+    auto cur = leases_kv_->get(key);
+    cvm::v1::GpuLease lease;
+    if (!cur || !cur->has_value() || !lease.ParseFromString((*cur)->value) ||
+        lease.lease_id() != lease_id) {
+      if (cur && !cur->has_value()) leases_.erase(key);
+      return std::nullopt;
+    }
+    uuids.push_back(lease.gpu_uuid());
+  }
+  cvm::v1::GpuReserveReply out;
+  for (const auto& g : inv->second.gpus) {
+    if (std::find(uuids.begin(), uuids.end(), g.uuid()) != uuids.end()) *out.add_gpus() = g;
+  }
+  if (out.gpus_size() != static_cast<int>(uuids.size())) return std::nullopt;
+  out.set_ok(true);
+  out.set_lease_id(lease_id);
+  out.set_node_id(node);
+  return out;
 }
 
 cvm::v1::GpuReserveReply BrokerService::reserve_on(const std::string& node_id,

@@ -69,6 +69,9 @@ class BrokerService {
   void schedule_reconcile();
   void reply(const bus::Message& msg, const google::protobuf::Message& body);
 
+  // The lease this build already holds, confirmed against the ledger (a retried reserve).
+  std::optional<cvm::v1::GpuReserveReply> held_lease(const cvm::v1::GpuReserveRequest& req,
+                                                     const std::string& lease_id);
   cvm::v1::GpuReserveReply reserve_on(const std::string& node_id,
                                       const cvm::v1::GpuReserveRequest& req,
                                       const std::string& lease_id);
