@@ -123,12 +123,25 @@ class BuildPath : public ::testing::Test {
     return run_command(argv, 180s);
   }
 
-  // The pid of the workspace container's init on the host, from runc state.
+  // The host pid of the workspace's inner container init. runc (the agent's --root) knows the
+  // supervising container "cvm-<ws>"; the inner init is its child that is PID 1 of its own PID
+  // namespace (NSpid ends in 1).
   int container_pid(const std::string& workspace) {
     auto r = run_command({"runc", "--root", runc_root(), "state", "cvm-" + workspace});
     const auto at = r.output.find("\"pid\":");
     if (r.exit_code != 0 || at == std::string::npos) return 0;
-    return std::stoi(r.output.substr(at + 6));
+    const std::string sup = std::to_string(std::stoi(r.output.substr(at + 6)));
+    std::istringstream children(read_file("/proc/" + sup + "/task/" + sup + "/children"));
+    for (int child = 0; children >> child;) {
+      const std::string status = read_file("/proc/" + std::to_string(child) + "/status");
+      const auto ns = status.find("NSpid:");
+      if (ns == std::string::npos) continue;
+      std::istringstream ids(status.substr(ns + 6, status.find('\n', ns) - ns - 6));
+      std::vector<int> v;
+      for (int id = 0; ids >> id;) v.push_back(id);
+      if (v.size() >= 2 && v.back() == 1) return child;
+    }
+    return 0;
   }
 
   static inline std::string* image_dir_ = nullptr;
@@ -163,8 +176,8 @@ TEST_F(BuildPath, StartsInAUserNamespaceStopsAndLeavesNothing) {
   EXPECT_EQ(inside, 0u);
   EXPECT_NE(outside, 0u) << "container root must not be host root";
   EXPECT_EQ(count, 65536u);
-  // The memory limit reached the container's cgroup (v1 here, v2 elsewhere).
-  const std::string v1 = "/sys/fs/cgroup/memory/cvm/cvm-ws1/memory.limit_in_bytes";
+  // The memory limit reached the inner container's cgroup, below its supervisor's (v1 here).
+  const std::string v1 = "/sys/fs/cgroup/memory/cvm/cvm-ws1/inner/memory.limit_in_bytes";
   if (fs::exists(v1)) {
     EXPECT_EQ(std::stoull(read_file(v1)), 64ULL << 20);
   }

@@ -1,11 +1,13 @@
 #include "cvm/agent/agent_service.h"
 
 #include <sys/resource.h>
+#include <sys/utsname.h>
 
 #include <cerrno>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -51,7 +53,11 @@ struct AgentService::Meters {
                                    "NodeStatus heartbeats that could not be written")),
         launch_seconds(
             m.histogram("cvm_agent_launch_seconds", "Assignment received to RUNNING, seconds")),
-        running(m.gauge("cvm_agent_workspaces_running", "Workspaces running on this node")) {}
+        running(m.gauge("cvm_agent_workspaces_running", "Workspaces running on this node")),
+        lost(m.counter("cvm_agent_workspaces_lost_total",
+                       "Workspaces whose container was gone when the agent restarted")),
+        orphans(m.counter("cvm_agent_orphans_removed_total",
+                          "Containers and directories no workspace accounted for, removed")) {}
   prometheus::Counter& assignments;
   prometheus::Counter& invalid;
   prometheus::Counter& launched;
@@ -61,6 +67,8 @@ struct AgentService::Meters {
   prometheus::Counter& heartbeat_errors;
   prometheus::Histogram& launch_seconds;
   prometheus::Gauge& running;
+  prometheus::Counter& lost;
+  prometheus::Counter& orphans;
 };
 
 AgentService::AgentService(boost::asio::io_context& io, bus::ConnectionPtr conn,
@@ -73,14 +81,19 @@ AgentService::AgentService(boost::asio::io_context& io, bus::ConnectionPtr conn,
       heartbeat_timer_(io) {
   runtime_ = std::make_unique<RuncRuntime>(
       RuncOptions{.binary = config_.tools.runc, .root = config_.runc_root});
-  images_ = std::make_unique<ImageTool>(
-      ImageToolOptions{.tools = config_.tools, .staging_dir = config_.state_dir + "/staging"});
+  ImageToolOptions image_options{.tools = config_.tools,
+                                 .staging_dir = config_.state_dir + "/staging",
+                                 .cache_dir = config_.image_cache_dir.empty()
+                                                  ? config_.state_dir + "/image-cache"
+                                                  : config_.image_cache_dir};
+  if (!config_.registry_tls_verify) image_options.skopeo_copy_args = {"--src-tls-verify=false"};
+  images_ = std::make_unique<ImageTool>(std::move(image_options));
 }
 
 AgentService::~AgentService() { stop(); }
 
 std::string AgentService::container_id(const std::string& workspace_id) {
-  return "cvm-" + workspace_id;
+  return WorkspaceLauncher::container_id(workspace_id);
 }
 
 std::string AgentService::workspace_dir(const std::string& workspace_id) const {
@@ -95,8 +108,11 @@ Status AgentService::start() {
   std::error_code ec;
   // 0755 all the way: the user-namespaced container's root (a mapped, unprivileged host UID) must
   // be able to traverse into its bundle.
-  for (const auto& dir : {config_.state_dir, config_.state_dir + "/workspaces",
-                          config_.state_dir + "/staging", config_.runc_root}) {
+  // Whatever a killed agent was pulling is of no use now.
+  fs::remove_all(config_.state_dir + "/staging", ec);
+  for (const auto& dir :
+       {config_.state_dir, config_.state_dir + "/workspaces", config_.state_dir + "/staging",
+        config_.state_dir + "/inflight", config_.runc_root}) {
     fs::create_directories(dir, ec);
     if (ec) return make_error(ErrorDomain::kSystem, "cannot create " + dir + ": " + ec.message());
     fs::permissions(dir, fs::perms(0755), ec);
@@ -109,6 +125,41 @@ Status AgentService::start() {
   runtime_info_ = probe_runtime(config_.tools);
   if (auto caps = read_cap_bounding(config_.roots)) cap_bounding_ = *caps;
   started_ms_ = clock_.now_unix_ms();
+  if (!launcher_) {
+    LauncherConfig lc;
+    lc.workspaces_dir = config_.state_dir + "/workspaces";
+    lc.supervisor_binary = config_.supervisor_binary;
+    if (lc.supervisor_binary.empty()) {
+      std::error_code self_ec;
+      lc.supervisor_binary =
+          (fs::read_symlink("/proc/self/exe", self_ec).parent_path() / "cvm-supervisor").string();
+    }
+    // The inner container's runtime; the supervising container always runs under runc.
+    lc.inner_runtime = runtime_info_.sysbox() ? config_.tools.sysbox_runc : config_.tools.runc;
+    if (runtime_info_.sysbox()) {
+      // sysbox-runc talks to sysbox-mgr and sysbox-fs over sockets under /run/sysbox.
+      lc.supervisor_extra_binds.push_back({"/run/sysbox", "/run/sysbox", false});
+    }
+    lc.host_paths_root = config_.host_paths_root;
+    lc.dev_root = config_.dev_root;
+    lc.gpu_library_dir = config_.gpu_library_dir;
+    struct utsname uts {};
+    if (::uname(&uts) == 0) lc.machine = uts.machine;
+    lc.stop_grace = config_.stop_grace;
+    lc.ready_timeout = config_.ready_timeout;
+    lc.host_cap_bounding = cap_bounding_;
+    rlimit nofile{};
+    if (getrlimit(RLIMIT_NOFILE, &nofile) == 0) lc.host_nofile_hard = nofile.rlim_max;
+    launcher_ = std::make_unique<WorkspaceLauncher>(lc, *runtime_, *images_);
+  }
+  runtime_info_.set_supervisor(true);
+  if (auto st = launcher_->prepare(); !st) {
+    // Plain workspaces could still run, but a node that cannot run CVMs must not get them.
+    runtime_info_.set_ready(false);
+    runtime_info_.set_detail("cannot run supervising containers: " + st.error().message +
+                             (runtime_info_.detail().empty() ? "" : "; ") + runtime_info_.detail());
+    spdlog::error("{}", runtime_info_.detail());
+  }
   spdlog::info(
       "node {}: kernel {}, SELinux {}, shiftfs {}, {} CPUs, {} MiB; runtime {} ({})",
       config_.node_id, host_.kernel_version(),
@@ -125,6 +176,7 @@ Status AgentService::start() {
   if (!workspaces) return workspaces.error();
   workspaces_kv_ = std::move(*workspaces);
   load_workspaces();
+  reconcile();
 
   heartbeat();
   bus::ConsumerConfig cc;
@@ -305,13 +357,22 @@ void AgentService::on_work(const bus::JsMessagePtr& msg) {
 void AgentService::handle_start(const cvm::v1::NodeAssignment& a, const bus::JsMessagePtr& msg) {
   const auto& req = a.request();
   auto existing = workspaces_.find(req.workspace_id());
-  if (existing != workspaces_.end() && existing->second.record.phase() == cvm::v1::RUNNING) {
-    // A redelivered assignment, or a START of a workspace that already runs: launch once.
-    auto state = runtime_->state(container_id(req.workspace_id()));
-    if (state && state->status == ContainerStatus::kRunning) {
-      const bool same = existing->second.record.build_id() == req.build_id();
-      publish(a, cvm::v1::RUNNING, cvm::v1::REASON_UNSPECIFIED,
-              same ? "" : "workspace was already running");
+  if (existing != workspaces_.end()) {
+    const auto& rec = existing->second.record;
+    if (rec.phase() == cvm::v1::RUNNING) {
+      // A redelivered assignment, or a START of a workspace that already runs: launch once.
+      auto state = runtime_->state(container_id(req.workspace_id()));
+      if (state && state->status == ContainerStatus::kRunning) {
+        const bool same = rec.build_id() == req.build_id();
+        publish(a, cvm::v1::RUNNING, cvm::v1::REASON_UNSPECIFIED,
+                same ? "" : "workspace was already running");
+        (void)msg->ack();
+        return;
+      }
+    } else if (rec.phase() == cvm::v1::FAILED && rec.build_id() == req.build_id()) {
+      // This very build already failed (e.g. settled by reconcile after a crash): answer the
+      // redelivery with the same outcome instead of launching.
+      publish(a, cvm::v1::FAILED, rec.reason(), rec.message());
       (void)msg->ack();
       return;
     }
@@ -323,170 +384,145 @@ void AgentService::handle_start(const cvm::v1::NodeAssignment& a, const bus::JsM
     return;
   }
   if (auto st = save_id_ranges(); !st) spdlog::error("{}", st.error().message);
+  if (auto st = write_inflight(a); !st) spdlog::error("{}", st.error().message);
   busy_.insert(req.workspace_id());
+  const int64_t preparing_ms = clock_.now_unix_ms();
   publish(a, cvm::v1::PREPARING);
   const auto t0 = std::chrono::steady_clock::now();
-  boost::asio::post(worker_, [this, a, ids = *ids, msg, t0] {
+  boost::asio::post(worker_, [this, a, ids = *ids, msg, t0, preparing_ms] {
     auto result = launch(a, ids);
-    boost::asio::post(io_, [this, a, ids, msg, t0, result = std::move(result)]() mutable {
-      meters_->launch_seconds.Observe(
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-      finish_start(a, ids, std::move(result), msg);
-    });
+    boost::asio::post(
+        io_, [this, a, ids, msg, t0, preparing_ms, result = std::move(result)]() mutable {
+          meters_->launch_seconds.Observe(
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+          finish_start(a, ids, std::move(result), preparing_ms, msg);
+        });
   });
 }
 
 AgentService::LaunchResult AgentService::launch(const cvm::v1::NodeAssignment& a, IdRange ids) {
-  LaunchResult out;
   const auto& req = a.request();
-  const std::string dir = workspace_dir(req.workspace_id());
-  const std::string bundle = dir + "/bundle";
-  const std::string id = container_id(req.workspace_id());
-  std::error_code ec;
-  // A stale container or bundle from an earlier life of this workspace would make runc or umoci
-  // refuse; this START replaces it.
-  (void)runtime_->remove(id, true);
-  fs::remove_all(bundle, ec);
-  fs::create_directories(dir, ec);
-  fs::permissions(dir, fs::perms(0755), ec);
-
-  auto image = images_->unpack(req.image(), bundle, ids);
-  if (!image) {
-    out.reason = cvm::v1::IMAGE_UNAVAILABLE;
-    out.message = "image " + req.image() + ": " + image.error().message;
-    fs::remove_all(bundle, ec);
-    return out;
-  }
-  if (!image->tmp_files.empty()) {
-    out.warnings.push_back("the image has " + std::to_string(image->tmp_files.size()) +
-                           " file(s) under /tmp (e.g. " + image->tmp_files.front() +
-                           "): they are gone once the CVM is built");
-  }
+  LaunchRequest r;
+  r.workspace_id = req.workspace_id();
+  r.build_id = req.build_id();
+  r.image = req.image();
+  r.cvm = a.cvm();
+  r.caching = a.caching();
+  r.auto_load_shiftfs = a.auto_load_shiftfs();
+  r.cpu_millicores = cpu_of(req.resources());
+  r.memory_bytes = memory_of(req.resources());
+  r.tun = req.options().tun();
+  r.fuse = req.options().fuse();
+  for (const auto& g : a.gpus()) r.gpus.push_back(AssignedGpu{g.minor(), g.uuid()});
+  r.ids = ids;
+  LaunchResult out;
+  out.outcome = launcher_->launch(r, [&] {
+    out.starting_ms = clock_.now_unix_ms();
+    publish(a, cvm::v1::STARTING);
+  });
   if (!runtime_info_.sysbox()) {
-    out.warnings.push_back(
+    out.outcome.warnings.push_back(
         "sysbox-runc is not installed on " + config_.node_id +
         ": the workspace runs under runc with a user namespace and an exclusive ID range");
   }
-  SpecInput in;
-  in.hostname = req.workspace_id();
-  in.has_sbin_init = image->has_sbin_init;
-  in.env = image->env;
-  in.cwd = image->cwd.empty() ? "/" : image->cwd;
-  in.ids = ids;
-  in.capability_profile =
-      a.cvm() ? CapabilityProfile::kSystemContainer : CapabilityProfile::kDocker;
-  in.host_cap_bounding = cap_bounding_;
-  rlimit nofile{};
-  if (getrlimit(RLIMIT_NOFILE, &nofile) == 0) in.host_nofile_hard = nofile.rlim_max;
-  in.cgroups_path = "/cvm/" + id;
-  in.memory_limit_bytes = memory_of(req.resources());
-  in.cpu_millicores = cpu_of(req.resources());
-  in.tun = req.options().tun();
-  in.fuse = req.options().fuse();
-  in.annotations["io.cvm.workspace"] = req.workspace_id();
-  in.annotations["io.cvm.build"] = req.build_id();
-  if (auto st = write_runtime_spec(bundle, build_runtime_spec(in)); !st) {
-    out.reason = cvm::v1::RUNTIME_ERROR;
-    out.message = st.error().message;
-    fs::remove_all(bundle, ec);
-    return out;
-  }
-  publish(a, cvm::v1::STARTING);
-  const std::string log = dir + "/runc.log";
-  auto created = runtime_->create(id, bundle, log);
-  Status started = created ? runtime_->start(id) : created;
-  if (!started) {
-    out.reason = cvm::v1::RUNTIME_ERROR;
-    out.message = started.error().message;
-    // Leave no half-made container behind.
-    (void)runtime_->remove(id, true);
-    fs::remove_all(bundle, ec);
-    return out;
-  }
-  auto state = runtime_->state(id);
-  if (!state || state->status != ContainerStatus::kRunning) {
-    out.reason = cvm::v1::RUNTIME_ERROR;
-    out.message = state ? "the container exited right after it started (see " + log + ")"
-                        : state.error().message;
-    (void)runtime_->remove(id, true);
-    fs::remove_all(bundle, ec);
-    return out;
-  }
-  out.ok = true;
-  out.pid = state->pid;
   return out;
 }
 
-void AgentService::finish_start(const cvm::v1::NodeAssignment& a, IdRange ids, LaunchResult result,
-                                const bus::JsMessagePtr& msg) {
+void AgentService::record_outcome(const cvm::v1::NodeAssignment& a, IdRange ids,
+                                  const LaunchOutcome& outcome,
+                                  const std::vector<std::pair<cvm::v1::Phase, int64_t>>& phases) {
   const auto& req = a.request();
+  Workspace ws;
+  auto& r = ws.record;
+  r.set_workspace_id(req.workspace_id());
+  r.set_node_id(config_.node_id);
+  r.set_build_id(req.build_id());
+  r.set_phase(outcome.ok ? cvm::v1::RUNNING : cvm::v1::FAILED);
+  r.set_desired(cvm::v1::START);
+  r.set_image(req.image());
+  *r.mutable_resources() = req.resources();
+  r.set_container_id(container_id(req.workspace_id()));
+  r.set_cvm(a.cvm());
+  r.set_caching(a.caching());
+  r.set_runtime(a.cvm() ? runtime_info_.runtime() : "runc");
+  r.set_updated_unix_ms(clock_.now_unix_ms());
+  for (const auto& [phase, ms] : phases) {
+    auto* t = r.add_phase_times();
+    t->set_phase(phase);
+    t->set_unix_ms(ms);
+  }
+  if (outcome.ok) {
+    r.set_uid_base(ids.base);
+    r.set_uid_count(ids.count);
+    r.set_lease_id(a.lease_id());
+    for (const auto& g : a.gpus()) r.add_gpu_uuids(g.uuid());
+  } else {
+    r.set_reason(outcome.reason);
+    r.set_message(outcome.message);
+  }
+  ws.cpu_millicores = cpu_of(req.resources());
+  ws.memory_bytes = memory_of(req.resources());
+  workspaces_[req.workspace_id()] = ws;
+  put_workspace(ws);
+}
+
+void AgentService::finish_start(const cvm::v1::NodeAssignment& a, IdRange ids, LaunchResult result,
+                                int64_t preparing_ms, const bus::JsMessagePtr& msg) {
+  const auto& req = a.request();
+  const auto& outcome = result.outcome;
   busy_.erase(req.workspace_id());
-  if (!result.ok) {
+  std::vector<std::pair<cvm::v1::Phase, int64_t>> phases = {{cvm::v1::PREPARING, preparing_ms}};
+  if (result.starting_ms != 0) phases.emplace_back(cvm::v1::STARTING, result.starting_ms);
+  phases.emplace_back(outcome.ok ? cvm::v1::RUNNING : cvm::v1::FAILED, clock_.now_unix_ms());
+  if (!outcome.ok) {
     meters_->failed.Increment();
     ids_->release(req.workspace_id());
     if (auto st = save_id_ranges(); !st) spdlog::error("{}", st.error().message);
-    workspaces_.erase(req.workspace_id());
     if (!a.lease_id().empty()) {
       cvm::v1::WorkspaceRecord r;
       r.set_workspace_id(req.workspace_id());
       r.set_lease_id(a.lease_id());
       release_gpus(r);
     }
-    spdlog::warn("build {} FAILED {}: {}", req.build_id(), cvm::v1::Reason_Name(result.reason),
-                 result.message);
-    publish(a, cvm::v1::FAILED, result.reason, result.message, result.warnings);
+    record_outcome(a, ids, outcome, phases);
+    remove_inflight(req.workspace_id());
+    spdlog::warn("build {} FAILED {}: {}", req.build_id(), cvm::v1::Reason_Name(outcome.reason),
+                 outcome.message);
+    publish(a, cvm::v1::FAILED, outcome.reason, outcome.message, outcome.warnings);
     (void)msg->ack();
     heartbeat();  // report the freed capacity now
     return;
   }
-  Workspace ws;
-  auto& r = ws.record;
-  r.set_workspace_id(req.workspace_id());
-  r.set_node_id(config_.node_id);
-  r.set_build_id(req.build_id());
-  r.set_phase(cvm::v1::RUNNING);
-  r.set_desired(cvm::v1::START);
-  r.set_image(req.image());
-  *r.mutable_resources() = req.resources();
-  r.set_container_id(container_id(req.workspace_id()));
-  r.set_uid_base(ids.base);
-  r.set_uid_count(ids.count);
-  r.set_updated_unix_ms(clock_.now_unix_ms());
-  r.set_lease_id(a.lease_id());
-  for (const auto& g : a.gpus()) r.add_gpu_uuids(g.uuid());
-  ws.cpu_millicores = cpu_of(req.resources());
-  ws.memory_bytes = memory_of(req.resources());
-  workspaces_[req.workspace_id()] = ws;
-  put_workspace(ws);
+  record_outcome(a, ids, outcome, phases);
+  remove_inflight(req.workspace_id());
   meters_->launched.Increment();
-  meters_->running.Set(static_cast<double>(workspaces_.size()));
-  spdlog::info("build {}: workspace {} RUNNING as {} (pid {}, uid base {})", req.build_id(),
-               req.workspace_id(), r.container_id(), result.pid, ids.base);
-  publish(a, cvm::v1::RUNNING, cvm::v1::REASON_UNSPECIFIED, "", result.warnings);
+  update_running_gauge();
+  spdlog::info("build {}: workspace {} RUNNING as {} ({}, pid {}, uid base {})", req.build_id(),
+               req.workspace_id(), container_id(req.workspace_id()),
+               a.cvm() ? "CVM" : "plain container", outcome.pid, ids.base);
+  publish(a, cvm::v1::RUNNING, cvm::v1::REASON_UNSPECIFIED, "", outcome.warnings);
   (void)msg->ack();
   heartbeat();
+}
+
+void AgentService::update_running_gauge() {
+  size_t running = 0;
+  for (const auto& [wid, ws] : workspaces_) running += ws.record.phase() == cvm::v1::RUNNING;
+  meters_->running.Set(static_cast<double>(running));
 }
 
 void AgentService::handle_stop(const cvm::v1::NodeAssignment& a, const bus::JsMessagePtr& msg,
                                bool remove) {
   const auto& req = a.request();
   busy_.insert(req.workspace_id());
+  const int64_t stopping_ms = clock_.now_unix_ms();
   publish(a, cvm::v1::STOPPING);
-  const std::string id = container_id(req.workspace_id());
-  const std::string dir = workspace_dir(req.workspace_id());
-  boost::asio::post(worker_, [this, a, msg, id, dir, remove] {
+  boost::asio::post(worker_, [this, a, msg, remove, stopping_ms] {
+    const auto& ws_id = a.request().workspace_id();
     // Stopping what is already gone is success: STOP then DELETE, or a redelivered STOP.
-    auto ignore_missing = [](Status s) {
-      return s.ok() || s.error().is_not_found() ? Status{} : s;
-    };
-    Status st = ignore_missing(stop_container(*runtime_, id, config_.stop_grace));
-    if (st) st = ignore_missing(runtime_->remove(id, true));
-    if (st && remove) {
-      std::error_code ec;
-      fs::remove_all(dir, ec);
-      if (ec) st = make_error(ErrorDomain::kSystem, "cannot remove " + dir + ": " + ec.message());
-    }
-    boost::asio::post(io_, [this, a, msg, st, remove] {
+    Status st = launcher_->stop(ws_id);
+    if (st) st = launcher_->remove(ws_id, remove);
+    boost::asio::post(io_, [this, a, msg, st, remove, stopping_ms] {
       const auto& req = a.request();
       busy_.erase(req.workspace_id());
       if (!st) {
@@ -501,21 +537,28 @@ void AgentService::handle_stop(const cvm::v1::NodeAssignment& a, const bus::JsMe
         it->second.record.clear_lease_id();
       }
       if (remove) {
+        // The rootfs is gone with the workspace's directory; its ID range is free again.
         ids_->release(req.workspace_id());
         if (auto s = save_id_ranges(); !s) spdlog::error("{}", s.error().message);
         workspaces_.erase(req.workspace_id());
         (void)workspaces_kv_->erase(req.workspace_id());
       } else if (it != workspaces_.end()) {
-        it->second.record.set_phase(cvm::v1::STOPPED);
-        it->second.record.set_desired(cvm::v1::STOP);
-        it->second.record.set_build_id(req.build_id());
-        it->second.record.set_updated_unix_ms(clock_.now_unix_ms());
+        auto& r = it->second.record;
+        r.set_phase(cvm::v1::STOPPED);
+        r.set_desired(cvm::v1::STOP);
+        r.set_build_id(req.build_id());
+        r.set_updated_unix_ms(clock_.now_unix_ms());
+        r.clear_phase_times();
+        auto* t1 = r.add_phase_times();
+        t1->set_phase(cvm::v1::STOPPING);
+        t1->set_unix_ms(stopping_ms);
+        auto* t2 = r.add_phase_times();
+        t2->set_phase(cvm::v1::STOPPED);
+        t2->set_unix_ms(clock_.now_unix_ms());
         put_workspace(it->second);
       }
       meters_->stopped.Increment();
-      size_t running = 0;
-      for (const auto& [wid, ws] : workspaces_) running += ws.record.phase() == cvm::v1::RUNNING;
-      meters_->running.Set(static_cast<double>(running));
+      update_running_gauge();
       spdlog::info("build {}: workspace {} {}", req.build_id(), req.workspace_id(),
                    remove ? "deleted" : "stopped");
       publish(a, cvm::v1::STOPPED);
@@ -523,6 +566,166 @@ void AgentService::handle_stop(const cvm::v1::NodeAssignment& a, const bus::JsMe
       heartbeat();
     });
   });
+}
+
+Status AgentService::write_inflight(const cvm::v1::NodeAssignment& a) {
+  const std::string path = config_.state_dir + "/inflight/" + a.request().workspace_id() + ".pb";
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out << a.SerializeAsString();
+    out.flush();
+    if (!out) return make_error(ErrorDomain::kSystem, "cannot write " + tmp);
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) return make_error(ErrorDomain::kSystem, "cannot replace " + path + ": " + ec.message());
+  return {};
+}
+
+void AgentService::remove_inflight(const std::string& workspace_id) {
+  std::error_code ec;
+  fs::remove(config_.state_dir + "/inflight/" + workspace_id + ".pb", ec);
+}
+
+std::map<std::string, cvm::v1::NodeAssignment> AgentService::read_inflight() {
+  std::map<std::string, cvm::v1::NodeAssignment> out;
+  std::error_code ec;
+  for (fs::directory_iterator it(config_.state_dir + "/inflight", ec);
+       !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    if (it->path().extension() != ".pb") {
+      fs::remove(it->path(), ec);  // a .tmp of a write that never finished
+      continue;
+    }
+    std::ifstream in(it->path(), std::ios::binary);
+    std::stringstream bytes;
+    bytes << in.rdbuf();
+    cvm::v1::NodeAssignment a;
+    if (!a.ParseFromString(bytes.str()) || !wire::is_valid_id(a.request().workspace_id())) {
+      spdlog::warn("dropping unreadable in-flight record {}", it->path().string());
+      fs::remove(it->path(), ec);
+      continue;
+    }
+    out[a.request().workspace_id()] = std::move(a);
+  }
+  return out;
+}
+
+void AgentService::reconcile() {
+  auto listed = runtime_->list();
+  if (!listed) {
+    spdlog::error("reconcile: runc list failed ({}); leaving state as it is",
+                  listed.error().message);
+    return;
+  }
+  std::map<std::string, ContainerState> containers;
+  for (auto& c : *listed) containers[c.id] = c;
+  const auto running = [&](const std::string& ws) {
+    auto it = containers.find(container_id(ws));
+    return it != containers.end() && it->second.status == ContainerStatus::kRunning ? it->second.pid
+                                                                                    : 0;
+  };
+  std::set<std::string> keep;  // workspaces whose container and files stay
+
+  // 1. Launches a killed agent left unfinished: adopt what got to RUNNING, fail the rest.
+  for (auto& [ws_id, a] : read_inflight()) {
+    const auto& req = a.request();
+    auto ids = ids_->find(ws_id);
+    LaunchOutcome outcome;
+    int pid = running(ws_id);
+    if (pid > 0 && ids) {
+      if (a.cvm()) {
+        auto status = launcher_->wait_ready(ws_id, pid, config_.ready_timeout);
+        if (status && status->state == SupervisorStatus::State::kRunning) {
+          outcome.ok = true;
+        } else {
+          outcome.message =
+              status ? "the workspace's init exited during the launch" : status.error().message;
+        }
+      } else {
+        outcome.ok = true;
+      }
+      outcome.pid = pid;
+    }
+    if (!outcome.ok) {
+      outcome.reason = cvm::v1::RUNTIME_ERROR;
+      outcome.message = "the node agent restarted during the launch" +
+                        (outcome.message.empty() ? "" : ": " + outcome.message) +
+                        "; nothing of it was kept";
+      (void)launcher_->stop(ws_id);
+      if (auto st = launcher_->remove(ws_id, true); !st) spdlog::error("{}", st.error().message);
+      ids_->release(ws_id);
+    } else {
+      keep.insert(ws_id);
+    }
+    std::vector<std::pair<cvm::v1::Phase, int64_t>> phases = {
+        {outcome.ok ? cvm::v1::RUNNING : cvm::v1::FAILED, clock_.now_unix_ms()}};
+    record_outcome(a, ids.value_or(IdRange{}), outcome, phases);
+    remove_inflight(ws_id);
+    spdlog::warn("reconcile: build {} of workspace {} {} after a restart", req.build_id(), ws_id,
+                 outcome.ok ? "is RUNNING" : "FAILED");
+    if (outcome.ok) {
+      meters_->launched.Increment();
+      publish(a, cvm::v1::RUNNING);
+    } else {
+      meters_->failed.Increment();
+      publish(a, cvm::v1::FAILED, outcome.reason, outcome.message);
+    }
+  }
+
+  // 2. Desired state in KV against what runs: adopt, or report lost.
+  for (auto& [ws_id, ws] : workspaces_) {
+    auto& r = ws.record;
+    if (keep.contains(ws_id)) continue;
+    if (r.phase() != cvm::v1::RUNNING) {
+      keep.insert(ws_id);  // stopped (files kept) or failed (nothing there): nothing to adopt
+      continue;
+    }
+    if (running(ws_id) > 0) {
+      keep.insert(ws_id);
+      spdlog::info("reconcile: adopted running workspace {} ({})", ws_id, container_id(ws_id));
+      continue;
+    }
+    // Gone while the agent was away (node reboot, killed by hand): say so in its record.
+    (void)launcher_->remove(ws_id, false);
+    r.set_phase(cvm::v1::FAILED);
+    r.set_reason(cvm::v1::NODE_LOST);
+    r.set_message("container " + container_id(ws_id) +
+                  " was no longer running when the node agent restarted");
+    r.set_updated_unix_ms(clock_.now_unix_ms());
+    auto* t = r.add_phase_times();
+    t->set_phase(cvm::v1::FAILED);
+    t->set_unix_ms(r.updated_unix_ms());
+    put_workspace(ws);
+    keep.insert(ws_id);  // its files and range stay for a later START or DELETE
+    meters_->lost.Increment();
+    spdlog::warn("reconcile: workspace {} lost: {}", ws_id, r.message());
+  }
+
+  // 3. Orphans: containers, directories and ID ranges that no workspace accounts for.
+  for (const auto& [id, c] : containers) {
+    if (id.rfind("cvm-", 0) != 0 || keep.contains(id.substr(4))) continue;
+    spdlog::warn("reconcile: removing orphan container {} ({})", id, to_string(c.status));
+    (void)runtime_->remove(id, true);
+    meters_->orphans.Increment();
+  }
+  std::error_code ec;
+  for (fs::directory_iterator it(config_.state_dir + "/workspaces", ec);
+       !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    const std::string ws_id = it->path().filename().string();
+    if (keep.contains(ws_id)) continue;
+    spdlog::warn("reconcile: removing orphan workspace directory {}", it->path().string());
+    if (auto st = remove_tree(it->path().string()); !st) spdlog::error("{}", st.error().message);
+    meters_->orphans.Increment();
+  }
+  const auto saved = ids_->to_json();
+  for (const auto& [ws_id, range] : saved["ranges"].items()) {
+    if (keep.contains(ws_id)) continue;
+    spdlog::warn("reconcile: releasing the ID range of {}", ws_id);
+    ids_->release(ws_id);
+  }
+  if (auto st = save_id_ranges(); !st) spdlog::error("{}", st.error().message);
+  update_running_gauge();
 }
 
 void AgentService::release_gpus(const cvm::v1::WorkspaceRecord& record) {

@@ -48,6 +48,24 @@ int main(int argc, char** argv) {
   app.add_option("--runc", config.tools.runc, "runc binary")->capture_default_str();
   app.add_option("--umoci", config.tools.umoci, "umoci binary")->capture_default_str();
   app.add_option("--skopeo", config.tools.skopeo, "skopeo binary")->capture_default_str();
+  app.add_option("--sysbox-runc", config.tools.sysbox_runc,
+                 "sysbox-runc binary (used when present)")
+      ->capture_default_str();
+  app.add_option("--supervisor", config.supervisor_binary,
+                 "cvm-supervisor binary (default: next to this executable)");
+  app.add_option("--host-paths-root", config.host_paths_root,
+                 "where the supervising container's hostPath mounts (/usr/src, /lib/modules, "
+                 "/var/run, /var/lib) are taken from")
+      ->capture_default_str();
+  app.add_option("--dev-root", config.dev_root, "where NVIDIA device nodes are looked up")
+      ->capture_default_str();
+  app.add_option("--gpu-library-dir", config.gpu_library_dir,
+                 "host folder of NVIDIA driver libraries bind-mounted into GPU workspaces");
+  app.add_option("--image-cache", config.image_cache_dir,
+                 "node image cache used with Caching on (default: <state-dir>/image-cache)");
+  app.add_option("--registry-tls-verify", config.registry_tls_verify,
+                 "verify registry TLS when pulling docker:// images (false: plain HTTP)")
+      ->capture_default_str();
   double heartbeat_s = 5;
   app.add_option("--heartbeat-interval", heartbeat_s, "seconds between NodeStatus heartbeats")
       ->capture_default_str()
