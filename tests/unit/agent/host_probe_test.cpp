@@ -249,6 +249,71 @@ TEST(ProbeHost, BareMetal) {
   EXPECT_EQ(caps.virtualization(), "");
 }
 
+TEST(PciGpu, ClassifiesDisplayControllersByVendor) {
+  EXPECT_EQ(classify_pci_gpu("0x10de\n", "0x030200\n"), cvm::v1::NVIDIA);  // 3D controller
+  EXPECT_EQ(classify_pci_gpu("0x10DE", "0x030000"), cvm::v1::NVIDIA);      // VGA
+  EXPECT_EQ(classify_pci_gpu("0x1002", "0x030000"), cvm::v1::AMD);
+  EXPECT_EQ(classify_pci_gpu("0x1002", "0x038000"), cvm::v1::AMD);
+  // A GPU's HDMI audio and USB-C functions are not more GPUs.
+  EXPECT_EQ(classify_pci_gpu("0x10de", "0x040300"), cvm::v1::GPU_VENDOR_UNSPECIFIED);
+  EXPECT_EQ(classify_pci_gpu("0x10de", "0x0c0330"), cvm::v1::GPU_VENDOR_UNSPECIFIED);
+  EXPECT_EQ(classify_pci_gpu("0x8086", "0x030000"), cvm::v1::GPU_VENDOR_UNSPECIFIED);  // Intel
+  EXPECT_EQ(classify_pci_gpu("", ""), cvm::v1::GPU_VENDOR_UNSPECIFIED);
+  EXPECT_EQ(classify_pci_gpu("0x10de", "0x03"), cvm::v1::GPU_VENDOR_UNSPECIFIED);
+}
+
+void add_pci(const testing::FixtureTree& tree, const std::string& addr, const std::string& vendor,
+             const std::string& cls) {
+  tree.write("sys/bus/pci/devices/" + addr + "/vendor", vendor + "\n");
+  tree.write("sys/bus/pci/devices/" + addr + "/class", cls + "\n");
+}
+
+TEST(ProbeHost, BareMetalWithEightNvidiaGpus) {
+  HostTree host;
+  host.tree().write("sys/class/dmi/id/sys_vendor", "Supermicro\n");
+  host.tree().write("sys/class/dmi/id/product_name", "SYS-421GE-TNRT\n");
+  for (int i = 0; i < 8; ++i) {
+    char addr[32];
+    std::snprintf(addr, sizeof addr, "0000:%02x:00.0", 0x18 + i * 0x10);
+    add_pci(host.tree(), addr, "0x10de", "0x030200");
+    std::snprintf(addr, sizeof addr, "0000:%02x:00.1", 0x18 + i * 0x10);
+    add_pci(host.tree(), addr, "0x10de", "0x040300");  // its audio function
+  }
+  add_pci(host.tree(), "0000:00:02.0", "0x8086", "0x030000");  // the board's own VGA
+  const auto caps = probe_host(host.roots());
+  EXPECT_TRUE(caps.bare_metal());
+  EXPECT_FALSE(caps.hypervisor_flag());
+  EXPECT_EQ(caps.nvidia_pci_gpus(), 8u);
+  EXPECT_EQ(caps.amd_pci_gpus(), 0u);
+}
+
+TEST(ProbeHost, AmdGpu) {
+  HostTree host;
+  add_pci(host.tree(), "0000:03:00.0", "0x1002", "0x030000");
+  const auto caps = probe_host(host.roots());
+  EXPECT_EQ(caps.amd_pci_gpus(), 1u);
+  EXPECT_EQ(caps.nvidia_pci_gpus(), 0u);
+}
+
+TEST(ProbeHost, GceVmWithAGpuIsStillAVm) {
+  HostTree host;
+  host.tree().write("sys/class/dmi/id/sys_vendor", "Google\n");
+  host.tree().write("sys/class/dmi/id/product_name", "Google Compute Engine\n");
+  host.tree().write("proc/cpuinfo", kCpuinfoVm);
+  add_pci(host.tree(), "0000:00:04.0", "0x10de", "0x030200");
+  const auto caps = probe_host(host.roots());
+  EXPECT_FALSE(caps.bare_metal());
+  EXPECT_TRUE(caps.hypervisor_flag());
+  EXPECT_EQ(caps.nvidia_pci_gpus(), 1u);
+}
+
+TEST(ProbeHost, NoPciBusNoGpus) {
+  HostTree host;
+  const auto caps = probe_host(host.roots());
+  EXPECT_EQ(caps.nvidia_pci_gpus(), 0u);
+  EXPECT_EQ(caps.amd_pci_gpus(), 0u);
+}
+
 TEST(ProbeHost, VmWithoutDmiIsCaughtByHypervisorFlag) {
   HostTree host;  // e.g. Firecracker: no DMI at all
   host.tree().write("proc/cpuinfo", kCpuinfoVm);

@@ -136,3 +136,32 @@ TEST_F(Rootfs, WriteRuntimeSpecReplacesConfig) {
 
 }  // namespace
 }  // namespace cvm::agent
+
+namespace cvm::agent {
+namespace {
+
+TEST(CacheTag, SanitizedUniqueAndValid) {
+  const std::string a = cache_tag("docker://127.0.0.1:5000/library/busybox:latest");
+  EXPECT_EQ(a.rfind("127.0.0.1_5000_library_busybox_latest-", 0), 0u) << a;
+  // Sanitizing alone would make these two equal; the hash keeps them apart.
+  EXPECT_NE(cache_tag("docker://a/b:c"), cache_tag("docker://a_b_c"));
+  EXPECT_EQ(cache_tag("docker://a/b:c"), cache_tag("docker://a/b:c"));
+  const std::string long_tag = cache_tag("docker://" + std::string(400, 'x'));
+  EXPECT_LE(long_tag.size(), 128u);
+  EXPECT_TRUE(parse_image_ref("oci:/cache/layout:" + a).ok()) << "a valid OCI tag";
+  EXPECT_TRUE(parse_image_ref("oci:/cache/layout:" + cache_tag("docker://-x")).ok());
+}
+
+TEST(LayoutIndex, FindsTags) {
+  const std::string index = R"({"schemaVersion":2,"manifests":[
+    {"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:ab","size":1,
+     "annotations":{"org.opencontainers.image.ref.name":"busybox-1"}},
+    {"digest":"sha256:cd","size":1}]})";
+  EXPECT_TRUE(layout_index_has_tag(index, "busybox-1"));
+  EXPECT_FALSE(layout_index_has_tag(index, "busybox-2"));
+  EXPECT_FALSE(layout_index_has_tag("not json", "busybox-1"));
+  EXPECT_FALSE(layout_index_has_tag(R"({"manifests":{}})", "busybox-1"));
+}
+
+}  // namespace
+}  // namespace cvm::agent
