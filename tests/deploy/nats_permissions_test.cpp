@@ -1,0 +1,293 @@
+// deploy/nats's users and permissions on a real nats-server: anonymous clients are refused, and a
+// node agent's user reaches its own node's work only: not another node's work (by its durable, by
+// a durable of its own name filtered to the other node, by an ordered read, or by a core
+// subscription), not another user's inbox, not another node's status, and it cannot delete a
+// stream. The services' end-to-end run with these users is tests/deploy/stack_test.py.
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+
+#include "cvm/base/wire.h"
+#include "cvm/bus/bus.h"
+#include "cvm/service/streams.h"
+#include "cvm/test/nats_server.h"
+#include "cvm/test/wait.h"
+
+namespace cvm::test {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Runs deploy/nats/gen-auth.sh for nodes n1 and n2 into a temp directory.
+struct GeneratedAuth {
+  std::string dir;
+  std::string auth_conf;
+  std::map<std::string, std::string> passwords;  // user -> password
+
+  GeneratedAuth() {
+    dir = fs::temp_directory_path() / ("cvm-auth-" + std::to_string(getpid()));
+    fs::remove_all(dir);
+    const std::string cmd = std::string(CVM_GEN_AUTH) + " --out " + dir + " n1 n2 >/dev/null";
+    if (std::system(cmd.c_str()) != 0) return;
+    auth_conf = slurp(dir + "/auth.conf");
+    for (const auto& entry : fs::directory_iterator(dir + "/credentials")) {
+      std::istringstream in(slurp(entry.path()));
+      std::string user;
+      std::string password;
+      for (std::string line; std::getline(in, line);) {
+        if (line.rfind("CVM_NATS_USER=", 0) == 0) user = line.substr(14);
+        if (line.rfind("CVM_NATS_PASSWORD=", 0) == 0) password = line.substr(18);
+      }
+      passwords[user] = password;
+    }
+  }
+  ~GeneratedAuth() { fs::remove_all(dir); }
+};
+
+class NatsPermissions : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { auth_ = new GeneratedAuth(); }
+  static void TearDownTestSuite() { delete auth_; }
+
+  void SetUp() override {
+    ASSERT_FALSE(auth_->auth_conf.empty()) << "gen-auth.sh failed";
+    ASSERT_EQ(auth_->passwords.size(), 6u);
+    server_.emplace(NatsServerOptions{.extra_config = auth_->auth_conf});
+    auto started = server_->start();
+    ASSERT_TRUE(started.ok()) << started.error().message;
+    io_thread_ = std::thread([this] { io_.run(); });
+    // The services' view of the world: streams and buckets made by their own users.
+    scheduler_ = connect("scheduler");
+    ASSERT_TRUE(scheduler_);
+    ASSERT_TRUE(service::ensure_streams(*scheduler_).ok());
+    ASSERT_TRUE(scheduler_->ensure_kv(service::nodes_bucket()).ok());
+  }
+
+  void TearDown() override {
+    scheduler_.reset();
+    work_.reset();
+    io_thread_.join();
+  }
+
+  bus::ConnectionPtr connect(const std::string& user, std::string password = {}) {
+    bus::ConnectOptions o;
+    o.url = server_->url();
+    o.name = user;
+    o.user = user;
+    o.password = password.empty() && !user.empty() ? auth_->passwords[user] : password;
+    o.retry_on_failed_connect = false;
+    o.max_reconnect = 0;
+    o.on_error = [this, user](const Error& e) {
+      std::lock_guard lock(mu_);
+      errors_[user].push_back(e.message);
+    };
+    auto c = bus::Connection::connect(o, io_.get_executor());
+    return c.ok() ? *c : nullptr;
+  }
+
+  // Did the server tell `user` it was refused something matching `text`?
+  bool refused(const std::string& user, const std::string& text) {
+    return wait_until(
+        [&] {
+          std::lock_guard lock(mu_);
+          for (const auto& e : errors_[user]) {
+            if (e.find("ermission") != std::string::npos && e.find(text) != std::string::npos) {
+              return true;
+            }
+          }
+          return false;
+        },
+        5s);
+  }
+
+  void publish_work(const std::string& node, const std::string& payload) {
+    auto ack = scheduler_->js_publish(wire::node_work_subject(node), payload);
+    ASSERT_TRUE(ack.ok()) << ack.error().message;
+  }
+
+  static inline GeneratedAuth* auth_ = nullptr;
+  std::optional<NatsServer> server_;
+  boost::asio::io_context io_;
+  std::optional<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> work_{
+      boost::asio::make_work_guard(io_)};
+  std::thread io_thread_;
+  std::mutex mu_;
+  std::map<std::string, std::vector<std::string>> errors_;
+  bus::ConnectionPtr scheduler_;
+};
+
+TEST_F(NatsPermissions, AnonymousAndWrongPasswordsAreRefused) {
+  EXPECT_FALSE(connect(""));
+  EXPECT_FALSE(connect("agent-n1", "not-the-password"));
+  EXPECT_FALSE(connect("nobody", "x"));
+  EXPECT_TRUE(connect("agent-n1"));
+}
+
+TEST_F(NatsPermissions, AnAgentConsumesItsOwnWorkOnly) {
+  publish_work("n1", "for-n1");
+  publish_work("n2", "for-n2");
+  auto agent = connect("agent-n1");
+  ASSERT_TRUE(agent);
+
+  std::mutex mu;
+  std::vector<std::string> got;
+  auto own = agent->pull_consume({.stream = std::string(wire::kStreamNodeWork),
+                                  .durable = wire::agent_durable("n1"),
+                                  .filter_subject = wire::node_work_subject("n1")},
+                                 [&](bus::JsMessagePtr m) {
+                                   std::lock_guard lock(mu);
+                                   got.emplace_back(m->data());
+                                   (void)m->ack();
+                                 });
+  ASSERT_TRUE(own.ok()) << own.error().message;
+  ASSERT_TRUE(wait_until([&] {
+    std::lock_guard lock(mu);
+    return !got.empty();
+  }));
+
+  // n2's durable, and a durable of n1's own name but filtered to n2's work: both refused.
+  auto other = agent->pull_consume({.stream = std::string(wire::kStreamNodeWork),
+                                    .durable = wire::agent_durable("n2"),
+                                    .filter_subject = wire::node_work_subject("n2")},
+                                   [&](bus::JsMessagePtr m) {
+                                     std::lock_guard lock(mu);
+                                     got.emplace_back(m->data());
+                                   });
+  EXPECT_FALSE(other.ok());
+  auto renamed = agent->pull_consume({.stream = std::string(wire::kStreamNodeWork),
+                                      .durable = "agent-n1-too",
+                                      .filter_subject = wire::node_work_subject("n2")},
+                                     [&](bus::JsMessagePtr) {});
+  EXPECT_FALSE(renamed.ok());
+  // An ordered (ephemeral) read of n2's work, and a plain subscription to its subject.
+  auto reader =
+      agent->read_stream(std::string(wire::kStreamNodeWork), wire::node_work_subject("n2"));
+  if (reader.ok()) {
+    auto m = (*reader)->next(1s);
+    EXPECT_FALSE(m.ok() && m->has_value()) << "read n2's work through an ordered consumer";
+  }
+  auto sub = agent->subscribe(wire::node_work_subject("n2"), "", [&](bus::Message m) {
+    std::lock_guard lock(mu);
+    got.push_back(m.data);
+  });
+  EXPECT_TRUE(refused("agent-n1", "cvm.v1.node.n2.work"));
+  publish_work("n2", "for-n2-again");
+
+  // Meanwhile its own work keeps flowing.
+  publish_work("n1", "for-n1-again");
+  ASSERT_TRUE(wait_until([&] {
+    std::lock_guard lock(mu);
+    return got.size() >= 2;
+  }));
+  std::this_thread::sleep_for(300ms);  // let anything that leaked arrive before looking
+  std::lock_guard lock(mu);
+  EXPECT_EQ(got, (std::vector<std::string>{"for-n1", "for-n1-again"}));
+}
+
+TEST_F(NatsPermissions, AnAgentCannotDeleteOrPurgeAStream) {
+  auto agent = connect("agent-n1");
+  ASSERT_TRUE(agent);
+  for (const std::string api :
+       {"$JS.API.STREAM.DELETE.CVM_NODE_WORK", "$JS.API.STREAM.PURGE.CVM_NODE_WORK",
+        "$JS.API.STREAM.DELETE.CVM_EVENTS"}) {
+    auto reply = agent->request(api, "", 1s);
+    EXPECT_FALSE(reply.ok() && reply->data.find("\"success\":true") != std::string::npos) << api;
+  }
+  EXPECT_TRUE(refused("agent-n1", "STREAM.DELETE"));
+  publish_work("n1", "still-here");
+  auto state = scheduler_->stream_state(std::string(wire::kStreamNodeWork));
+  ASSERT_TRUE(state.ok()) << state.error().message;
+  EXPECT_EQ(state->messages, 1u);
+  EXPECT_TRUE(scheduler_->stream_state(std::string(wire::kStreamEvents)).ok());
+}
+
+TEST_F(NatsPermissions, AnAgentCannotReadOtherInboxes) {
+  auto agent = connect("agent-n1");
+  ASSERT_TRUE(agent);
+  std::mutex mu;
+  std::vector<std::string> leaked;
+  std::vector<bus::Subscription> subs;
+  for (const std::string subject : {"_INBOX.>", "_INBOX_scheduler.>", "_INBOX_agent-n2.>", ">"}) {
+    auto s = agent->subscribe(subject, "", [&](bus::Message m) {
+      std::lock_guard lock(mu);
+      leaked.push_back(m.subject);
+    });
+    if (s.ok()) subs.push_back(std::move(*s));
+  }
+  EXPECT_TRUE(refused("agent-n1", "_INBOX_scheduler.>"));
+  // The scheduler asks the broker for GPUs; the reply travels to the scheduler's inbox.
+  auto broker = connect("gpu-broker");
+  ASSERT_TRUE(broker);
+  auto responder = broker->subscribe(std::string(wire::kGpuReserve), "gpu-broker",
+                                     [&](bus::Message m) { (void)broker->publish(m.reply, "ok"); });
+  ASSERT_TRUE(responder.ok());
+  ASSERT_TRUE(broker->flush().ok());
+  auto reply = scheduler_->request(std::string(wire::kGpuReserve), "req", 5s);
+  ASSERT_TRUE(reply.ok()) << reply.error().message;
+  EXPECT_EQ(reply->data, "ok");
+  // Its own inbox still works: a request of its own gets its reply.
+  auto own = agent->request(std::string(wire::kGpuRelease), "rel", 1s);
+  EXPECT_TRUE(own.ok() || own.error().domain == ErrorDomain::kNotFound) << own.error().message;
+  std::this_thread::sleep_for(300ms);
+  std::lock_guard lock(mu);
+  EXPECT_TRUE(leaked.empty()) << leaked.front();
+}
+
+TEST_F(NatsPermissions, AnAgentWritesItsOwnStatusOnly) {
+  auto agent = connect("agent-n1");
+  ASSERT_TRUE(agent);
+  auto kv = agent->ensure_kv(service::nodes_bucket());
+  ASSERT_TRUE(kv.ok()) << kv.error().message;
+  EXPECT_TRUE(kv->put("n1", "status").ok());
+  EXPECT_FALSE(kv->put("n2", "forged").ok());
+  auto check = scheduler_->ensure_kv(service::nodes_bucket());
+  ASSERT_TRUE(check.ok());
+  auto n2 = check->get("n2");
+  ASSERT_TRUE(n2.ok());
+  EXPECT_FALSE(n2->has_value());
+  // Nor may it submit builds or assign work.
+  EXPECT_FALSE(agent->js_publish(std::string(wire::kBuildsSubmit), "x", "", {}, 1s).ok());
+  EXPECT_FALSE(agent->js_publish(wire::node_work_subject("n2"), "x", "", {}, 1s).ok());
+}
+
+TEST_F(NatsPermissions, CvmctlSubmitsAndReadsButCannotAssignWork) {
+  auto ctl = connect("cvmctl");
+  ASSERT_TRUE(ctl);
+  EXPECT_TRUE(ctl->js_publish(std::string(wire::kBuildsSubmit), "x", "b1").ok());
+  EXPECT_FALSE(ctl->js_publish(wire::node_work_subject("n1"), "x", "", {}, 1s).ok());
+  auto settings = ctl->ensure_kv(service::settings_bucket());
+  ASSERT_TRUE(settings.ok()) << settings.error().message;
+  EXPECT_TRUE(settings->put(std::string(wire::kSettingsKey), "").ok());
+  auto nodes = ctl->ensure_kv(service::nodes_bucket());
+  ASSERT_TRUE(nodes.ok()) << nodes.error().message;
+  EXPECT_TRUE(nodes->keys().ok());
+  EXPECT_FALSE(nodes->put("n1", "forged").ok());
+  auto events =
+      ctl->read_stream(std::string(wire::kStreamEvents), wire::build_events_subject("b1"));
+  EXPECT_TRUE(events.ok()) << events.error().message;
+  EXPECT_TRUE(ctl->consumer_states(std::string(wire::kStreamBuilds)).ok());
+}
+
+}  // namespace
+}  // namespace cvm::test
