@@ -1,6 +1,7 @@
 #include "cvm/scheduler/scheduler_service.h"
 
 #include <algorithm>
+#include <random>
 #include <string>
 #include <utility>
 
@@ -92,7 +93,10 @@ SchedulerService::SchedulerService(boost::asio::io_context& io, bus::ConnectionP
       clock_(clock),
       config_(config),
       meters_(std::make_unique<Meters>(metrics)),
-      sweep_timer_(io) {}
+      sweep_timer_(io),
+      // Replicas start their rotation at different places, so that with sampling they look at
+      // different parts of the fleet instead of all racing for the same few nodes.
+      decisions_(std::random_device{}()) {}
 
 SchedulerService::~SchedulerService() { stop(); }
 

@@ -77,6 +77,7 @@ class SchedulerService {
     uint64_t finished_from_record = 0;
   };
   [[nodiscard]] const Counts& counts() const { return counts_; }
+  [[nodiscard]] size_t nodes() const { return index_.size(); }
 
  private:
   struct Meters;

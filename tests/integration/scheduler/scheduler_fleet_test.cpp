@@ -1,0 +1,426 @@
+// Scheduler replicas, the GPU broker and simulated node agents (tools/fleet-sim) over a real
+// nats-server: capacity safety with three replicas, exactly one terminal event per request,
+// redelivery after a crash, NODE_LOST, and settings read from KV cvm_settings.
+#include <chrono>
+#include <optional>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+
+#include "cvm/base/clock.h"
+#include "cvm/base/wire.h"
+#include "cvm/bus/bus.h"
+#include "cvm/fleetsim/harness.h"
+#include "cvm/fleetsim/load.h"
+#include "cvm/service/streams.h"
+#include "cvm/test/nats_server.h"
+#include "cvm/test/wait.h"
+#include "cvm/v1/gpu.pb.h"
+#include "cvm/v1/settings.pb.h"
+
+namespace cvm {
+namespace {
+
+using namespace std::chrono_literals;
+constexpr uint64_t kGiB = 1ULL << 30;
+
+fleetsim::Profile vm(uint64_t cpu = 4000, uint64_t mem = 8 * kGiB) {
+  return {.name = "vm", .weight = 1, .cpu_millicores = cpu, .memory_bytes = mem};
+}
+
+class SchedulerFleet : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(nats_.start().ok());
+    auto conn =
+        bus::Connection::connect({.url = nats_.url(), .name = "test"}, client_io_.get_executor());
+    ASSERT_TRUE(conn.ok()) << conn.error().message;
+    client_ = *conn;
+    ASSERT_TRUE(service::ensure_streams(*client_).ok());
+    client_thread_ = std::thread([this] {
+      auto guard = boost::asio::make_work_guard(client_io_);
+      client_io_.run();
+    });
+    harness_ = std::make_unique<fleetsim::Harness>(nats_.url(), clock_);
+    sched_config_.retry_delay = 100ms;
+  }
+
+  void TearDown() override {
+    harness_.reset();
+    client_io_.stop();
+    if (client_thread_.joinable()) client_thread_.join();
+  }
+
+  void start(const fleetsim::FleetConfig& fleet, int replicas, bool broker = true) {
+    ASSERT_TRUE(harness_->start_fleet(fleet).ok());
+    if (broker) {
+      ASSERT_TRUE(harness_->start_broker().ok());
+    }
+    auto st = harness_->start_schedulers(replicas, sched_config_);
+    ASSERT_TRUE(st.ok()) << st.error().message;
+    wait_for_nodes(static_cast<size_t>(fleet.nodes));
+  }
+
+  void wait_for_nodes(size_t n) {
+    for (size_t i = 0; i < harness_->schedulers(); ++i) {
+      ASSERT_TRUE(test::wait_until(
+          [&] { return harness_->on_scheduler(i, [](auto& s) { return s.nodes(); }) >= n; }, 20s))
+          << "replica " << i << " never saw every node";
+    }
+  }
+
+  cvm::v1::BuildRequest request(const std::string& build, uint64_t cpu = 1000,
+                                uint64_t mem = kGiB) {
+    cvm::v1::BuildRequest r;
+    r.set_build_id(build);
+    r.set_workspace_id("ws-" + build);
+    r.set_image("oci:/images/busybox:latest");
+    r.set_transition(cvm::v1::START);
+    r.mutable_resources()->set_cpu_millicores(cpu);
+    r.mutable_resources()->set_memory_bytes(mem);
+    return r;
+  }
+
+  void submit(const cvm::v1::BuildRequest& r) {
+    ASSERT_TRUE(
+        client_->js_publish(std::string(wire::kBuildsSubmit), r.SerializeAsString(), r.build_id())
+            .ok());
+  }
+
+  std::optional<cvm::v1::BuildEvent> last_event(const std::string& build) {
+    auto m =
+        client_->last_message(std::string(wire::kStreamEvents), wire::build_events_subject(build));
+    if (!m.ok() || !m->has_value()) return std::nullopt;
+    cvm::v1::BuildEvent e;
+    if (!e.ParseFromString((*m)->data)) return std::nullopt;
+    return e;
+  }
+
+  std::optional<cvm::v1::BuildEvent> wait_phase(const std::string& build,
+                                                std::initializer_list<cvm::v1::Phase> phases,
+                                                std::chrono::milliseconds timeout = 20s) {
+    std::optional<cvm::v1::BuildEvent> out;
+    test::wait_until(
+        [&] {
+          auto e = last_event(build);
+          if (!e) return false;
+          for (auto p : phases) {
+            if (e->phase() == p) {
+              out = e;
+              return true;
+            }
+          }
+          return false;
+        },
+        timeout);
+    return out;
+  }
+
+  void put_settings(const cvm::v1::InfrastructureSettings& s) {
+    auto kv = client_->ensure_kv(service::settings_bucket());
+    ASSERT_TRUE(kv.ok());
+    ASSERT_TRUE(kv->put(std::string(wire::kSettingsKey), s.SerializeAsString()).ok());
+  }
+
+  test::NatsServer nats_;
+  boost::asio::io_context client_io_;
+  std::thread client_thread_;
+  bus::ConnectionPtr client_;
+  SystemClock clock_;
+  scheduler::SchedulerConfig sched_config_;
+  std::unique_ptr<fleetsim::Harness> harness_;
+};
+
+// Issue 4: with 3 scheduler replicas and 1,000 requests, no node is ever over capacity and every
+// request has exactly one terminal event. The fleet is small on purpose, so the replicas race for
+// the same room and the fleet fills up (the rest must FAIL, once each).
+TEST_F(SchedulerFleet, ThreeReplicasThousandRequestsNoNodeOverCapacityOneTerminalEventEach) {
+  fleetsim::FleetConfig fleet;
+  fleet.nodes = 40;
+  fleet.launch_delay = 5ms;
+  fleet.heartbeat_interval = 1s;
+  start(fleet, 3);
+
+  fleetsim::LoadConfig load;
+  load.nats_url = nats_.url();
+  load.requests = 1000;
+  load.window = 96;
+  load.prefix = "r3";
+  load.cpu_millicores = 2000;
+  load.memory_bytes = 4 * kGiB;
+  load.gpu_every = 25;  // some go through the broker too
+  auto report = fleetsim::run_load(load);
+  ASSERT_TRUE(report.ok()) << report.error().message;
+  EXPECT_EQ(report->submitted, 1000);
+  EXPECT_EQ(report->undecided, 0);
+  EXPECT_EQ(report->scheduled + report->failed, 1000);
+  EXPECT_GT(report->scheduled, 100) << "the fleet has room for hundreds";
+  EXPECT_GT(report->failed, 0) << "the fleet cannot hold 1,000 of these: some must be refused";
+
+  std::vector<std::string> ids;
+  for (int i = 0; i < 1000; ++i) ids.push_back("r3-b" + std::to_string(i));
+  auto audit = fleetsim::audit_events(nats_.url(), ids, 1500ms, 60s);
+  ASSERT_TRUE(audit.ok()) << audit.error().message;
+  EXPECT_TRUE(audit->problems.empty())
+      << audit->problems.size()
+      << " builds, first: " << (audit->problems.empty() ? "" : audit->problems[0]);
+  const auto stats = harness_->on_fleet([](auto& f) { return f.stats(); });
+  EXPECT_EQ(stats.over_capacity, 0u);
+  EXPECT_EQ(stats.launched_twice, 0u);
+  EXPECT_EQ(stats.launched, static_cast<uint64_t>(report->scheduled));
+  uint64_t conflicts = 0;
+  for (size_t i = 0; i < 3; ++i) {
+    conflicts += harness_->on_scheduler(i, [](auto& s) { return s.counts().cas_conflicts; });
+  }
+  std::printf("scheduled %d, failed %d, CAS conflicts between replicas %lu\n", report->scheduled,
+              report->failed, static_cast<unsigned long>(conflicts));
+}
+
+// A replica took the request, recorded the placement on node A and published the assignment, then
+// crashed before SCHEDULED. The redelivery must finish on A, even though the scheduler would now
+// choose B: the assignment's msg-id would drop a second assignment, and SCHEDULED must name the
+// node that really got the work.
+TEST_F(SchedulerFleet, RedeliveryAfterACrashFinishesOnTheRecordedNode) {
+  fleetsim::FleetConfig fleet;
+  fleet.nodes = 2;
+  fleet.profiles = {vm()};
+  fleet.prefix = "n";
+
+  // The crashed replica: take the first delivery as the durable "scheduler" and do what it did.
+  auto req = request("crash1");
+  submit(req);
+  std::atomic<bool> got{false};
+  bus::ConsumerConfig cc;
+  cc.stream = std::string(wire::kStreamBuilds);
+  cc.durable = std::string(wire::kSchedulerDurable);
+  cc.filter_subject = std::string(wire::kBuildsSubmit);
+  cc.ack_wait = 30s;
+  cc.max_deliver = sched_config_.max_deliver;
+  auto placements = client_->ensure_kv(service::placements_bucket());
+  ASSERT_TRUE(placements.ok());
+  {
+    auto consumer = client_->pull_consume(cc, [&](bus::JsMessagePtr m) {
+      if (got.exchange(true)) return;
+      cvm::v1::PlacementRecord rec;
+      auto* a = rec.mutable_assignment();
+      *a->mutable_request() = req;
+      a->set_node_id("n-1");  // binpack on two empty equal nodes would pick n-0
+      a->set_cvm(true);
+      ASSERT_TRUE(placements->create("n-1.crash1", rec.SerializeAsString()).ok());
+      ASSERT_TRUE(
+          client_->js_publish(wire::node_work_subject("n-1"), a->SerializeAsString(), "crash1")
+              .ok());
+      // The crash: the server hands it to the next replica (the delay keeps this loop, which is
+      // about to stop, from fetching it again).
+      (void)m->nak(500ms);
+    });
+    ASSERT_TRUE(consumer.ok());
+    ASSERT_TRUE(test::wait_until([&] { return got.load(); }, 10s));
+  }
+  // The simulated agents subscribe now, so what they run comes from the redelivery (the real
+  // agent's durable consumer would have the first, stored assignment; the sim sees the republish).
+  ASSERT_TRUE(harness_->start_fleet(fleet).ok());
+  ASSERT_TRUE(harness_->start_broker().ok());
+  ASSERT_TRUE(harness_->start_schedulers(1, sched_config_).ok());
+  auto e = wait_phase("crash1", {cvm::v1::RUNNING, cvm::v1::FAILED});
+  ASSERT_TRUE(e.has_value());
+  EXPECT_EQ(e->phase(), cvm::v1::RUNNING) << e->message();
+  EXPECT_EQ(e->node_id(), "n-1");
+  EXPECT_EQ(harness_->on_fleet([](auto& f) { return f.node_of_build("crash1"); }),
+            std::optional<std::string>("n-1"));
+  EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().finished_from_record; }), 1u);
+  // A control: a fresh request on the same fleet goes to the node binpack prefers.
+  submit(request("fresh1"));
+  auto f = wait_phase("fresh1", {cvm::v1::RUNNING, cvm::v1::FAILED});
+  ASSERT_TRUE(f.has_value());
+  EXPECT_EQ(f->node_id(), "n-1") << "binpack fills the node that already runs crash1";
+}
+
+// A node that stops heartbeating for the TTL is lost: the build assigned there but not running is
+// placed again on another node, the running workspace gets LOST / NODE_LOST, its GPU lease is
+// released, and the schedulers' holds on the node are dropped.
+TEST_F(SchedulerFleet, LostNodeBuildsArePlacedAgainRunningOnesMarkedLost) {
+  sched_config_.node_ttl = 1500ms;
+  sched_config_.sweep_interval = 100ms;
+  fleetsim::FleetConfig fleet;
+  fleet.nodes = 2;
+  fleet.prefix = "m";
+  fleet.heartbeat_interval = 200ms;
+  fleetsim::Profile metal = vm(16'000, 64 * kGiB);
+  metal.bare_metal = true;
+  metal.gpus = 4;
+  metal.gpu_memory_bytes = 40 * kGiB;
+  fleet.profiles = {metal};
+  start(fleet, 2);
+
+  auto gpu_req = request("run1");
+  gpu_req.mutable_resources()->mutable_gpu()->set_count(1);
+  submit(gpu_req);
+  auto running = wait_phase("run1", {cvm::v1::RUNNING, cvm::v1::FAILED});
+  ASSERT_TRUE(running.has_value());
+  ASSERT_EQ(running->phase(), cvm::v1::RUNNING) << running->message();
+  const std::string lost = running->node_id();
+  const std::string other = lost == "m-0" ? "m-1" : "m-0";
+  ASSERT_EQ(running->gpu_uuids_size(), 1);
+  auto leases = client_->ensure_kv(service::gpu_leases_bucket());
+  ASSERT_TRUE(leases.ok());
+  ASSERT_TRUE(test::wait_until(
+      [&] {
+        auto k = leases->keys();
+        return k.ok() && k->size() == 1;
+      },
+      5s));
+
+  // The host hangs: no more heartbeats, assignments go unanswered. Binpack still prefers it until
+  // the TTL runs out, so the next build lands there and never runs.
+  harness_->on_fleet([&](auto& f) {
+    f.kill(lost);
+    return 0;
+  });
+  submit(request("stuck1"));
+  auto first = wait_phase("stuck1", {cvm::v1::SCHEDULED, cvm::v1::FAILED});
+  ASSERT_TRUE(first.has_value());
+  ASSERT_EQ(first->phase(), cvm::v1::SCHEDULED);
+  ASSERT_EQ(first->node_id(), lost) << "the test needs the build to land on the dying node";
+
+  auto again = wait_phase("stuck1", {cvm::v1::RUNNING, cvm::v1::FAILED}, 20s);
+  ASSERT_TRUE(again.has_value()) << "never placed again";
+  EXPECT_EQ(again->phase(), cvm::v1::RUNNING) << again->message();
+  EXPECT_EQ(again->node_id(), other);
+
+  auto lost_event = wait_phase("run1", {cvm::v1::LOST}, 20s);
+  ASSERT_TRUE(lost_event.has_value()) << "the running workspace never heard of its node's loss";
+  EXPECT_EQ(lost_event->reason(), cvm::v1::NODE_LOST);
+  EXPECT_EQ(lost_event->node_id(), lost);
+
+  EXPECT_TRUE(test::wait_until(
+      [&] {
+        auto k = leases->keys();
+        return k.ok() && k->empty();
+      },
+      10s))
+      << "the lost node's GPU lease was not released";
+  auto ws = client_->ensure_kv(service::workspaces_bucket());
+  ASSERT_TRUE(ws.ok());
+  auto rec = ws->get("ws-run1");
+  ASSERT_TRUE(rec.ok() && rec->has_value());
+  cvm::v1::WorkspaceRecord r;
+  ASSERT_TRUE(r.ParseFromString((*rec)->value));
+  EXPECT_EQ(r.phase(), cvm::v1::LOST);
+  EXPECT_EQ(r.reason(), cvm::v1::NODE_LOST);
+
+  auto audit = fleetsim::audit_events(nats_.url(), {"run1", "stuck1"}, 500ms, 20s);
+  ASSERT_TRUE(audit.ok());
+  EXPECT_TRUE(audit->problems.empty()) << audit->problems.front();
+  uint64_t handled = 0;
+  for (size_t i = 0; i < 2; ++i) {
+    handled += harness_->on_scheduler(i, [](auto& s) { return s.counts().nodes_lost; });
+  }
+  EXPECT_EQ(handled, 1u) << "two replicas saw the loss; exactly one handles it";
+}
+
+// Settings come from KV cvm_settings and apply from the next build: CVMs disabled, "default to
+// CVM" off with the workspace's own override, and the scoring strategy.
+TEST_F(SchedulerFleet, SettingsApplyFromTheNextBuild) {
+  fleetsim::FleetConfig fleet;
+  fleet.nodes = 2;
+  fleet.prefix = "s";
+  fleetsim::Profile enforcing = vm();
+  enforcing.selinux_enabled = enforcing.selinux_enforcing = true;
+  fleet.profiles = {enforcing};
+  start(fleet, 1, false);
+
+  // Defaults: CVMs on and the default, so SELinux-enforcing nodes cannot take it.
+  submit(request("d1"));
+  auto e = wait_phase("d1", {cvm::v1::FAILED, cvm::v1::SCHEDULED, cvm::v1::RUNNING});
+  ASSERT_TRUE(e.has_value());
+  EXPECT_EQ(e->phase(), cvm::v1::FAILED);
+  EXPECT_EQ(e->reason(), cvm::v1::NO_ELIGIBLE_NODE);
+  EXPECT_EQ(e->message(), "0/2 nodes fit: 2 SELinux enforcing");
+
+  // A workspace that opts out of CVMs runs as a plain container, which SELinux does not stop.
+  auto plain = request("p1");
+  plain.set_use_cvm(false);
+  submit(plain);
+  e = wait_phase("p1", {cvm::v1::FAILED, cvm::v1::RUNNING});
+  ASSERT_TRUE(e.has_value());
+  EXPECT_EQ(e->phase(), cvm::v1::RUNNING) << e->message();
+
+  // "Default to CVM" off: plain containers by default, a workspace may still ask for a CVM.
+  cvm::v1::InfrastructureSettings s;
+  s.set_default_to_cvm(false);
+  put_settings(s);
+  std::optional<cvm::v1::BuildEvent> got;
+  int n = 0;
+  ASSERT_TRUE(test::wait_until(
+      [&] {
+        // The watch delivers the change asynchronously: new builds until one sees it.
+        const std::string id = "nd" + std::to_string(n++);
+        submit(request(id));
+        got = wait_phase(id, {cvm::v1::FAILED, cvm::v1::RUNNING});
+        return got && got->phase() == cvm::v1::RUNNING;
+      },
+      15s, 1ms));
+  auto cvm_req = request("c1");
+  cvm_req.set_use_cvm(true);
+  submit(cvm_req);
+  e = wait_phase("c1", {cvm::v1::FAILED, cvm::v1::RUNNING});
+  ASSERT_TRUE(e.has_value());
+  EXPECT_EQ(e->phase(), cvm::v1::FAILED);
+  EXPECT_EQ(e->reason(), cvm::v1::NO_ELIGIBLE_NODE);
+
+  // CVMs disabled: an explicit CVM request is refused with its own reason.
+  s.set_cvm_enabled(false);
+  put_settings(s);
+  ASSERT_TRUE(test::wait_until(
+      [&] {
+        const std::string id = "x" + std::to_string(n++);
+        auto r = request(id);
+        r.set_use_cvm(true);
+        submit(r);
+        got = wait_phase(id, {cvm::v1::FAILED, cvm::v1::RUNNING});
+        return got && got->reason() == cvm::v1::CVM_DISABLED;
+      },
+      15s, 1ms));
+}
+
+TEST_F(SchedulerFleet, SpreadSettingSpreadsBinpackPacks) {
+  fleetsim::FleetConfig fleet;
+  fleet.nodes = 4;
+  fleet.prefix = "sp";
+  fleet.profiles = {vm(16'000, 64 * kGiB)};
+  start(fleet, 1, false);
+  auto nodes_used = [&](const std::string& prefix, int count) {
+    std::set<std::string> used;
+    for (int i = 0; i < count; ++i) {
+      const std::string id = prefix + std::to_string(i);
+      submit(request(id));
+      auto e = wait_phase(id, {cvm::v1::RUNNING, cvm::v1::FAILED});
+      if (e && e->phase() == cvm::v1::RUNNING) used.insert(e->node_id());
+    }
+    return used.size();
+  };
+  EXPECT_EQ(nodes_used("bp", 4), 1u) << "binpack (the default) fills one node first";
+  cvm::v1::InfrastructureSettings s;
+  s.set_scoring(cvm::v1::SPREAD);
+  put_settings(s);
+  // Wait until the replica applies it: a spread decision avoids the busiest node.
+  int n = 0;
+  ASSERT_TRUE(test::wait_until(
+      [&] {
+        const std::string id = "spw" + std::to_string(n++);
+        submit(request(id));
+        auto e = wait_phase(id, {cvm::v1::RUNNING, cvm::v1::FAILED});
+        return e && e->phase() == cvm::v1::RUNNING && e->node_id() != "sp-0";
+      },
+      15s, 1ms));
+  EXPECT_GE(nodes_used("spr", 3), 2u) << "spread puts them on different, emptier nodes";
+}
+
+}  // namespace
+}  // namespace cvm

@@ -1,0 +1,42 @@
+#include "cvm/fleetsim/harness.h"
+
+namespace cvm::fleetsim {
+
+Harness::~Harness() { stop_all(); }
+
+Status Harness::start_schedulers(int replicas, const scheduler::SchedulerConfig& config) {
+  for (int i = 0; i < replicas; ++i) {
+    auto h = std::make_unique<Hosted<scheduler::SchedulerService>>();
+    auto st = host(*h, "scheduler-" + std::to_string(schedulers_.size()), [&](auto& hosted) {
+      return std::make_unique<scheduler::SchedulerService>(hosted.io, hosted.conn, hosted.metrics,
+                                                           clock_, config);
+    });
+    if (!st) return st;
+    schedulers_.push_back(std::move(h));
+  }
+  return {};
+}
+
+Status Harness::start_broker() {
+  broker_ = std::make_unique<Hosted<broker::BrokerService>>();
+  return host(*broker_, "gpu-broker", [&](auto& hosted) {
+    return std::make_unique<broker::BrokerService>(hosted.conn, hosted.metrics, clock_);
+  });
+}
+
+Status Harness::start_fleet(const FleetConfig& config) {
+  fleet_ = std::make_unique<Hosted<Fleet>>();
+  return host(*fleet_, "fleet-sim", [&](auto& hosted) {
+    return std::make_unique<Fleet>(hosted.io, hosted.conn, clock_, config);
+  });
+}
+
+void Harness::stop_scheduler(size_t i) { unhost(*schedulers_.at(i)); }
+
+void Harness::stop_all() {
+  for (auto& s : schedulers_) unhost(*s);
+  if (broker_) unhost(*broker_);
+  if (fleet_) unhost(*fleet_);
+}
+
+}  // namespace cvm::fleetsim
