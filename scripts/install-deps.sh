@@ -10,7 +10,7 @@ PACKAGES=(
   libspdlog-dev libfmt-dev libboost-dev prometheus-cpp-dev nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   runc umoci skopeo busybox-static
-  docker-registry prometheus
+  docker-registry prometheus python3 python3-yaml
   clang-format clang-tidy
   iproute2 procps util-linux jq curl ca-certificates
 )
