@@ -124,6 +124,12 @@ Status AgentService::start() {
   capacity_ = probe_capacity(config_.roots);
   runtime_info_ = probe_runtime(config_.tools);
   if (auto caps = read_cap_bounding(config_.roots)) cap_bounding_ = *caps;
+  if (!gpu_monitor_) {
+    // GPUs (issue 5): discovered once here; the monitor's thread keeps their health current.
+    gpu_monitor_ = std::make_unique<gpu::GpuMonitor>(
+        gpu::GpuMonitorOptions{.roots = {config_.roots.procfs, config_.roots.sysfs}}, clock_);
+    gpu_monitor_->start();
+  }
   started_ms_ = clock_.now_unix_ms();
   if (!launcher_) {
     LauncherConfig lc;
@@ -285,6 +291,9 @@ cvm::v1::NodeStatus AgentService::node_status() const {
   s.set_workspaces(count);
   s.set_heartbeat_unix_ms(clock_.now_unix_ms());
   s.set_started_unix_ms(started_ms_);
+  if (gpu_monitor_) {
+    for (auto& g : gpu_monitor_->snapshot()) *s.add_gpus() = std::move(g);
+  }
   s.set_agent_version(std::string(kAgentVersion));
   return s;
 }

@@ -22,6 +22,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
 
+#include "cvm/agent/gpu/monitor.h"
 #include "cvm/agent/host_probe.h"
 #include "cvm/agent/id_range.h"
 #include "cvm/agent/image.h"
@@ -130,6 +131,7 @@ class AgentService {
   cvm::v1::RuntimeInfo runtime_info_;
   cvm::v1::Capacity capacity_;
   std::optional<uint64_t> cap_bounding_;
+  std::unique_ptr<gpu::GpuMonitor> gpu_monitor_;  // GPUs and their health (issue 5)
   int64_t started_ms_ = 0;
   std::map<std::string, Workspace> workspaces_;  // by workspace id, running or stopped here
   std::set<std::string> busy_;                   // workspaces with an operation in flight
