@@ -178,12 +178,15 @@ NodeChoice choose_node(std::span<const NodeGpuInventory* const> nodes,
     out.refusal = std::move(r);
     return out;
   }
-  struct Offer {
+  // Pass 1 counts each live, bare-metal node's free devices (cheap); pass 2 runs the set search
+  // only on nodes in placement order, one group of equal free counts at a time, and stops at the
+  // first group where a node fits: on a large fleet most nodes are never searched.
+  struct Candidate {
     const NodeGpuInventory* node;
-    GpuChoice choice;
+    GpuLeases leased;
     size_t free;
   };
-  std::optional<Offer> best;
+  std::vector<Candidate> candidates;
   std::optional<Refusal> policy_refusal;
   size_t policy_refused = 0;
   size_t stale = 0;
@@ -202,7 +205,7 @@ NodeChoice choose_node(std::span<const NodeGpuInventory* const> nodes,
       policy_refusal = std::move(r);
       continue;
     }
-    const auto leased = leases_of(node->node_id);
+    auto leased = leases_of(node->node_id);
     // Every free device counts toward "how full is this node", whatever the request's memory.
     size_t free = 0;
     for (const auto& g : node->gpus) {
@@ -212,25 +215,33 @@ NodeChoice choose_node(std::span<const NodeGpuInventory* const> nodes,
       }
     }
     most_free = std::max(most_free, free);
-    auto choice = choose_gpus(*node, leased, input.count, input.min_memory_bytes, input.health);
-    if (!choice.ok()) continue;
-    bool take = !best.has_value();
-    if (!take) {
-      const bool fewer = free < best->free;
-      const bool more = free > best->free;
-      if (input.placement == NodePlacement::kPacked ? fewer : more) {
-        take = true;
-      } else if (free == best->free) {
-        take = choice.score > best->choice.score ||
-               (choice.score == best->choice.score && node->node_id < best->node->node_id);
+    if (free >= input.count) candidates.push_back({node, std::move(leased), free});
+  }
+  const bool packed = input.placement == NodePlacement::kPacked;
+  std::sort(candidates.begin(), candidates.end(), [&](const Candidate& a, const Candidate& b) {
+    if (a.free != b.free) return packed ? a.free < b.free : a.free > b.free;
+    return a.node->node_id < b.node->node_id;
+  });
+  for (size_t group = 0; group < candidates.size();) {
+    size_t end = group;
+    while (end < candidates.size() && candidates[end].free == candidates[group].free) ++end;
+    std::optional<GpuChoice> best;
+    const NodeGpuInventory* best_node = nullptr;
+    for (size_t k = group; k < end; ++k) {
+      auto choice = choose_gpus(*candidates[k].node, candidates[k].leased, input.count,
+                                input.min_memory_bytes, input.health);
+      // Ties on score keep the first, which has the lower node id.
+      if (choice.ok() && (!best || choice.score > best->score)) {
+        best = std::move(choice);
+        best_node = candidates[k].node;
       }
     }
-    if (take) best = Offer{node, std::move(choice), free};
-  }
-  if (best) {
-    out.node_id = best->node->node_id;
-    out.choice = std::move(best->choice);
-    return out;
+    if (best) {
+      out.node_id = best_node->node_id;
+      out.choice = std::move(*best);
+      return out;
+    }
+    group = end;
   }
   if (checked > 0 && policy_refused == checked) {
     out.refusal = std::move(policy_refusal);
