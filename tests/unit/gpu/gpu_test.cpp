@@ -251,7 +251,7 @@ TEST(Procfs, DriverWithoutNvml) {
   t.pci("pci0000:00/0000:00:1e.0", 0x10de, 0x030200, 0);
   t.nvidia_proc("0000:00:1e.0", "GPU-aaaa", 0);
   t.nvidia_proc("0000:00:1f.0", "GPU-bbbb", 1, "Tesla T4");  // not in sysfs: no topology
-  t.nvidia_proc("0000:00:20.0", "GPU-?\?\?\?\?\?\?\?", 2);          // unreadable: skipped
+  t.nvidia_proc("0000:00:20.0", "GPU-?\?\?\?\?\?\?\?", 2);   // unreadable: skipped
   const auto gpus = discover_procfs(t.roots());
   ASSERT_EQ(gpus.size(), 2u);
   EXPECT_EQ(gpus[0].uuid(), "GPU-aaaa");
