@@ -317,8 +317,7 @@ LaunchOutcome WorkspaceLauncher::launch_plain(const LaunchRequest& r, const Unpa
   }
   if (on_starting) on_starting();
   const std::string log = dir + "/runc.log";
-  auto created = runtime_.create(id, image.bundle, log);
-  Status started = created ? runtime_.start(id) : created;
+  Status started = runtime_.run_detached(id, image.bundle, log);
   if (!started) {
     return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, started.error().message, std::move(out));
   }
@@ -384,8 +383,7 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, const Unpack
 
   if (on_starting) on_starting();
   const std::string log = dir + "/runc.log";
-  auto created = runtime_.create(id, sup_bundle, log);
-  Status started = created ? runtime_.start(id) : created;
+  Status started = runtime_.run_detached(id, sup_bundle, log);
   if (!started) {
     return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, started.error().message, std::move(out));
   }

@@ -141,13 +141,24 @@ Status RuncRuntime::start(const std::string& id) {
 
 Status RuncRuntime::run_detached(const std::string& id, const std::string& bundle,
                                  const std::string& log_file) {
-  if (auto st = create(id, bundle, log_file); !st) return st;
-  if (auto st = start(id); !st) {
-    // A created-but-never-started container holds its namespaces and cgroup until deleted.
-    (void)remove(id, true);
-    return st;
-  }
-  return {};
+  // One `runc run --detach` instead of create + start: one runtime process fewer on the launch
+  // path. stdio goes to the log file for the same reason as in create().
+  const std::string log = log_file.empty() ? detail::join_path(bundle, "container.log") : log_file;
+  const uint64_t offset = file_size(log);
+  ProcessOptions options;
+  options.timeout = options_.timeout;
+  options.stdout_file = log;
+  options.stderr_file = log;
+  auto result = run_process(command({"run", "--detach", "--bundle", bundle, id}), options);
+  if (!result) return result.error();
+  if (result->success()) return {};
+  // runc run destroys what it made on failure; a forced delete covers a half-made leftover.
+  (void)remove(id, true);
+  const std::string why = tool_error_text(read_from(log, offset));
+  return make_error(ErrorDomain::kTool,
+                    "runc run " + id + ": exit " + std::to_string(result->exit_code) +
+                        (why.empty() ? "" : ": " + why),
+                    result->exit_code);
 }
 
 Result<ContainerState> RuncRuntime::state(const std::string& id) {

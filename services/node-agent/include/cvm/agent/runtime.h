@@ -32,7 +32,7 @@ class OciRuntime {
   virtual Status create(const std::string& id, const std::string& bundle,
                         const std::string& log_file) = 0;
   virtual Status start(const std::string& id) = 0;
-  // create + start; a container that fails to start is deleted again.
+  // create + start in one (`runc run --detach`); a container that fails to start is deleted.
   virtual Status run_detached(const std::string& id, const std::string& bundle,
                               const std::string& log_file) = 0;
   virtual Result<ContainerState> state(const std::string& id) = 0;

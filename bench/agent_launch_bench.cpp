@@ -1,0 +1,224 @@
+// agent_launch_bench: assignment received -> RUNNING through cvm-node-agent, against raw `runc`
+// starting the same two bundles (the supervising container, whose cvm-supervisor runs the inner
+// one), in the same run, alternating. Also the agent's idle RSS. Needs root, runc, umoci and
+// nats-server; a load tool, not a test: it prints figures, it does not judge them.
+//
+//   agent_launch_bench [--iterations N]          (run the release preset for figures to report)
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+#include <nlohmann/json.hpp>
+
+#include "child_process.h"
+#include "cvm/base/wire.h"
+#include "cvm/bus/bus.h"
+#include "cvm/service/streams.h"
+#include "cvm/test/nats_server.h"
+#include "cvm/test/wait.h"
+#include "cvm/v1/build.pb.h"
+#include "cvm/v1/node.pb.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+using cvm::test::run_command;
+
+double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n == 0 ? 0 : (n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2);
+}
+
+long rss_kib(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::stol(line.substr(6));
+  }
+  return -1;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int iterations = 10;
+  for (int i = 1; i + 1 < argc; ++i) {
+    if (std::string(argv[i]) == "--iterations") iterations = std::max(1, std::atoi(argv[i + 1]));
+  }
+  if (geteuid() != 0) {
+    std::cerr << "agent_launch_bench: needs root (runc)\n";
+    return 2;
+  }
+  const std::string work =
+      fs::temp_directory_path() / ("cvm-launch-bench-" + std::to_string(getpid()));
+  fs::create_directories(work);
+  fs::permissions(work, fs::perms(0755));
+  const std::string image = work + "/image";
+  if (run_command({CVM_BUILD_IMAGE_SCRIPT, image, "latest"}, 120s).exit_code != 0) {
+    std::cerr << "cannot build the default image\n";
+    return 1;
+  }
+  cvm::test::NatsServer nats;
+  if (!nats.start().ok()) {
+    std::cerr << "cannot start nats-server\n";
+    return 1;
+  }
+  const std::string state = work + "/agent";
+  const std::string agent_root = work + "/runc-agent";
+  const std::string raw_root = work + "/runc-raw";
+  cvm::test::ChildProcess agent(
+      {CVM_AGENT_BIN, "--nats-url", nats.url(), "--node-id", "bench", "--state-dir", state,
+       "--runc-root", agent_root, "--metrics-listen", "off", "--stop-grace", "2"},
+      work + "/agent.log");
+  boost::asio::io_context io;
+  auto conn = cvm::bus::Connection::connect({.url = nats.url()}, io.get_executor());
+  if (!conn.ok()) return 1;
+  auto c = *conn;
+  (void)c->ensure_stream(cvm::service::node_work_stream());
+  (void)c->ensure_stream(cvm::service::events_stream());
+  auto nodes = c->ensure_kv(cvm::service::nodes_bucket());
+  if (!nodes.ok() || !cvm::test::wait_until(
+                         [&] {
+                           auto e = nodes->get("bench");
+                           return e.ok() && e->has_value();
+                         },
+                         30s)) {
+    std::cerr << "the agent did not register:\n" << agent.log_tail();
+    return 1;
+  }
+  const long rss_start = rss_kib(agent.pid());
+
+  const auto phase_of = [&](const std::string& build) {
+    auto m = c->last_message(std::string(cvm::wire::kStreamEvents),
+                             cvm::wire::build_events_subject(build));
+    cvm::v1::BuildEvent e;
+    if (!m.ok() || !m->has_value() || !e.ParseFromString((*m)->data))
+      return cvm::v1::PHASE_UNSPECIFIED;
+    return e.phase();
+  };
+  const auto assign = [&](const std::string& build, const std::string& ws, cvm::v1::Transition t) {
+    cvm::v1::NodeAssignment a;
+    a.mutable_request()->set_build_id(build);
+    a.mutable_request()->set_workspace_id(ws);
+    a.mutable_request()->set_image("oci:" + image + ":latest");
+    a.mutable_request()->set_transition(t);
+    a.set_node_id("bench");
+    a.set_cvm(true);
+    (void)c->js_publish(cvm::wire::node_work_subject("bench"), a.SerializeAsString(), build);
+  };
+
+  auto workspaces = c->ensure_kv(cvm::service::workspaces_bucket());
+  if (!workspaces.ok()) return 1;
+  std::vector<double> agent_ms;
+  std::vector<double> raw_ms;
+  std::vector<double> prepare_ms;  // PREPARING -> STARTING: image unpack onto the range, specs
+  std::vector<double> start_ms;    // STARTING -> RUNNING: the runtime, as the raw path
+  for (int i = 0; i < iterations; ++i) {
+    const std::string ws = "bench" + std::to_string(i);
+    const std::string build = "b-" + ws;
+    // 1. Through the agent: publish the assignment, wait for RUNNING.
+    auto t0 = Clock::now();
+    assign(build, ws, cvm::v1::START);
+    const bool ok = cvm::test::wait_until(
+        [&] {
+          const auto p = phase_of(build);
+          return p == cvm::v1::RUNNING || p == cvm::v1::FAILED;
+        },
+        120s, 1ms);
+    if (!ok || phase_of(build) != cvm::v1::RUNNING) {
+      std::cerr << "launch " << ws << " did not reach RUNNING:\n" << agent.log_tail();
+      return 1;
+    }
+    agent_ms.push_back(ms_since(t0));
+    if (auto e = workspaces->get(ws); e.ok() && e->has_value()) {
+      cvm::v1::WorkspaceRecord rec;
+      if (rec.ParseFromString((*e)->value) && rec.phase_times_size() == 3) {
+        prepare_ms.push_back(
+            static_cast<double>(rec.phase_times(1).unix_ms() - rec.phase_times(0).unix_ms()));
+        start_ms.push_back(
+            static_cast<double>(rec.phase_times(2).unix_ms() - rec.phase_times(1).unix_ms()));
+      }
+    }
+
+    // 2. The same two bundles with raw runc: take the agent's container away (the files stay),
+    // then start the supervising bundle and wait for its report that the inner one runs.
+    const std::string dir = state + "/workspaces/" + ws;
+    run_command({"runc", "--root", agent_root, "delete", "-f", "cvm-" + ws});
+    fs::remove(dir + "/run/status.json");
+    const std::string raw_id = "raw-" + ws;
+    t0 = Clock::now();
+    // runc's stdio goes to a file, as the agent does it: the container's init inherits it and
+    // would hold a capture pipe open for as long as it runs.
+    auto r = run_command({"/bin/sh", "-c",
+                          "exec runc --root " + raw_root + " run -d --bundle " + dir +
+                              "/supervisor " + raw_id + " >>" + dir + "/raw.log 2>&1"},
+                         60s);
+    const bool raw_ok =
+        r.exit_code == 0 &&
+        cvm::test::wait_until(
+            [&] {
+              return read_file(dir + "/run/status.json").find("running") != std::string::npos;
+            },
+            60s, 1ms);
+    raw_ms.push_back(ms_since(t0));
+    if (!raw_ok) {
+      std::cerr << "raw runc run of " << dir << " failed: " << r.output
+                << read_file(dir + "/run/status.json") << "\n";
+      return 1;
+    }
+    run_command({"runc", "--root", raw_root, "delete", "-f", raw_id});
+    // 3. DELETE through the agent (its container is already gone): files and ID range freed.
+    assign(build + "-del", ws, cvm::v1::DELETE);
+    cvm::test::wait_until([&] { return phase_of(build + "-del") == cvm::v1::STOPPED; }, 60s);
+  }
+  // Idle again: nothing running, a few heartbeats later.
+  std::this_thread::sleep_for(3s);
+  const long rss_idle = rss_kib(agent.pid());
+
+  const double agent_median = median(agent_ms);
+  const double raw_median = median(raw_ms);
+  std::printf("iterations                         %d\n", iterations);
+  std::printf("assignment -> RUNNING (agent)      median %.1f ms  min %.1f  max %.1f\n",
+              agent_median, *std::min_element(agent_ms.begin(), agent_ms.end()),
+              *std::max_element(agent_ms.begin(), agent_ms.end()));
+  std::printf("raw runc run, same two bundles     median %.1f ms  min %.1f  max %.1f\n", raw_median,
+              *std::min_element(raw_ms.begin(), raw_ms.end()),
+              *std::max_element(raw_ms.begin(), raw_ms.end()));
+  std::printf("median ratio agent / raw           %.2f  (target <= 1.25)\n",
+              agent_median / raw_median);
+  std::printf(
+      "  of which PREPARING -> STARTING   median %.1f ms (image unpack onto the ID range)\n",
+      median(prepare_ms));
+  std::printf("  of which STARTING -> RUNNING     median %.1f ms (runc + cvm-supervisor + runc)\n",
+              median(start_ms));
+  std::printf("agent RSS after start              %.1f MiB\n", rss_start / 1024.0);
+  std::printf("agent RSS idle after the launches  %.1f MiB  (target <= 15 MiB)\n",
+              rss_idle / 1024.0);
+  agent.stop();
+  std::error_code ec;
+  fs::remove_all(work, ec);
+  return 0;
+}
