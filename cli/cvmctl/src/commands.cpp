@@ -247,7 +247,10 @@ int build_command(const GlobalOptions& global, const BuildOptions& o,
         << ",\"duplicate\":" << (ack->duplicate ? "true" : "false") << "}\n";
   } else {
     out << "build " << req.build_id() << " submitted for workspace " << req.workspace_id()
-        << (ack->duplicate ? " (duplicate: already submitted; showing its events)" : "") << "\n";
+        << (ack->duplicate ? (o.watch ? " (duplicate: already submitted; showing its events)"
+                                      : " (duplicate: already submitted)")
+                           : "")
+        << "\n";
   }
   out.flush();
   if (!o.watch) return kExitOk;
