@@ -160,10 +160,17 @@ TEST_F(Services, PlacesOnTheEligibleNodeAndSendsItTheAssignment) {
   bad.mutable_host()->set_selinux_enforcing(true);
   put_node(bad);
   put_node(node("good", clock_.now_unix_ms()));
-  // The KV watch delivers asynchronously; wait until a build lands rather than sleeping.
-  submit(request("b1", "ws1"));
-  auto e = wait_event("b1", {cvm::v1::SCHEDULED, cvm::v1::FAILED});
-  ASSERT_TRUE(e.has_value());
+  // The KV watch delivers asynchronously: until the scheduler has seen both nodes a build may
+  // fail with "0/0" or "0/1"; retry with fresh build ids until one is placed.
+  std::optional<cvm::v1::BuildEvent> e;
+  std::string build;
+  for (int i = 0; i < 20; ++i) {
+    build = "b" + std::to_string(i);
+    submit(request(build, "ws1"));
+    e = wait_event(build, {cvm::v1::SCHEDULED, cvm::v1::FAILED});
+    ASSERT_TRUE(e.has_value());
+    if (e->phase() == cvm::v1::SCHEDULED) break;
+  }
   ASSERT_EQ(e->phase(), cvm::v1::SCHEDULED) << e->message();
   EXPECT_EQ(e->node_id(), "good");
   auto work =
@@ -171,7 +178,7 @@ TEST_F(Services, PlacesOnTheEligibleNodeAndSendsItTheAssignment) {
   ASSERT_TRUE(work.ok() && work->has_value());
   cvm::v1::NodeAssignment a;
   ASSERT_TRUE(a.ParseFromString((*work)->data));
-  EXPECT_EQ(a.request().build_id(), "b1");
+  EXPECT_EQ(a.request().build_id(), build);
   EXPECT_TRUE(a.cvm()) << "CVMs are the default";
 }
 
