@@ -27,7 +27,7 @@ rss_kib() { awk '/^VmRSS/{print $2}' "/proc/$sched/status"; }
 for _ in $(seq 200); do [ -n "$(gauge || true)" ] && break; sleep 0.1; done
 base=$(rss_kib)
 start=$(date +%s.%N)
-"$build/tools/fleet-sim/cvm-fleet-sim" --nats-url "$url" --nodes "$nodes" --register-only \
+"$build/tools/fleet-sim/cvm-fleet-sim" --nats-url "$url" --nodes "$nodes" --register-only --shared-subscription \
   --heartbeat-ms 600000 >"$dir/sim.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 3000); do
@@ -39,4 +39,4 @@ loaded=$(date +%s.%N)
 full=$(rss_kib)
 echo "nodes indexed: ${n:-?} of $nodes in $(echo "$loaded - $start" | bc) s"
 echo "scheduler VmRSS: $((base / 1024)) MiB with no nodes (baseline), $((full / 1024)) MiB with $nodes nodes"
-echo "per node: $(( (full - base) * 1024 / nodes )) bytes"
+echo "per node: $(( (full - base) * 1024 / ${n%.*} )) bytes"

@@ -113,13 +113,32 @@ Status Fleet::start() {
     s.set_started_unix_ms(now);
     s.set_agent_version("fleet-sim");
     Node* raw = node.get();
-    auto sub = conn_->subscribe(wire::node_work_subject(s.node_id()), "",
-                                [this, raw](bus::Message m) { on_work(*raw, m); });
-    if (!sub) return sub.error();
-    node->sub = std::move(*sub);
+    if (config_.per_node_subscriptions) {
+      auto sub = conn_->subscribe(wire::node_work_subject(s.node_id()), "",
+                                  [this, raw](bus::Message m) { on_work(*raw, m); });
+      if (!sub) return sub.error();
+      node->sub = std::move(*sub);
+    }
     by_id_[s.node_id()] = raw;
     nodes_.push_back(std::move(node));
     heartbeat(*raw);
+  }
+  if (!config_.per_node_subscriptions) {
+    auto sub = conn_->subscribe(std::string(wire::kNodeWorkWildcard), "", [this](bus::Message m) {
+      // cvm.v1.node.<id>.work
+      constexpr std::string_view kPrefix = "cvm.v1.node.";
+      const std::string_view subject(m.subject);
+      const auto end = subject.rfind('.');
+      if (!subject.starts_with(kPrefix) || end == std::string_view::npos || end < kPrefix.size()) {
+        ++stats_.bad_messages;
+        return;
+      }
+      auto it = by_id_.find(std::string(subject.substr(kPrefix.size(), end - kPrefix.size())));
+      if (it == by_id_.end()) return;  // another fleet's node
+      on_work(*it->second, m);
+    });
+    if (!sub) return sub.error();
+    shared_sub_ = std::move(*sub);
   }
   if (auto st = conn_->flush(std::chrono::seconds(30)); !st) return st;
   tick_timer_.expires_after(kTick);
@@ -133,6 +152,7 @@ Status Fleet::start() {
 void Fleet::stop() {
   stopped_ = true;
   tick_timer_.cancel();
+  shared_sub_.reset();
   for (auto& n : nodes_) n->sub.reset();
 }
 

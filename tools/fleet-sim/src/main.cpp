@@ -49,6 +49,8 @@ int main(int argc, char** argv) {
   app.add_flag("!--no-progress-events", fleet.progress_events,
                "only RUNNING, no PREPARING/STARTING");
   app.add_flag("!--no-workspace-records", fleet.write_workspaces);
+  app.add_flag("!--shared-subscription", fleet.per_node_subscriptions,
+               "one wildcard subscription for every node (cnats runs a thread per subscription)");
   app.add_option("--schedulers", schedulers, "in-process scheduler replicas (0: use external ones)")
       ->capture_default_str();
   app.add_flag("!--no-broker", broker, "do not run a GPU broker in-process");

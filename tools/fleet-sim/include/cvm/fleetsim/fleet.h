@@ -59,6 +59,10 @@ struct FleetConfig {
   bool progress_events = true;      // PREPARING and STARTING as well as RUNNING
   bool write_workspaces = true;     // WorkspaceRecord in cvm_workspaces once RUNNING
   bool heartbeat_on_change = true;  // a NodeStatus right after a launch or stop, as the agent does
+  // One subscription per node, as each agent has its own. cnats gives every async subscription
+  // its own delivery thread, so for tens of thousands of nodes use one wildcard subscription
+  // (cvm.v1.node.*.work) demultiplexed by node id instead.
+  bool per_node_subscriptions = true;
 };
 
 struct FleetStats {
@@ -126,6 +130,7 @@ class Fleet {
   std::vector<std::unique_ptr<Node>> nodes_;
   std::unordered_map<std::string, Node*> by_id_;
   std::unordered_map<std::string, std::string> build_node_;  // build id -> node it launched on
+  std::optional<bus::Subscription> shared_sub_;
   boost::asio::steady_timer tick_timer_;
   size_t next_heartbeat_ = 0;
   bool stopped_ = false;
