@@ -36,7 +36,7 @@ std::string next_step(const Error& e, const GlobalOptions& g) {
            "user's permissions in deploy/nats.";
   }
   return "  Is the stack running? Start it with scripts/demo.sh or systemctl start "
-         "nats-server cvm-scheduler, or point --nats-url (CVM_NATS_URL) at it.";
+         "cvm-nats cvm-scheduler, or point --nats-url (CVM_NATS_URL) at it.";
 }
 
 int unavailable(std::ostream& err, const std::string& what, const Error& e,
