@@ -214,8 +214,8 @@ Result<std::shared_ptr<Connection>> Connection::connect(const ConnectOptions& op
   }
   // A per-user inbox prefix lets the server's permissions confine each user's replies to its own
   // inboxes (deploy/nats): with the shared "_INBOX." one, any user could read any other's.
-  if (const auto prefix = options.inbox_prefix.empty() ? inbox_prefix_for(options.user)
-                                                      : options.inbox_prefix;
+  if (const auto prefix =
+          options.inbox_prefix.empty() ? inbox_prefix_for(options.user) : options.inbox_prefix;
       s == NATS_OK && !prefix.empty()) {
     s = natsOptions_SetCustomInboxPrefix(opts.get(), prefix.c_str());
   }
@@ -227,6 +227,10 @@ Result<std::shared_ptr<Connection>> Connection::connect(const ConnectOptions& op
   if (s == NATS_OK) s = natsOptions_SetReconnectBufSize(opts.get(), 8 * 1024 * 1024);
   // A burst (a restart replaying a stream) must not turn into slow-consumer drops.
   if (s == NATS_OK) s = natsOptions_SetMaxPendingMsgs(opts.get(), 1 << 20);
+  // cnats' flusher otherwise waits up to 1 ms to batch writes; every control-plane step is a
+  // small request or a JetStream publish awaiting its ack, so that wait is pure latency (measured:
+  // request-reply p50 ~990 us batched vs ~190 us with SendAsap on loopback).
+  if (s == NATS_OK && options.send_asap) s = natsOptions_SetSendAsap(opts.get(), true);
   if (s == NATS_OK)
     s = natsOptions_SetDisconnectedCB(opts.get(), detail::on_disconnected_cb, closure);
   if (s == NATS_OK)

@@ -25,8 +25,8 @@ using Headers = std::map<std::string, std::string>;
 
 struct ConnectOptions {
   std::string url = "nats://127.0.0.1:4222";  // comma-separated list allowed
-  std::string name;                            // client name shown by the server
-  std::string user;                            // optional user/password auth
+  std::string name;                           // client name shown by the server
+  std::string user;                           // optional user/password auth
   std::string password;
   // Where this client's reply subjects live. Empty: inbox_prefix_for(user), so each user of a
   // least-privilege server configuration (deploy/nats) may subscribe to its own inboxes only.
@@ -35,6 +35,8 @@ struct ConnectOptions {
   std::chrono::milliseconds reconnect_wait{250};
   int max_reconnect = -1;               // -1: forever; services must survive NATS restarts
   bool retry_on_failed_connect = true;  // start even when the server is not up yet
+  // Write each message at once instead of batching for up to 1 ms: lower latency, more syscalls.
+  bool send_asap = true;
   // Called on the executor passed to Connection::connect.
   // on_connected: the first connection was made in the background (retry_on_failed_connect and
   // the server was not reachable when connect() returned).
@@ -277,8 +279,9 @@ class Connection {
                             const std::string& msg_id = {}, const Headers& headers = {},
                             std::chrono::milliseconds timeout = std::chrono::milliseconds{5000});
   // Creates the durable consumer if missing and runs a fetch loop that posts to the executor.
-  Result<std::unique_ptr<PullConsumer>> pull_consume(
-      const ConsumerConfig& config, std::function<void(JsMessagePtr)> handler, int batch = 16);
+  Result<std::unique_ptr<PullConsumer>> pull_consume(const ConsumerConfig& config,
+                                                     std::function<void(JsMessagePtr)> handler,
+                                                     int batch = 16);
   Result<KeyValue> ensure_kv(const KvConfig& config);  // create or bind: idempotent
   // The newest message stored in `stream` on `subject`, nullopt when there is none.
   Result<std::optional<Message>> last_message(const std::string& stream,
