@@ -54,8 +54,23 @@ if ! "${CVMCTL[@]}" build start --workspace demo --image "oci:$WORK/image:latest
   tail -n 20 "$WORK"/agent.log "$WORK"/scheduler.log >&2
   exit 1
 fi
-pid=$(runc --root "$RUNC_ROOT" state cvm-demo | sed -n 's/.*"pid": *\([0-9]*\).*/\1/p')
-echo "demo: container cvm-demo, init pid $pid on the host; uid_map: $(cat /proc/"$pid"/uid_map | xargs)"
+sup=$(runc --root "$RUNC_ROOT" state cvm-demo | sed -n 's/.*"pid": *\([0-9]*\).*/\1/p')
+# cvm-demo is the supervising container; the workspace is its descendant that is PID 1 of its own
+# PID namespace (the inner container), so that is the uid_map worth showing.
+descendants() {
+  ps -e -o pid=,ppid= | awk -v root="$1" '{ parent[$1] = $2 }
+    END { for (p in parent) { q = p; while ((q in parent) && q != root && q > 1) q = parent[q];
+                              if (q == root && p != root) print p } }'
+}
+inner=""
+for p in $(descendants "$sup"); do
+  ns=$(awk '/^NSpid:/ {print $NF}' /proc/"$p"/status 2>/dev/null)
+  if [[ $ns == 1 ]]; then inner=$p; break; fi
+done
+echo "demo: supervising container cvm-demo (pid $sup), uid_map: $(xargs < /proc/"$sup"/uid_map)"
+if [[ -n $inner ]]; then
+  echo "demo: workspace init pid $inner on the host, uid_map: $(xargs < /proc/"$inner"/uid_map)"
+fi
 if ((KEEP)); then
   echo "demo: metrics: scheduler $SCHEDULER_METRICS, broker $BROKER_METRICS, agent $AGENT_METRICS, exporter $EXPORTER_METRICS"
   echo "demo: try:  ${CVMCTL[*]} gpus | settings get | events BUILD_ID"
