@@ -29,7 +29,8 @@ Status ensure_consumer(jsCtx* js, const ConsumerConfig& config) {
   cc.Durable = config.durable.c_str();
   // With a name, cnats (against a 2.9 server) creates through $JS.API.CONSUMER.CREATE.<stream>.
   // <name>.<filter>, a subject that permissions can pin to one filter, so a node agent's user can
-  // be allowed its own work only (deploy/nats); the legacy DURABLE.CREATE subject carries no filter.
+  // be allowed its own work only (deploy/nats); the legacy DURABLE.CREATE subject carries no
+  // filter.
   cc.Name = config.durable.c_str();
   cc.DeliverPolicy = js_DeliverAll;
   cc.AckPolicy = js_AckExplicit;

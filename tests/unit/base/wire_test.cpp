@@ -1,5 +1,5 @@
-#include "cvm/base/reasons.h"
 #include "cvm/base/wire.h"
+#include "cvm/base/reasons.h"
 
 #include <string>
 
