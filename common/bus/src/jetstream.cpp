@@ -2,6 +2,8 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <set>
+#include <string_view>
 #include <thread>
 #include <utility>
 
@@ -231,6 +233,25 @@ void PullConsumer::stop() { impl_->stop(); }
 
 // ---- Connection: JetStream ----
 
+namespace {
+
+// The settings ensure_stream manages; what the server fills in by itself is not compared.
+bool same_stream_config(const jsStreamConfig& a, const jsStreamConfig& b) {
+  if (a.Retention != b.Retention || a.Storage != b.Storage || a.MaxAge != b.MaxAge ||
+      a.Duplicates != b.Duplicates || a.MaxMsgs != b.MaxMsgs || a.Replicas != b.Replicas ||
+      a.SubjectsLen != b.SubjectsLen) {
+    return false;
+  }
+  std::set<std::string_view> want;
+  for (int i = 0; i < b.SubjectsLen; ++i) want.insert(b.Subjects[i]);
+  for (int i = 0; i < a.SubjectsLen; ++i) {
+    if (!want.contains(a.Subjects[i])) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
 Status Connection::ensure_stream(const StreamConfig& config) {
   jsStreamConfig cfg;
   jsStreamConfig_Init(&cfg);
@@ -256,21 +277,47 @@ Status Connection::ensure_stream(const StreamConfig& config) {
   cfg.Replicas = config.replicas;
   cfg.MaxMsgs = config.max_msgs;
 
-  // Add is idempotent for an identical config; "name in use" means it exists with another
-  // config (or another process just made it), and then an update brings it to ours.
+  // An existing stream may have been tuned by an operator (3 replicas on a cluster): keep its
+  // replica count, and leave it alone when the rest already matches, so a service never undoes
+  // that and a client without update permission (a node agent) still starts. Looking first also
+  // keeps a replica count the server cannot honour from failing the create of a stream that is
+  // already there.
+  auto reconcile_existing = [&](const jsStreamConfig& have) -> Status {
+    cfg.Replicas = have.Replicas;
+    if (same_stream_config(have, cfg)) return {};
+    jsStreamInfo* raw = nullptr;
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    const natsStatus s = js_UpdateStream(&raw, impl_->core->js, &cfg, nullptr, &jerr);
+    detail::StreamInfoHandle updated(raw);
+    if (s != NATS_OK) return nats_error(s, "update stream " + config.name, jerr);
+    return {};
+  };
+  auto lookup = [&]() -> Result<detail::StreamInfoHandle> {
+    jsStreamInfo* raw = nullptr;
+    jsErrCode jerr = static_cast<jsErrCode>(0);
+    const natsStatus s =
+        js_GetStreamInfo(&raw, impl_->core->js, config.name.c_str(), nullptr, &jerr);
+    detail::StreamInfoHandle info(raw);
+    if (s == NATS_NOT_FOUND || jerr == JSStreamNotFoundErr) return detail::StreamInfoHandle{};
+    if (s != NATS_OK) return nats_error(s, "inspect stream " + config.name, jerr);
+    return info;
+  };
+
+  auto current = lookup();
+  if (!current) return current.error();
+  if (*current && (*current)->Config != nullptr) return reconcile_existing(*(*current)->Config);
+
   jsStreamInfo* raw = nullptr;
   jsErrCode jerr = static_cast<jsErrCode>(0);
-  natsStatus s = js_AddStream(&raw, impl_->core->js, &cfg, nullptr, &jerr);
+  const natsStatus s = js_AddStream(&raw, impl_->core->js, &cfg, nullptr, &jerr);
   detail::StreamInfoHandle info(raw);
   if (s == NATS_OK) return {};
   if (jerr != JSStreamNameExistErr) return nats_error(s, "create stream " + config.name, jerr);
-
-  raw = nullptr;
-  jerr = static_cast<jsErrCode>(0);
-  s = js_UpdateStream(&raw, impl_->core->js, &cfg, nullptr, &jerr);
-  detail::StreamInfoHandle updated(raw);
-  if (s != NATS_OK) return nats_error(s, "update stream " + config.name, jerr);
-  return {};
+  // Another process created it between the look and the create.
+  auto now = lookup();
+  if (!now) return now.error();
+  if (*now && (*now)->Config != nullptr) return reconcile_existing(*(*now)->Config);
+  return nats_error(s, "create stream " + config.name, jerr);
 }
 
 Result<PubAck> Connection::js_publish(const std::string& subject, std::string_view data,
