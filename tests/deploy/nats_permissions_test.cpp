@@ -23,6 +23,7 @@
 #include "cvm/base/wire.h"
 #include "cvm/bus/bus.h"
 #include "cvm/service/streams.h"
+#include "cvm/test/files.h"
 #include "cvm/test/nats_server.h"
 #include "cvm/test/wait.h"
 
@@ -31,13 +32,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 // Runs deploy/nats/gen-auth.sh for nodes n1 and n2 into a temp directory.
 struct GeneratedAuth {
@@ -50,9 +44,9 @@ struct GeneratedAuth {
     fs::remove_all(dir);
     const std::string cmd = std::string(CVM_GEN_AUTH) + " --out " + dir + " n1 n2 >/dev/null";
     if (std::system(cmd.c_str()) != 0) return;
-    auth_conf = slurp(dir + "/auth.conf");
+    auth_conf = read_file(dir + "/auth.conf");
     for (const auto& entry : fs::directory_iterator(dir + "/credentials")) {
-      std::istringstream in(slurp(entry.path()));
+      std::istringstream in(read_file(entry.path()));
       std::string user;
       std::string password;
       for (std::string line; std::getline(in, line);) {

@@ -24,6 +24,7 @@
 #include "cvm/base/wire.h"
 #include "cvm/bus/bus.h"
 #include "cvm/service/streams.h"
+#include "cvm/test/files.h"
 #include "cvm/test/nats_server.h"
 #include "cvm/test/wait.h"
 #include "cvm/v1/build.pb.h"
@@ -34,13 +35,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 class AgentProcess : public ::testing::Test {
  protected:

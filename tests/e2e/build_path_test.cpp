@@ -15,6 +15,7 @@
 #include "child_process.h"
 #include "cvm/base/wire.h"
 #include "cvm/bus/bus.h"
+#include "cvm/test/files.h"
 #include "cvm/test/nats_server.h"
 #include "cvm/test/wait.h"
 #include "cvm/v1/build.pb.h"
@@ -24,13 +25,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 // Counts of a metric in Prometheus text format (0 when absent).
 double scrape(uint16_t port, const std::string& series) {

@@ -23,6 +23,7 @@
 #include "cvm/agent/process.h"
 #include "cvm/agent/runtime.h"
 #include "cvm/agent/supervisor_spec.h"
+#include "cvm/test/files.h"
 
 namespace cvm::agent {
 namespace {
@@ -30,12 +31,7 @@ namespace {
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 
-std::string slurp(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using cvm::test::read_file;
 
 std::string make_temp_dir(const std::string& prefix) {
   std::string templ = (fs::temp_directory_path() / (prefix + ".XXXXXX")).string();
@@ -56,7 +52,7 @@ std::string missing_prerequisite() {
 // Mount points of a process (from the host's view of its mountinfo) -> their per-mount options.
 std::map<std::string, std::string> mounts_of(int pid) {
   std::map<std::string, std::string> out;
-  std::istringstream in(slurp("/proc/" + std::to_string(pid) + "/mountinfo"));
+  std::istringstream in(read_file("/proc/" + std::to_string(pid) + "/mountinfo"));
   for (std::string line; std::getline(in, line);) {
     std::istringstream f(line);
     std::string id, parent, devno, root, point, options;
@@ -189,9 +185,9 @@ class CvmLaunchTest : public ::testing::Test {
 
   std::string logs(const std::string& ws) {
     const std::string dir = launcher_->workspace_dir(ws);
-    return "\nrunc.log: " + slurp(dir + "/runc.log") +
-           "\ninner.log: " + slurp(dir + "/run/inner.log") +
-           "\nstatus: " + slurp(dir + "/run/status.json");
+    return "\nrunc.log: " + read_file(dir + "/runc.log") +
+           "\ninner.log: " + read_file(dir + "/run/inner.log") +
+           "\nstatus: " + read_file(dir + "/run/status.json");
   }
 
   static inline std::string* images_dir_ = nullptr;
@@ -242,7 +238,7 @@ TEST_P(MountTable, SupervisorHasTheRowsPathsAndTheInnerContainerNone) {
     } else {
       ASSERT_NE(got, sup_mounts.end()) << path << " must be mounted";
       EXPECT_EQ(mount_is_read_only(got->second), want->read_only) << path << ": " << got->second;
-      EXPECT_EQ(slurp(root + path + "/marker"), std::string(path).substr(1)) << path;
+      EXPECT_EQ(read_file(root + path + "/marker"), std::string(path).substr(1)) << path;
       EXPECT_EQ(can_create(root + path + "/probe"), !want->read_only) << path;
     }
     EXPECT_EQ(inner_mounts.count(path), 0u) << path << " leaked into the inner container";
@@ -275,9 +271,9 @@ TEST_F(CvmLaunchTest, InnerContainerIsIsolatedOnItsOwnRange) {
 
   // uid_map: container 0 -> the workspace's range; the two ranges are disjoint.
   uint64_t in_a = 9, out_base_a = 0, count_a = 0, in_b = 9, out_base_b = 0, count_b = 0;
-  std::istringstream(slurp("/proc/" + std::to_string(inner_a) + "/uid_map")) >> in_a >>
+  std::istringstream(read_file("/proc/" + std::to_string(inner_a) + "/uid_map")) >> in_a >>
       out_base_a >> count_a;
-  std::istringstream(slurp("/proc/" + std::to_string(inner_b) + "/uid_map")) >> in_b >>
+  std::istringstream(read_file("/proc/" + std::to_string(inner_b) + "/uid_map")) >> in_b >>
       out_base_b >> count_b;
   EXPECT_EQ(in_a, 0u);
   EXPECT_EQ(out_base_a, a.ids.base);
@@ -286,7 +282,7 @@ TEST_F(CvmLaunchTest, InnerContainerIsIsolatedOnItsOwnRange) {
   EXPECT_EQ(out_base_b, b.ids.base);
   EXPECT_TRUE(out_base_a + count_a <= out_base_b || out_base_b + count_b <= out_base_a);
   // The supervisor is real root (no user namespace); the inner container is not.
-  EXPECT_EQ(slurp("/proc/" + std::to_string(out_a.pid) + "/uid_map").find("4294967295") !=
+  EXPECT_EQ(read_file("/proc/" + std::to_string(out_a.pid) + "/uid_map").find("4294967295") !=
                 std::string::npos,
             true);
 
@@ -321,10 +317,10 @@ TEST_F(CvmLaunchTest, InnerContainerIsIsolatedOnItsOwnRange) {
   const std::string mem =
       "/sys/fs/cgroup/memory/cvm/" + WorkspaceLauncher::container_id(a.workspace_id);
   if (fs::exists("/sys/fs/cgroup/memory/cvm")) {
-    EXPECT_EQ(std::stoull(slurp(mem + "/inner/memory.limit_in_bytes")), 96ULL << 20);
-    EXPECT_EQ(std::stoull(slurp(mem + "/memory.limit_in_bytes")),
+    EXPECT_EQ(std::stoull(read_file(mem + "/inner/memory.limit_in_bytes")), 96ULL << 20);
+    EXPECT_EQ(std::stoull(read_file(mem + "/memory.limit_in_bytes")),
               (96ULL << 20) + kSupervisorMemoryOverhead);
-    EXPECT_NE(slurp("/proc/" + std::to_string(inner_a) + "/cgroup").find("/inner"),
+    EXPECT_NE(read_file("/proc/" + std::to_string(inner_a) + "/cgroup").find("/inner"),
               std::string::npos);
   }
 
@@ -333,8 +329,8 @@ TEST_F(CvmLaunchTest, InnerContainerIsIsolatedOnItsOwnRange) {
   ASSERT_TRUE(launcher_->stop(a.workspace_id).ok());
   EXPECT_LT(std::chrono::steady_clock::now() - t0, 3s) << "the sleep entrypoint exits on TERM";
   EXPECT_FALSE(fs::exists("/proc/" + std::to_string(inner_a)));
-  auto status =
-      parse_supervisor_status(slurp(launcher_->workspace_dir(a.workspace_id) + "/run/status.json"));
+  auto status = parse_supervisor_status(
+      read_file(launcher_->workspace_dir(a.workspace_id) + "/run/status.json"));
   ASSERT_TRUE(status.ok());
   EXPECT_EQ(status->state, SupervisorStatus::State::kStopped);
   ASSERT_TRUE(launcher_->remove(a.workspace_id, true).ok());
@@ -348,7 +344,7 @@ TEST_F(CvmLaunchTest, SbinInitIsPid1AndTmpFilesAreWarned) {
   ASSERT_TRUE(out.ok) << out.message << logs(r.workspace_id);
   const int inner = find_inner_host_pid("/proc", out.pid);
   ASSERT_GT(inner, 0);
-  EXPECT_EQ(slurp("/proc/" + std::to_string(inner) + "/cmdline"),
+  EXPECT_EQ(read_file("/proc/" + std::to_string(inner) + "/cmdline"),
             std::string("/bin/sh\0/sbin/init\0", 19))
       << "PID 1 is the image's /sbin/init (a script, so the kernel runs it with /bin/sh)";
   ASSERT_EQ(out.warnings.size(), 1u);
@@ -359,7 +355,7 @@ TEST_F(CvmLaunchTest, SbinInitIsPid1AndTmpFilesAreWarned) {
   ASSERT_TRUE(out2.ok) << out2.message;
   EXPECT_TRUE(out2.warnings.empty());
   const int inner2 = find_inner_host_pid("/proc", out2.pid);
-  EXPECT_NE(slurp("/proc/" + std::to_string(inner2) + "/cmdline").find("sleep 3600"),
+  EXPECT_NE(read_file("/proc/" + std::to_string(inner2) + "/cmdline").find("sleep 3600"),
             std::string::npos);
 }
 
@@ -393,7 +389,7 @@ TEST_F(CvmLaunchTest, PlainWorkspaceIsOneContainerOnItsRange) {
   const auto out = launch(plain);
   ASSERT_TRUE(out.ok) << out.message;
   EXPECT_EQ(find_inner_host_pid("/proc", out.pid), 0) << "a plain container has no inner one";
-  std::istringstream uid_map(slurp("/proc/" + std::to_string(out.pid) + "/uid_map"));
+  std::istringstream uid_map(read_file("/proc/" + std::to_string(out.pid) + "/uid_map"));
   uint64_t inside = 9, base = 0;
   uid_map >> inside >> base;
   EXPECT_EQ(base, plain.ids.base);

@@ -21,6 +21,7 @@
 #include "cvm/agent/oci_spec.h"
 #include "cvm/agent/process.h"
 #include "cvm/agent/runtime.h"
+#include "cvm/test/files.h"
 
 #ifndef CVM_BUILD_DEFAULT_IMAGE_SCRIPT
 #error "CVM_BUILD_DEFAULT_IMAGE_SCRIPT must name scripts/build-default-image.sh"
@@ -32,12 +33,7 @@ namespace {
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 
-std::string slurp(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using cvm::test::read_file;
 
 std::string make_temp_dir() {
   std::string templ = (fs::temp_directory_path() / "cvm-agent-it.XXXXXX").string();
@@ -168,7 +164,7 @@ TEST_F(AgentRuntimeTest, RunsWorkspaceInItsOwnUserNamespace) {
 
   const auto started = run(id, bundle);
   ASSERT_TRUE(started.ok()) << started.error().message
-                            << "\ncontainer.log: " << slurp(bundle + "/container.log");
+                            << "\ncontainer.log: " << read_file(bundle + "/container.log");
   const auto state = runtime_->state(id);
   ASSERT_TRUE(state.ok()) << state.error().message;
   EXPECT_EQ(state->status, ContainerStatus::kRunning);
@@ -176,8 +172,8 @@ TEST_F(AgentRuntimeTest, RunsWorkspaceInItsOwnUserNamespace) {
   EXPECT_EQ(state->bundle, bundle);
 
   // Container root is the range's base on the host, never host root.
-  const std::string uid_map = slurp("/proc/" + std::to_string(state->pid) + "/uid_map");
-  const std::string gid_map = slurp("/proc/" + std::to_string(state->pid) + "/gid_map");
+  const std::string uid_map = read_file("/proc/" + std::to_string(state->pid) + "/uid_map");
+  const std::string gid_map = read_file("/proc/" + std::to_string(state->pid) + "/gid_map");
   std::cout << "uid_map of container init (pid " << state->pid << "): " << uid_map;
   std::istringstream uid_fields(uid_map);
   uint64_t inside = 99, outside = 0, count = 0;
@@ -195,12 +191,12 @@ TEST_F(AgentRuntimeTest, RunsWorkspaceInItsOwnUserNamespace) {
   const std::string cgroup = "/" + cgroup_parent_ + "/ws-it";
   if (fs::exists("/sys/fs/cgroup/memory")) {
     const std::string mem = "/sys/fs/cgroup/memory" + cgroup + "/memory.limit_in_bytes";
-    std::cout << mem << " = " << slurp(mem);
-    EXPECT_EQ(std::stoull(slurp(mem)), 256ull << 20) << mem;
-    EXPECT_EQ(std::stoll(slurp("/sys/fs/cgroup/cpu" + cgroup + "/cpu.cfs_quota_us")), 50000);
+    std::cout << mem << " = " << read_file(mem);
+    EXPECT_EQ(std::stoull(read_file(mem)), 256ull << 20) << mem;
+    EXPECT_EQ(std::stoll(read_file("/sys/fs/cgroup/cpu" + cgroup + "/cpu.cfs_quota_us")), 50000);
   } else {
-    EXPECT_EQ(std::stoull(slurp("/sys/fs/cgroup" + cgroup + "/memory.max")), 256ull << 20);
-    EXPECT_EQ(slurp("/sys/fs/cgroup" + cgroup + "/cpu.max"), "50000 100000\n");
+    EXPECT_EQ(std::stoull(read_file("/sys/fs/cgroup" + cgroup + "/memory.max")), 256ull << 20);
+    EXPECT_EQ(read_file("/sys/fs/cgroup" + cgroup + "/cpu.max"), "50000 100000\n");
   }
 
   // The sleep entrypoint's TERM trap makes SIGTERM enough: no wait for the grace period.
