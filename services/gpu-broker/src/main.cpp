@@ -41,19 +41,9 @@ int main(int argc, char** argv) {
   config.healthy_period = std::chrono::seconds(healthy_period_s);
   config.reconcile_interval = std::chrono::seconds(reconcile_s);
 
-  cvm::telemetry::Metrics metrics;
-  if (auto st = cvm::service::init_telemetry("cvm-gpu-broker", common, metrics); !st) {
-    std::cerr << "cvm-gpu-broker: " << st.error().message << "\n";
-    return 2;
-  }
-  boost::asio::io_context io;
-  auto conn = cvm::service::connect_bus("cvm-gpu-broker", common, io, metrics);
-  if (!conn) {
-    spdlog::critical("cannot connect to NATS at {}: {}", common.nats_url, conn.error().message);
-    return 1;
-  }
-  cvm::SystemClock clock;
-  cvm::broker::BrokerService service(*conn, metrics, clock, config);
-  cvm::service::start_with_retry(io, [&] { return service.start(); });
-  return cvm::service::run_until_signal(io, [&] { service.stop(); });
+  return cvm::service::run_service("cvm-gpu-broker", common,
+                                   [&](const cvm::service::ServiceContext& ctx) {
+                                     return std::make_unique<cvm::broker::BrokerService>(
+                                         ctx.conn, ctx.metrics, ctx.clock, config);
+                                   });
 }

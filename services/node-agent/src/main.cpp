@@ -83,19 +83,9 @@ int main(int argc, char** argv) {
   }
   config.id_pool = *parsed;
 
-  cvm::telemetry::Metrics metrics;
-  if (auto st = cvm::service::init_telemetry("cvm-node-agent", common, metrics); !st) {
-    std::cerr << "cvm-node-agent: " << st.error().message << "\n";
-    return 2;
-  }
-  boost::asio::io_context io;
-  auto conn = cvm::service::connect_bus("cvm-node-agent", common, io, metrics);
-  if (!conn) {
-    spdlog::critical("cannot connect to NATS at {}: {}", common.nats_url, conn.error().message);
-    return 1;
-  }
-  cvm::SystemClock clock;
-  cvm::agent::AgentService service(io, *conn, metrics, clock, config);
-  cvm::service::start_with_retry(io, [&] { return service.start(); });
-  return cvm::service::run_until_signal(io, [&] { service.stop(); });
+  return cvm::service::run_service("cvm-node-agent", common,
+                                   [&](const cvm::service::ServiceContext& ctx) {
+                                     return std::make_unique<cvm::agent::AgentService>(
+                                         ctx.io, ctx.conn, ctx.metrics, ctx.clock, config);
+                                   });
 }

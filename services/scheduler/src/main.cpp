@@ -41,19 +41,9 @@ int main(int argc, char** argv) {
                     : sampling == "percent" ? cvm::scheduler::Sampling::kPercent
                                             : cvm::scheduler::Sampling::kNone;
 
-  cvm::telemetry::Metrics metrics;
-  if (auto st = cvm::service::init_telemetry("cvm-scheduler", common, metrics); !st) {
-    std::cerr << "cvm-scheduler: " << st.error().message << "\n";
-    return 2;
-  }
-  boost::asio::io_context io;
-  auto conn = cvm::service::connect_bus("cvm-scheduler", common, io, metrics);
-  if (!conn) {
-    spdlog::critical("cannot connect to NATS at {}: {}", common.nats_url, conn.error().message);
-    return 1;
-  }
-  cvm::SystemClock clock;
-  cvm::scheduler::SchedulerService service(io, *conn, metrics, clock, config);
-  cvm::service::start_with_retry(io, [&] { return service.start(); });
-  return cvm::service::run_until_signal(io, [&] { service.stop(); });
+  return cvm::service::run_service("cvm-scheduler", common,
+                                   [&](const cvm::service::ServiceContext& ctx) {
+                                     return std::make_unique<cvm::scheduler::SchedulerService>(
+                                         ctx.io, ctx.conn, ctx.metrics, ctx.clock, config);
+                                   });
 }

@@ -7,9 +7,14 @@
 #include <functional>
 #include <string>
 
+#include <iostream>
+#include <string_view>
+
+#include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
 #include <boost/asio/io_context.hpp>
 
+#include "cvm/base/clock.h"
 #include "cvm/base/result.h"
 #include "cvm/bus/bus.h"
 #include "cvm/telemetry/metrics.h"
@@ -45,5 +50,36 @@ void start_with_retry(boost::asio::io_context& io, std::function<Status()> start
 // Runs `io` on this thread until SIGINT or SIGTERM, then calls on_stop (on the io thread) and
 // lets the context drain. Returns the process exit code.
 int run_until_signal(boost::asio::io_context& io, const std::function<void()>& on_stop);
+
+// What a service is built from.
+struct ServiceContext {
+  boost::asio::io_context& io;
+  bus::ConnectionPtr conn;
+  telemetry::Metrics& metrics;
+  const Clock& clock;
+};
+
+// The whole life of a service process after flag parsing: telemetry, the bus connection, the
+// service `make(ctx)` builds (anything with Status start() and void stop()), started with retry
+// and run until SIGINT/SIGTERM. Returns the exit code: 2 for bad telemetry flags, 1 when NATS
+// cannot even be dialled, else 0.
+template <class MakeService>
+int run_service(std::string_view name, const CommonOptions& common, MakeService make) {
+  telemetry::Metrics metrics;
+  if (auto st = init_telemetry(name, common, metrics); !st) {
+    std::cerr << name << ": " << st.error().message << "\n";
+    return 2;
+  }
+  boost::asio::io_context io;
+  auto conn = connect_bus(name, common, io, metrics);
+  if (!conn) {
+    spdlog::critical("cannot connect to NATS at {}: {}", common.nats_url, conn.error().message);
+    return 1;
+  }
+  SystemClock clock;
+  auto service = make(ServiceContext{io, *conn, metrics, clock});
+  start_with_retry(io, [&] { return service->start(); });
+  return run_until_signal(io, [&] { service->stop(); });
+}
 
 }  // namespace cvm::service
