@@ -24,6 +24,7 @@
 #include "cvm/base/wire.h"
 #include "cvm/bus/bus.h"
 #include "cvm/service/streams.h"
+#include "cvm/test/build_events.h"
 #include "cvm/test/files.h"
 #include "cvm/test/nats_server.h"
 #include "cvm/test/wait.h"
@@ -137,31 +138,12 @@ class AgentProcess : public ::testing::Test {
 
   // The latest event of a build, if any.
   std::optional<cvm::v1::BuildEvent> last_event(const std::string& build) {
-    auto m =
-        conn_->last_message(std::string(wire::kStreamEvents), wire::build_events_subject(build));
-    if (!m.ok() || !m->has_value()) return std::nullopt;
-    cvm::v1::BuildEvent e;
-    if (!e.ParseFromString((*m)->data)) return std::nullopt;
-    return e;
+    return last_build_event(*conn_, build);
   }
   std::optional<cvm::v1::BuildEvent> wait_phase(const std::string& build,
                                                 std::initializer_list<cvm::v1::Phase> phases,
                                                 std::chrono::milliseconds timeout) {
-    std::optional<cvm::v1::BuildEvent> found;
-    wait_until(
-        [&] {
-          auto e = last_event(build);
-          if (!e) return false;
-          for (auto p : phases) {
-            if (e->phase() == p) {
-              found = e;
-              return true;
-            }
-          }
-          return false;
-        },
-        timeout);
-    return found;
+    return wait_build_phase(*conn_, build, phases, timeout);
   }
 
   std::vector<std::string> containers() {

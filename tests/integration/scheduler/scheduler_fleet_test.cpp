@@ -18,6 +18,7 @@
 #include "cvm/fleetsim/harness.h"
 #include "cvm/fleetsim/load.h"
 #include "cvm/service/streams.h"
+#include "cvm/test/build_events.h"
 #include "cvm/test/nats_server.h"
 #include "cvm/test/wait.h"
 #include "cvm/v1/gpu.pb.h"
@@ -93,32 +94,13 @@ class SchedulerFleet : public ::testing::Test {
   }
 
   std::optional<cvm::v1::BuildEvent> last_event(const std::string& build) {
-    auto m =
-        client_->last_message(std::string(wire::kStreamEvents), wire::build_events_subject(build));
-    if (!m.ok() || !m->has_value()) return std::nullopt;
-    cvm::v1::BuildEvent e;
-    if (!e.ParseFromString((*m)->data)) return std::nullopt;
-    return e;
+    return test::last_build_event(*client_, build);
   }
 
   std::optional<cvm::v1::BuildEvent> wait_phase(const std::string& build,
                                                 std::initializer_list<cvm::v1::Phase> phases,
                                                 std::chrono::milliseconds timeout = 20s) {
-    std::optional<cvm::v1::BuildEvent> out;
-    test::wait_until(
-        [&] {
-          auto e = last_event(build);
-          if (!e) return false;
-          for (auto p : phases) {
-            if (e->phase() == p) {
-              out = e;
-              return true;
-            }
-          }
-          return false;
-        },
-        timeout);
-    return out;
+    return test::wait_build_phase(*client_, build, phases, timeout);
   }
 
   void put_settings(const cvm::v1::InfrastructureSettings& s) {

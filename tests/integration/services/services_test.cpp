@@ -20,6 +20,7 @@
 #include "cvm/scheduler/scheduler_service.h"
 #include "cvm/service/streams.h"
 #include "cvm/telemetry/metrics.h"
+#include "cvm/test/build_events.h"
 #include "cvm/test/nats_server.h"
 #include "cvm/test/wait.h"
 #include "cvm/v1/gpu.pb.h"
@@ -108,24 +109,7 @@ class Services : public ::testing::Test {
   // The newest event of a build, once its phase is one of `phases`.
   std::optional<cvm::v1::BuildEvent> wait_event(const std::string& build_id,
                                                 std::initializer_list<cvm::v1::Phase> phases) {
-    std::optional<cvm::v1::BuildEvent> out;
-    test::wait_until(
-        [&] {
-          auto m = client_->last_message(std::string(wire::kStreamEvents),
-                                         wire::build_events_subject(build_id));
-          if (!m.ok() || !m->has_value()) return false;
-          cvm::v1::BuildEvent e;
-          if (!e.ParseFromString((*m)->data)) return false;
-          for (auto p : phases) {
-            if (e.phase() == p) {
-              out = e;
-              return true;
-            }
-          }
-          return false;
-        },
-        15s);
-    return out;
+    return test::wait_build_phase(*client_, build_id, phases, 15s);
   }
 
   cvm::v1::BuildRequest request(const std::string& build, const std::string& ws) {
