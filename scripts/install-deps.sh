@@ -9,6 +9,7 @@ PACKAGES=(
   libprotobuf-dev protobuf-compiler
   libspdlog-dev libfmt-dev libboost-dev prometheus-cpp-dev nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev
+  libarchive-dev
   runc umoci skopeo busybox-static
   docker-registry prometheus python3 python3-yaml
   clang-format clang-tidy
