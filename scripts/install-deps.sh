@@ -13,6 +13,7 @@ PACKAGES=(
   runc umoci skopeo busybox-static
   docker-registry prometheus python3 python3-yaml
   clang-format clang-tidy
+  clang libclang-rt-14-dev  # libFuzzer and the sanitizer runtimes for scripts/fuzz.sh
   iproute2 procps util-linux jq curl ca-certificates
 )
 
