@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <bit>
+#include <cmath>
+#include <iterator>
 #include <tuple>
 #include <utility>
 
@@ -18,6 +20,27 @@ constexpr uint32_t kCapSelinuxOff = 1U << 3;
 constexpr uint32_t kCapShiftfs = 1U << 4;  // shiftfs loaded or loadable, or ID-mapped mounts
 constexpr uint32_t kCapKernelHeaders = 1U << 5;
 constexpr uint32_t kCapBareMetal = 1U << 6;
+// Only in a capability-index group's caps (derived from free resources, not from the host): at
+// least one usable GPU, so GPU requests skip every GPU-less group.
+constexpr uint32_t kCapGpu = 1U << 7;
+
+// Capacity shapes are grouped 8 to an octave (about 9% apart), so a group's 1/capacity spans at
+// most that much and the walk's bound stays tight, while a fleet's machine types (whose reported
+// memory differs by a few MB between identical machines) still share a group.
+constexpr double kShapeBucketsPerOctave = 8;
+
+// The grid cell of a free share in [0, 1] (a node over-committed has 0; 1 lands in the last).
+uint32_t grid_cell(double fraction) {
+  const double scaled = fraction * NodeIndex::kGrid;
+  if (!(scaled > 0)) return 0;
+  return std::min(static_cast<uint32_t>(scaled), NodeIndex::kGrid - 1);
+}
+
+uint64_t shape_bucket(uint64_t capacity) {
+  if (capacity == 0) return 0;
+  return 1 +
+         static_cast<uint64_t>(std::log2(static_cast<double>(capacity)) * kShapeBucketsPerOctave);
+}
 
 constexpr uint64_t saturating_sub(uint64_t a, uint64_t b) { return a > b ? a - b : 0; }
 
@@ -158,6 +181,58 @@ NodeSlot NodeIndex::upsert(const cvm::v1::NodeStatus& status, uint64_t revision)
   return slot;
 }
 
+void NodeIndex::reindex(NodeSlot slot) {
+  if (indexed_.size() < hot_.size()) indexed_.resize(hot_.size());
+  const HotNode& h = hot_[slot];
+  const ScoreNode& sc = score_[slot];
+  const NodeRecord& rec = records_[slot];
+  const uint32_t caps = (h.caps & 0x7FU) | (h.gpu_free > 0 ? kCapGpu : 0U);
+  const uint64_t key = uint64_t{caps} | (shape_bucket(rec.capacity_cpu_millicores) << 8) |
+                       (shape_bucket(rec.capacity_memory_bytes) << 24);
+  auto [it, created] = group_by_key_.try_emplace(key, static_cast<uint32_t>(groups_.size()));
+  if (created) {
+    groups_.emplace_back();
+    groups_.back().caps = caps;
+  }
+  const uint32_t group = it->second;
+  const double cpu_fraction = static_cast<double>(h.free_cpu) * sc.inv_capacity_cpu;
+  const double memory_fraction = static_cast<double>(h.free_memory) * sc.inv_capacity_memory;
+  const double free_fraction = cpu_fraction + memory_fraction;
+  const uint32_t cell = grid_cell(cpu_fraction) * kGrid + grid_cell(memory_fraction);
+  Indexed& at = indexed_[slot];
+  if (at.group == group && at.cell == cell && at.free_fraction == free_fraction) {
+    return;  // a plain heartbeat
+  }
+  unindex(slot);
+  Group& g = groups_[group];
+  if (g.members == 0) {
+    g.min_inv_cpu = g.max_inv_cpu = sc.inv_capacity_cpu;
+    g.min_inv_memory = g.max_inv_memory = sc.inv_capacity_memory;
+  } else {
+    g.min_inv_cpu = std::min(g.min_inv_cpu, sc.inv_capacity_cpu);
+    g.max_inv_cpu = std::max(g.max_inv_cpu, sc.inv_capacity_cpu);
+    g.min_inv_memory = std::min(g.min_inv_memory, sc.inv_capacity_memory);
+    g.max_inv_memory = std::max(g.max_inv_memory, sc.inv_capacity_memory);
+  }
+  g.cells[cell].insert(IndexEntry{free_fraction, rec.node_id, slot});
+  ++g.members;
+  at = Indexed{group, cell, free_fraction};
+}
+
+void NodeIndex::unindex(NodeSlot slot) {
+  if (slot >= indexed_.size()) return;
+  Indexed& at = indexed_[slot];
+  if (at.group == kNotIndexed) return;
+  Group& g = groups_[at.group];
+  auto& cell = g.cells[at.cell];
+  auto it = cell.find(IndexEntry{at.free_fraction, records_[slot].node_id, slot});
+  if (it != cell.end()) {
+    cell.erase(it);
+    --g.members;
+  }
+  at = Indexed{};
+}
+
 void NodeIndex::refresh(NodeSlot slot) {
   const NodeRecord& rec = records_[slot];
   HotNode& h = hot_[slot];
@@ -187,6 +262,7 @@ void NodeIndex::refresh(NodeSlot slot) {
   h.gpu_largest_free_mib = mib(largest);
   h.gpu_free = static_cast<uint16_t>(
       std::min<uint32_t>(usable > rec.reserved_gpus ? usable - rec.reserved_gpus : 0, UINT16_MAX));
+  reindex(slot);
 }
 
 bool NodeIndex::remove(std::string_view node_id) {
@@ -195,6 +271,7 @@ bool NodeIndex::remove(std::string_view node_id) {
   const NodeSlot slot = it->second;
   by_id_.erase(it);
   std::erase_if(reservations_, [&](const auto& kv) { return kv.second.node_id == node_id; });
+  unindex(slot);
   records_[slot] = NodeRecord{};
   hot_[slot] = HotNode{};  // caps without kCapOccupied: the pass skips the slot
   score_[slot] = ScoreNode{};
@@ -341,21 +418,31 @@ class PlacementPass {
     d.stats.nodes = static_cast<uint32_t>(nodes_.size());
     stats_ = &d.stats;
     top_.reserve(max_candidates_ + 1);
+
+    if (use_index()) {
+      search_index();
+      if (!top_.empty()) {
+        finish(d);
+        return d;
+      }
+      // Nothing fits: the full scan below counts every node for the message (and, should the
+      // index ever disagree with the scan, still finds the node).
+      d.stats = PlacementStats{};
+      d.stats.nodes = static_cast<uint32_t>(nodes_.size());
+      counts_ = {};
+    }
+
     limit_ = feasible_limit(d.stats.nodes);
 
     const size_t start = slots == 0 ? 0 : static_cast<size_t>(options_.start_offset % slots);
     if (visit(start, slots)) visit(0, start);
-    std::copy_n(counts_.begin(), kFilterCount, d.stats.rejected.begin());
-
     if (top_.empty()) {
+      std::copy_n(counts_.begin(), kFilterCount, d.stats.rejected.begin());
       d.message = rejection_message(d.stats);
       d.reason = failure_reason(d.stats);
       return d;
     }
-    d.candidates.reserve(top_.size());
-    for (const auto& t : top_) {
-      d.candidates.push_back(Candidate{t.slot, nodes_.records_[t.slot].node_id, t.utilization});
-    }
+    finish(d);
     return d;
   }
 
@@ -364,6 +451,140 @@ class PlacementPass {
     NodeSlot slot;
     double utilization;
   };
+
+  void finish(PlacementDecision& d) const {
+    std::copy_n(counts_.begin(), kFilterCount, d.stats.rejected.begin());
+    d.candidates.reserve(top_.size());
+    for (const auto& t : top_) {
+      d.candidates.push_back(Candidate{t.slot, nodes_.records_[t.slot].node_id, t.utilization});
+    }
+  }
+
+  bool use_index() const {
+    switch (options_.search) {
+      case Search::kScan:
+        return false;
+      case Search::kIndex:
+        return true;
+      case Search::kAuto:
+        return options_.sampling == Sampling::kNone && nodes_.size() >= kIndexMinNodes;
+    }
+    return false;
+  }
+
+  // The capability index search. Within a group every member carries the request's capability
+  // bits, so only liveness, GPUs, cpu and memory remain to check on the walk. A member with free
+  // fraction k = free_cpu/cap_cpu + free_memory/cap_memory scores
+  //   utilization = 1 - (k - d)/2,   d = cpu/cap_cpu + memory/cap_memory  (the request's share),
+  // and d lies in [d_lo, d_hi] for the group (from its 1/capacity range). So walking a group in
+  // order of k from the end that scores best, the best utilization any later member could reach
+  // is known, and the walk stops as soon as that cannot beat the worst of the candidates held
+  // (by more than kScoreEpsilon). A member that fits has free cpu >= cpu and free memory >=
+  // memory, so k >= d >= d_lo: bin-packing starts its walk there (lower_bound), spreading stops
+  // there.
+  void search_index() {
+    const uint32_t need = required_ | (gpus_ > 0 ? kCapGpu : 0U);
+    for (const auto& g : nodes_.groups_) {
+      if ((g.caps & need) != need || g.members == 0) continue;
+      search_group(g);
+    }
+  }
+
+  bool full() const { return top_.size() == max_candidates_; }
+  // Whether a node that can at best reach this utilization may still beat the worst candidate
+  // held (by more than kScoreEpsilon, the guarantee's slack).
+  bool may_beat(double best_possible) const {
+    if (!full()) return true;
+    return binpack_ ? best_possible > top_.back().utilization + kScoreEpsilon
+                    : best_possible < top_.back().utilization - kScoreEpsilon;
+  }
+
+  // Cells in diagonals of equal (cpu cell + memory cell), from the end that scores best: a cell's
+  // members all have a free fraction within [diagonal / kGrid, (diagonal + 2) / kGrid), so whole
+  // diagonals and cells drop out by the same bound as single members.
+  void search_group(const NodeIndex::Group& g) {
+    constexpr uint32_t kGrid = NodeIndex::kGrid;
+    constexpr double kStep = 1.0 / kGrid;
+    const auto c = static_cast<double>(cpu_);
+    const auto m = static_cast<double>(memory_);
+    // The smallest share of a member's capacity the request can take, per resource: a member
+    // with less free than that does not fit.
+    const double cpu_share = c * g.min_inv_cpu;
+    const double memory_share = m * g.min_inv_memory;
+    // No slack needed in these bounds: rounding is monotone, so free >= request implies
+    // fl(free * inv) >= fl(request * inv) >= fl(request * min_inv), and likewise for the cell
+    // (a multiplication by kGrid is exact) and the sum of both shares.
+    const double d_lo = cpu_share + memory_share;
+    const double d_hi = c * g.max_inv_cpu + m * g.max_inv_memory;
+    const auto first_cell = [](double share) {
+      return std::min(static_cast<uint32_t>(share * kGrid), kGrid - 1);
+    };
+    const uint32_t ic = first_cell(cpu_share);
+    const uint32_t jm = first_cell(memory_share);
+    const auto diagonal = [&](uint32_t s, auto&& visit_cell) {
+      const uint32_t i_first = std::max(ic, s > kGrid - 1 ? s - (kGrid - 1) : 0U);
+      const uint32_t i_last = std::min(kGrid - 1, s - jm);
+      for (uint32_t i = i_first; i <= i_last; ++i) {
+        const uint32_t j = s - i;
+        const auto& cell = g.cells[i * kGrid + j];
+        if (!cell.empty()) visit_cell(i, j, cell);
+      }
+    };
+    if (binpack_) {
+      for (uint32_t s = ic + jm; s <= 2 * (kGrid - 1); ++s) {
+        if (!may_beat(1.0 - (s * kStep - d_hi) * 0.5)) return;
+        diagonal(s, [&](uint32_t i, uint32_t j, const NodeIndex::Cell& cell) {
+          const double k_lo = std::max(i * kStep, cpu_share) + std::max(j * kStep, memory_share);
+          if (may_beat(1.0 - (k_lo - d_hi) * 0.5)) walk_binpack(cell, k_lo, d_hi);
+        });
+      }
+    } else {
+      for (uint32_t s = 2 * (kGrid - 1) + 1; s-- > ic + jm;) {
+        if (!may_beat(1.0 - ((s + 2) * kStep + kScoreEpsilon - d_lo) * 0.5)) return;
+        diagonal(s,
+                 [&](uint32_t, uint32_t, const NodeIndex::Cell& cell) { walk_spread(cell, d_lo); });
+      }
+    }
+  }
+
+  // Bin-packing: the fullest first, i.e. ascending k from the smallest k that can fit.
+  void walk_binpack(const NodeIndex::Cell& cell, double k_from, double d_hi) {
+    for (auto it = cell.lower_bound(k_from); it != cell.end(); ++it) {
+      if (!may_beat(1.0 - (it->free_fraction - d_hi) * 0.5)) return;
+      visit_indexed(it->slot);
+    }
+  }
+
+  // Spreading: the emptiest first, i.e. descending k. Members with equal k are walked by
+  // ascending node id (the index orders ties that way), so a fleet of identical empty nodes costs
+  // one step, and the tie goes to the smaller id as in the full scan.
+  void walk_spread(const NodeIndex::Cell& cell, double d_lo) {
+    auto block_end = cell.end();
+    while (block_end != cell.begin()) {
+      const auto last = std::prev(block_end);
+      const double k = last->free_fraction;
+      if (k < d_lo) return;  // nothing from here down fits
+      const double best_possible = 1.0 - (k - d_lo) * 0.5;
+      if (!may_beat(best_possible)) return;
+      const bool single = last == cell.begin() || std::prev(last)->free_fraction != k;
+      const auto block_begin = single ? last : cell.lower_bound(k);
+      for (auto it = block_begin; it != block_end && may_beat(best_possible); ++it) {
+        visit_indexed(it->slot);
+      }
+      block_end = block_begin;
+    }
+  }
+
+  void visit_indexed(NodeSlot slot) {
+    const NodeIndex::HotNode& h = nodes_.hot_[slot];
+    const uint32_t fails = failed_filters(slot, h);
+    ++counts_[static_cast<size_t>(std::countr_zero(fails | kPassedBit))];
+    ++stats_->evaluated;
+    if (fails == 0) {
+      ++stats_->feasible;
+      score(slot, h);
+    }
+  }
 
   // A full scan filters 256 nodes between scoring rounds; a sampled one stops soon, so it works in
   // smaller blocks to filter few nodes past the stopping point.

@@ -3,15 +3,18 @@
 // files or clocks ("now" is a parameter) so every rule is unit-tested and benchmarked in-process.
 //
 // Shape (modelled on the Kubernetes scheduling framework): request-level rules first (they do not
-// depend on any node), then one pass over the NodeIndex applying filters in a fixed order, scoring
-// the nodes that pass. When nothing fits, every node is counted under the FIRST filter that
-// rejected it and the message reads like kube-scheduler's: "0/12 nodes fit: 5 SELinux enforcing,
-// 4 GPU requires bare metal, 3 insufficient memory".
+// depend on any node), then the node filters in a fixed order, scoring the nodes that pass. Two
+// searches give the same answer (see Search): a pass over every node, and for large fleets a walk
+// of the capability index that only looks at nodes which can pass the request's capability filters
+// and stops once no unvisited node can score better. When nothing fits, every node is counted under
+// the FIRST filter that rejected it and the message reads like kube-scheduler's: "0/12 nodes fit:
+// 5 SELinux enforcing, 4 GPU requires bare metal, 3 insufficient memory".
 
 #include <array>
 #include <cstddef>
 #include <cstdint>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -128,8 +131,15 @@ using NodeSlot = uint32_t;
 
 // The scheduler's in-memory view of KV cvm_nodes (fed by a KV watch), its in-flight reservations
 // and the GPU leases it has seen. Nodes live in vectors with stable slots (a removed node's slot is
-// reused), and the fields every decision reads sit in a compact array so one decision is a single
-// cache-friendly pass with no allocation per node.
+// reused), and the fields every filter reads sit in a compact array so a full pass is a single
+// cache-friendly sweep with no allocation per node.
+//
+// Beside that array, a capability index: nodes grouped by what rarely changes (the capability
+// bits, whether any GPU is usable, the capacity "shape" rounded to 1/8 octave), each group in a
+// grid of cells by free cpu and free memory, each cell ordered by free fraction (free cpu /
+// capacity + free memory / capacity). Every change of a node's free
+// resources or class (upsert, reserve, release, a GPU lease) moves it in O(log n); a heartbeat that
+// changes nothing else does not touch the index.
 class NodeIndex {
  public:
   // Inserts or replaces the node (same slot on replace). Keeps its reservations and leases.
@@ -150,6 +160,9 @@ class NodeIndex {
 
   // Mirrors KV cvm_gpu_leases. Leases are remembered even for nodes not (yet) registered.
   void set_gpu_leased(std::string_view node_id, std::string_view gpu_uuid, bool leased);
+
+  // Cells per axis of the capability index's grid (see the private Group).
+  static constexpr uint32_t kGrid = 16;
 
  private:
   friend class PlacementPass;
@@ -185,7 +198,48 @@ class NodeIndex {
     Reservation amount;
   };
 
+  // One group of the capability index (see the class comment).
+  struct IndexEntry {
+    double free_fraction = 0;  // free_cpu * inv_capacity_cpu + free_memory * inv_capacity_memory
+    std::string node_id;       // ties in free_fraction go to the smaller id, as scoring does
+    NodeSlot slot = 0;
+  };
+  struct IndexOrder {
+    using is_transparent = void;
+    bool operator()(const IndexEntry& a, const IndexEntry& b) const {
+      if (a.free_fraction != b.free_fraction) return a.free_fraction < b.free_fraction;
+      return a.node_id < b.node_id;
+    }
+    bool operator()(const IndexEntry& a, double b) const { return a.free_fraction < b; }
+    bool operator()(double a, const IndexEntry& b) const { return a < b.free_fraction; }
+  };
+  using Cell = std::set<IndexEntry, IndexOrder>;
+  // A group's members sit in a kGrid x kGrid grid of cells by (free cpu / capacity, free memory /
+  // capacity), each cell ordered by free fraction. A walk in one order alone would step over every
+  // node that is rich in one resource and short of the other (their free fraction is as good as a
+  // fitting node's); in the grid only the cells on the request's cpu or memory boundary hold such
+  // nodes, so the walk skips at most a 1/kGrid² share of the group per boundary cell.
+  struct Group {
+    uint32_t caps = 0;  // kCap* bits every member carries
+    uint32_t members = 0;
+    // Range of 1/capacity over the members since the group was last empty (only ever widened
+    // while it has members: a wider range is still a valid bound, it only prunes less).
+    double min_inv_cpu = 0;
+    double max_inv_cpu = 0;
+    double min_inv_memory = 0;
+    double max_inv_memory = 0;
+    std::vector<Cell> cells = std::vector<Cell>(kGrid * kGrid);  // [cpu cell * kGrid + mem cell]
+  };
+  static constexpr uint32_t kNotIndexed = UINT32_MAX;
+  struct Indexed {
+    uint32_t group = kNotIndexed;
+    uint32_t cell = 0;
+    double free_fraction = 0;
+  };
+
   void refresh(NodeSlot slot);
+  void reindex(NodeSlot slot);
+  void unindex(NodeSlot slot);
 
   std::vector<HotNode> hot_;
   std::vector<ScoreNode> score_;
@@ -194,12 +248,27 @@ class NodeIndex {
   StringMap<NodeSlot> by_id_;
   StringMap<HeldReservation> reservations_;
   StringMap<std::vector<std::string>> leases_;  // node id -> leased GPU uuids
+  std::vector<Indexed> indexed_;                // by slot: where the node sits in the index
+  std::vector<Group> groups_;                   // never shrinks; empty groups are skipped
+  std::unordered_map<uint64_t, uint32_t> group_by_key_;
 };
 
 // Nomad scores ⌈log₂ n⌉ feasible nodes (at least 2); kube-scheduler a percentage of the fleet.
 // Either way the pass stops once that many feasible nodes were found, so a failure is still a full
 // scan and its message counts every node.
 enum class Sampling : uint8_t { kNone, kLog2, kPercent };
+
+// How the nodes are searched. Both searches choose the same node up to kScoreEpsilon: a node the
+// index search returns is never worse than the full scan's best by more than kScoreEpsilon in
+// utilization, and when the full scan's best beats every other feasible node by more than that,
+// both return it. Failures always come from the full scan, so the message counts every node.
+//   kScan   one pass over every node (the reference; sampling applies to it)
+//   kIndex  the capability index: groups whose capabilities pass, walked from the best end and
+//           stopped once no unvisited member can beat the candidates found (ignores sampling)
+//   kAuto   kIndex without sampling when the fleet has at least kIndexMinNodes nodes, else kScan
+enum class Search : uint8_t { kAuto, kScan, kIndex };
+inline constexpr size_t kIndexMinNodes = 1024;
+inline constexpr double kScoreEpsilon = 1e-9;
 
 struct PlacementOptions {
   int64_t now_unix_ms = 0;
@@ -213,6 +282,7 @@ struct PlacementOptions {
   // How many ranked candidates to return, best first, so the caller can move on to the next when
   // a compare-and-set or a GPU reservation on the first is refused.
   uint32_t max_candidates = 1;
+  Search search = Search::kAuto;
 };
 
 struct Candidate {
@@ -224,7 +294,8 @@ struct Candidate {
 struct PlacementStats {
   uint32_t nodes = 0;  // registered
   // Filtered: every node on a full scan; with sampling, up to the stopping point rounded up to a
-  // small block (and the rejection counts cover the same nodes).
+  // small block; with the index, the nodes its walk looked at (and the rejection counts cover the
+  // same nodes).
   uint32_t evaluated = 0;
   uint32_t feasible = 0;
   std::array<uint32_t, kFilterCount> rejected{};  // by Filter
@@ -243,7 +314,7 @@ struct PlacementDecision {
 // Rules that do not depend on any node (CVMs disabled, AMD GPUs, GPUs with cached CVMs).
 std::optional<PlacementDecision> check_request(const PlacementRequest& request);
 
-// The whole decision: check_request, then filter and score every node of the index.
+// The whole decision: check_request, then filter and score the nodes (options.search says how).
 PlacementDecision place(const NodeIndex& nodes, const PlacementRequest& request,
                         const PlacementOptions& options);
 
