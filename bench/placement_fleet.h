@@ -17,9 +17,9 @@ constexpr uint64_t kGiB = 1ULL << 30;
 
 // A deterministic fleet: mostly healthy CVM-capable nodes, with the rarer profiles a real fleet
 // has (SELinux on, no shiftfs, no headers, cloud VMs, GPU boxes, stale or not-ready nodes).
-inline std::unique_ptr<NodeIndex> make_fleet(int n) {
+inline std::unique_ptr<NodeIndex> make_fleet(int n, uint64_t seed = 42) {
   auto index = std::make_unique<NodeIndex>();
-  std::mt19937_64 rng(42);
+  std::mt19937_64 rng(seed);
   auto pct = [&](int p) { return static_cast<int>(rng() % 100) < p; };
   for (int i = 0; i < n; ++i) {
     cvm::v1::NodeStatus s;

@@ -492,11 +492,17 @@ class PlacementPass {
 
   bool full() const { return top_.size() == max_candidates_; }
   // Whether a node that can at best reach this utilization may still beat the worst candidate
-  // held (by more than kScoreEpsilon, the guarantee's slack).
-  bool may_beat(double best_possible) const {
+  // held (by more than kScoreEpsilon, the guarantee's slack), or with tie, equal it: an exact tie
+  // goes to the smaller node id, which only a visit can tell. Each cell's walk admits ties until
+  // it found a feasible member; after that, a tie from the same cell has a larger id (cells order
+  // equal free fractions by id), so only a better member is worth the walk.
+  bool may_beat(double best_possible, bool tie = false) const {
     if (!full()) return true;
-    return binpack_ ? best_possible > top_.back().utilization + kScoreEpsilon
-                    : best_possible < top_.back().utilization - kScoreEpsilon;
+    const double worst = top_.back().utilization;
+    if (binpack_) {
+      return tie ? best_possible >= worst - kScoreEpsilon : best_possible > worst + kScoreEpsilon;
+    }
+    return tie ? best_possible <= worst + kScoreEpsilon : best_possible < worst - kScoreEpsilon;
   }
 
   // Cells in diagonals of equal (cpu cell + memory cell), from the end that scores best: a cell's
@@ -532,15 +538,15 @@ class PlacementPass {
     };
     if (binpack_) {
       for (uint32_t s = ic + jm; s <= 2 * (kGrid - 1); ++s) {
-        if (!may_beat(1.0 - (s * kStep - d_hi) * 0.5)) return;
+        if (!may_beat(1.0 - (s * kStep - d_hi) * 0.5, true)) return;
         diagonal(s, [&](uint32_t i, uint32_t j, const NodeIndex::Cell& cell) {
           const double k_lo = std::max(i * kStep, cpu_share) + std::max(j * kStep, memory_share);
-          if (may_beat(1.0 - (k_lo - d_hi) * 0.5)) walk_binpack(cell, k_lo, d_hi);
+          if (may_beat(1.0 - (k_lo - d_hi) * 0.5, true)) walk_binpack(cell, k_lo, d_hi);
         });
       }
     } else {
       for (uint32_t s = 2 * (kGrid - 1) + 1; s-- > ic + jm;) {
-        if (!may_beat(1.0 - ((s + 2) * kStep + kScoreEpsilon - d_lo) * 0.5)) return;
+        if (!may_beat(1.0 - ((s + 2) * kStep + kScoreEpsilon - d_lo) * 0.5, true)) return;
         diagonal(s,
                  [&](uint32_t, uint32_t, const NodeIndex::Cell& cell) { walk_spread(cell, d_lo); });
       }
@@ -549,9 +555,10 @@ class PlacementPass {
 
   // Bin-packing: the fullest first, i.e. ascending k from the smallest k that can fit.
   void walk_binpack(const NodeIndex::Cell& cell, double k_from, double d_hi) {
+    bool found = false;
     for (auto it = cell.lower_bound(k_from); it != cell.end(); ++it) {
-      if (!may_beat(1.0 - (it->free_fraction - d_hi) * 0.5)) return;
-      visit_indexed(it->slot);
+      if (!may_beat(1.0 - (it->free_fraction - d_hi) * 0.5, !found)) return;
+      found |= visit_indexed(it->slot);
     }
   }
 
@@ -559,31 +566,33 @@ class PlacementPass {
   // ascending node id (the index orders ties that way), so a fleet of identical empty nodes costs
   // one step, and the tie goes to the smaller id as in the full scan.
   void walk_spread(const NodeIndex::Cell& cell, double d_lo) {
+    bool found = false;
     auto block_end = cell.end();
     while (block_end != cell.begin()) {
       const auto last = std::prev(block_end);
       const double k = last->free_fraction;
       if (k < d_lo) return;  // nothing from here down fits
       const double best_possible = 1.0 - (k - d_lo) * 0.5;
-      if (!may_beat(best_possible)) return;
+      if (!may_beat(best_possible, !found)) return;
       const bool single = last == cell.begin() || std::prev(last)->free_fraction != k;
       const auto block_begin = single ? last : cell.lower_bound(k);
-      for (auto it = block_begin; it != block_end && may_beat(best_possible); ++it) {
-        visit_indexed(it->slot);
+      for (auto it = block_begin; it != block_end && may_beat(best_possible, !found); ++it) {
+        found |= visit_indexed(it->slot);
       }
       block_end = block_begin;
     }
   }
 
-  void visit_indexed(NodeSlot slot) {
+  // True when the node fits.
+  bool visit_indexed(NodeSlot slot) {
     const NodeIndex::HotNode& h = nodes_.hot_[slot];
     const uint32_t fails = failed_filters(slot, h);
     ++counts_[static_cast<size_t>(std::countr_zero(fails | kPassedBit))];
     ++stats_->evaluated;
-    if (fails == 0) {
-      ++stats_->feasible;
-      score(slot, h);
-    }
+    if (fails != 0) return false;
+    ++stats_->feasible;
+    score(slot, h);
+    return true;
   }
 
   // A full scan filters 256 nodes between scoring rounds; a sampled one stops soon, so it works in

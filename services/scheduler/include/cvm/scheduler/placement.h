@@ -268,7 +268,7 @@ enum class Sampling : uint8_t { kNone, kLog2, kPercent };
 //   kAuto   kIndex without sampling when the fleet has at least kIndexMinNodes nodes, else kScan
 enum class Search : uint8_t { kAuto, kScan, kIndex };
 inline constexpr size_t kIndexMinNodes = 1024;
-inline constexpr double kScoreEpsilon = 1e-9;
+inline constexpr double kScoreEpsilon = 1e-12;
 
 struct PlacementOptions {
   int64_t now_unix_ms = 0;
