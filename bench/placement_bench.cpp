@@ -116,6 +116,50 @@ void BM_NoFit_Message(benchmark::State& state) {
   run(state, r, cvm::v1::BINPACK, Sampling::kNone, Search::kAuto);
 }
 
+// What keeping the index costs: a heartbeat that changes a node's load (so it moves in the
+// index; upsert also rebuilds the node's record from the NodeStatus), and a reserve + release.
+void BM_Upsert_LoadChanged(benchmark::State& state) {
+  const int n = static_cast<int>(state.range(0));
+  auto index = make_fleet(n);
+  std::vector<cvm::v1::NodeStatus> statuses;
+  for (int i = 0; i < 256; ++i) {
+    const auto* rec = index->find("node-" + std::to_string(i * (n / 256)));
+    cvm::v1::NodeStatus s;
+    s.set_node_id(rec->node_id);
+    s.set_heartbeat_unix_ms(kNow);
+    s.mutable_runtime()->set_ready(true);
+    s.mutable_capacity()->set_cpu_millicores(rec->capacity_cpu_millicores);
+    s.mutable_capacity()->set_memory_bytes(rec->capacity_memory_bytes);
+    statuses.push_back(std::move(s));
+  }
+  uint64_t i = 0;
+  for (auto _ : state) {
+    auto& s = statuses[i % statuses.size()];
+    s.mutable_allocated()->set_cpu_millicores((i * 37) % s.capacity().cpu_millicores());
+    s.mutable_allocated()->set_memory_bytes((i * 7919 * kGiB / 16) % s.capacity().memory_bytes());
+    index->upsert(s, i);
+    ++i;
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
+}
+
+void BM_ReserveRelease(benchmark::State& state) {
+  const int n = static_cast<int>(state.range(0));
+  auto index = make_fleet(n);
+  uint64_t i = 0;
+  const cvm::scheduler::Reservation amount{1000, kGiB, 0};
+  for (auto _ : state) {
+    const std::string node = "node-" + std::to_string((i * 7919) % static_cast<uint64_t>(n));
+    index->reserve("b", node, amount);
+    index->release("b");
+    ++i;
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()));
+}
+
+BENCHMARK(BM_Upsert_LoadChanged)->Arg(5'000)->Arg(50'000);
+BENCHMARK(BM_ReserveRelease)->Arg(5'000)->Arg(50'000);
+
 // Args: nodes, search (0 = default, 1 = full scan).
 void sizes(benchmark::internal::Benchmark* b) {
   for (int64_t n : {500, 5'000, 50'000}) {

@@ -199,9 +199,18 @@ void NodeIndex::reindex(NodeSlot slot) {
   const double memory_fraction = static_cast<double>(h.free_memory) * sc.inv_capacity_memory;
   const double free_fraction = cpu_fraction + memory_fraction;
   const uint32_t cell = grid_cell(cpu_fraction) * kGrid + grid_cell(memory_fraction);
+  const auto widen = [&](Group& g) {
+    g.min_inv_cpu = std::min(g.min_inv_cpu, sc.inv_capacity_cpu);
+    g.max_inv_cpu = std::max(g.max_inv_cpu, sc.inv_capacity_cpu);
+    g.min_inv_memory = std::min(g.min_inv_memory, sc.inv_capacity_memory);
+    g.max_inv_memory = std::max(g.max_inv_memory, sc.inv_capacity_memory);
+  };
   Indexed& at = indexed_[slot];
   if (at.group == group && at.cell == cell && at.free_fraction == free_fraction) {
-    return;  // a plain heartbeat
+    // A plain heartbeat, or a capacity change within the shape bucket that kept the free shares:
+    // the node stays where it is, but the group's bounds must cover its capacity.
+    widen(groups_[group]);
+    return;
   }
   unindex(slot);
   Group& g = groups_[group];
@@ -209,10 +218,7 @@ void NodeIndex::reindex(NodeSlot slot) {
     g.min_inv_cpu = g.max_inv_cpu = sc.inv_capacity_cpu;
     g.min_inv_memory = g.max_inv_memory = sc.inv_capacity_memory;
   } else {
-    g.min_inv_cpu = std::min(g.min_inv_cpu, sc.inv_capacity_cpu);
-    g.max_inv_cpu = std::max(g.max_inv_cpu, sc.inv_capacity_cpu);
-    g.min_inv_memory = std::min(g.min_inv_memory, sc.inv_capacity_memory);
-    g.max_inv_memory = std::max(g.max_inv_memory, sc.inv_capacity_memory);
+    widen(g);
   }
   g.cells[cell].insert(IndexEntry{free_fraction, rec.node_id, slot});
   ++g.members;

@@ -297,7 +297,7 @@ Tally run_life(uint64_t seed, int nodes, int rounds, int requests_per_round) {
     const int mutations = 1 + static_cast<int>(fz.below(static_cast<uint64_t>(nodes) / 4 + 1));
     for (int k = 0; k < mutations && !ids.empty(); ++k) {
       const std::string id = ids[fz.below(ids.size())];
-      switch (fz.below(7)) {
+      switch (fz.below(8)) {
         case 0: {  // a heartbeat that changes the load
           auto& s = model.nodes.at(id);
           s.mutable_allocated()->set_cpu_millicores(fz.used(s.capacity().cpu_millicores()));
@@ -347,6 +347,16 @@ Tally run_life(uint64_t seed, int nodes, int rounds, int requests_per_round) {
                                    static_cast<uint32_t>(fz.below(2))};
           EXPECT_TRUE(index.reserve(rid, id, amount));
           model.reservations[rid] = {id, amount};
+          break;
+        }
+        case 6: {  // capacity and load scaled alike: free shares (nearly) kept, same bucket
+          auto& s = model.nodes.at(id);
+          const uint64_t pct = 100 + fz.below(5);
+          s.mutable_capacity()->set_cpu_millicores(s.capacity().cpu_millicores() * pct / 100);
+          s.mutable_allocated()->set_cpu_millicores(s.allocated().cpu_millicores() * pct / 100);
+          s.mutable_capacity()->set_memory_bytes(s.capacity().memory_bytes() / 100 * pct);
+          s.mutable_allocated()->set_memory_bytes(s.allocated().memory_bytes() / 100 * pct);
+          index.upsert(s, 4);
           break;
         }
         default:
@@ -503,6 +513,42 @@ TEST(IndexSearch, CopiesDecideTheSameAndIndependently) {
   any.cpu_millicores = 1;
   any.memory_bytes = 1;
   EXPECT_FALSE(place(index, any, o).ok());
+}
+
+}  // namespace
+}  // namespace cvm::scheduler
+
+namespace cvm::scheduler {
+namespace {
+
+// A capacity change inside one shape bucket that leaves the free shares as they were must still
+// widen the group's bounds: with stale bounds the walk would start past the node.
+TEST(IndexSearch, CapacityChangeWithinAShapeBucketKeepsTheNodeReachable) {
+  NodeIndex index;
+  auto node = [&](const std::string& id, uint64_t cpu, uint64_t used_cpu) {
+    cvm::v1::NodeStatus s;
+    s.set_node_id(id);
+    s.set_heartbeat_unix_ms(kNow);
+    s.mutable_runtime()->set_ready(true);
+    s.mutable_capacity()->set_cpu_millicores(cpu);
+    s.mutable_capacity()->set_memory_bytes(64 * kGiB);
+    s.mutable_allocated()->set_cpu_millicores(used_cpu);
+    s.mutable_allocated()->set_memory_bytes(32 * kGiB);  // on a cell's lower edge
+    index.upsert(s);
+  };
+  node("a", 17'000, 8'500);  // half free
+  node("a", 17'500, 8'750);  // still half free, same bucket: 8,750 millicores free now
+  node("z", 64'000, 0);      // fits too, but emptier
+  PlacementRequest r;
+  r.cvm = false;
+  r.cpu_millicores = 8'750;
+  r.memory_bytes = kGiB;
+  PlacementOptions o;
+  o.now_unix_ms = kNow;
+  o.search = Search::kScan;
+  ASSERT_EQ(place(index, r, o).best().node_id, "a");
+  o.search = Search::kIndex;
+  EXPECT_EQ(place(index, r, o).best().node_id, "a");
 }
 
 }  // namespace
