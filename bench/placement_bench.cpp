@@ -179,6 +179,7 @@ BENCHMARK(BM_NoFit_Message)->Arg(5'000)->Arg(50'000);
 // Keeps the CPU time per decision of every run for the summary.
 class Capture : public benchmark::ConsoleReporter {
  public:
+  Capture() : ConsoleReporter(OO_Tabular) {}  // no colour codes: the output goes into reports
   void ReportRuns(const std::vector<Run>& runs) override {
     for (const auto& r : runs) {
       if (r.run_type == Run::RT_Iteration && !r.error_occurred) {
