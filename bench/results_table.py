@@ -1,0 +1,213 @@
+#!/usr/bin/env python3
+"""Turns the logs of scripts/bench.sh into the markdown results table.
+
+  results_table.py LOG_DIR SECONDS QUICK LOADAVG_BEFORE
+
+Every figure is read by its printed label; a missing log or label gives "n/a" (other work may
+change a program's output; the table must still come out).
+"""
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+
+log_dir, seconds, quick, load_before = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
+
+
+def read(name):
+    try:
+        with open(os.path.join(log_dir, name + ".log"), errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def num(text, pattern):
+    m = re.search(pattern, text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def pct(text, label):
+    """(p50, p99) in microseconds from a 'LABEL  p50 X us ... p99 Y us' line."""
+    m = re.search(r"^" + re.escape(label) + r"\s+p50\s+([\d.]+) us.*?p99\s+([\d.]+) us", text, re.M)
+    return (float(m.group(1)), float(m.group(2))) if m else (None, None)
+
+
+def gbench(text):
+    """Google Benchmark JSON (possibly interleaved with log lines) -> {name: benchmark}."""
+    # In-process services log to stdout too (spdlog): drop their lines before decoding.
+    text = re.sub(r"^\[\d{4}-\d\d-\d\d [^\n]*\n", "", text, flags=re.M)
+    at = text.find('{\n  "context"')
+    if at < 0:
+        return {}
+    try:
+        doc, _ = json.JSONDecoder().raw_decode(text[at:])
+    except ValueError:
+        return {}
+    return {b["name"]: b for b in doc.get("benchmarks", [])}
+
+
+def us(v):
+    if v is None:
+        return "n/a"
+    if v >= 10_000:
+        return f"{v / 1000:.0f} ms"
+    if v >= 1000:
+        return f"{v / 1000:.2f} ms"
+    return f"{v:.0f} µs" if v >= 10 else f"{v:.2f} µs"
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}×" if a is not None and b else "n/a"
+
+
+def mib(v):
+    return "n/a" if v is None else f"{v:.1f} MiB"
+
+
+rows = []
+
+
+def row(what, ours, baseline, base_value, r):
+    rows.append(f"| {what} | {ours} | {baseline} | {base_value} | {r} |")
+
+
+base = read("baseline")
+rr50, rr99 = pct(base, "raw cnats request-reply")
+js50, js99 = pct(base, "raw JetStream publish (acked)")
+runc50, runc99 = pct(base, "raw runc run --detach")
+
+e2e = read("e2e")
+s50, s99 = pct(e2e, "submit->SCHEDULED")
+r50, r99 = pct(e2e, "submit->RUNNING")
+b50, b99 = pct(e2e, "submit->RUNNING (burst)")
+row("submit→SCHEDULED p50 (real stack, idle)", us(s50), "raw cnats request-reply p50", us(rr50), ratio(s50, rr50))
+row("submit→SCHEDULED p99 (real stack, idle)", us(s99), "raw cnats request-reply p99", us(rr99), ratio(s99, rr99))
+row("submit→SCHEDULED p50 (real stack, idle)", us(s50), "raw JetStream publish p50", us(js50), ratio(s50, js50))
+row("submit→SCHEDULED p99 (real stack, idle)", us(s99), "raw JetStream publish p99", us(js99), ratio(s99, js99))
+row("submit→RUNNING p50 (CVM, real runc)", us(r50), "raw `runc run` p50", us(runc50), ratio(r50, runc50))
+row("submit→RUNNING p99 (CVM, real runc)", us(r99), "raw `runc run` p99", us(runc99), ratio(r99, runc99))
+row("submit→RUNNING p50 (burst, queued)", us(b50), "raw `runc run` p50", us(runc50), ratio(b50, runc50))
+row("submit→RUNNING p99 (burst, queued)", us(b99), "raw `runc run` p99", us(runc99), ratio(b99, runc99))
+
+sim = read("fleet_sim")
+placements = num(sim, r"^throughput:.*?([\d.]+) placements/s")
+decisions = num(sim, r"^throughput:\s*([\d.]+) decisions/s")
+sim_s50, sim_s99 = pct(sim, "submit->SCHEDULED")
+sim_rr50, sim_rr99 = pct(sim, "raw request-reply (before)")
+placements_s = "n/a" if placements is None else f"{placements:.0f}/s"
+row("sustained placements/s, fleet-sim 5,000 nodes", placements_s, "raw request-reply, one at a time (1 / its p50)",
+    "n/a" if not sim_rr50 else f"{1e6 / sim_rr50:.0f}/s",
+    ratio(placements, 1e6 / sim_rr50 if sim_rr50 else None))
+row("fleet-sim submit→SCHEDULED p50 at that load (queueing included)", us(sim_s50), "its raw request-reply p50", us(sim_rr50), ratio(sim_s50, sim_rr50))
+row("fleet-sim submit→SCHEDULED p99 at that load (queueing included)", us(sim_s99), "its raw request-reply p99", us(sim_rr99), ratio(sim_s99, sim_rr99))
+
+launch = read("agent_launch")
+agent_ms = num(launch, r"^assignment -> RUNNING \(agent\)\s+median\s+([\d.]+) ms")
+raw_ms = num(launch, r"^raw runc run, same two bundles\s+median\s+([\d.]+) ms")
+row("agent launch: assignment→RUNNING median", us(agent_ms * 1000 if agent_ms else None),
+    "raw `runc run` of the same two bundles", us(raw_ms * 1000 if raw_ms else None),
+    ratio(agent_ms, raw_ms))
+
+broker = gbench(read("broker_roundtrip"))
+rt = next(iter(broker.values()), {})
+row("GPU reserve round trip p50", us(rt.get("reserve_p50_us")), "raw request-reply p50 (same loop)",
+    us(rt.get("raw_p50_us")), ratio(rt.get("reserve_p50_us"), rt.get("raw_p50_us")))
+row("GPU reserve round trip p99", us(rt.get("reserve_p99_us")), "raw request-reply p99 (same loop)",
+    us(rt.get("raw_p99_us")), ratio(rt.get("reserve_p99_us"), rt.get("raw_p99_us")))
+
+decision = gbench(read("broker_decision"))
+for name in ("BM_ChooseGpus8/1", "BM_ChooseGpus8/4", "BM_ChooseGpus8/8"):
+    b = decision.get(name, {})
+    row(f"GPU choice on an 8-GPU node, {name.split('/')[1]} GPU(s), p99", us(b.get("p99_us")),
+        "first fit (no topology) p99", us(b.get("first_fit_p99_us")), ratio(b.get("p99_us"), b.get("first_fit_p99_us")))
+
+placement = gbench(read("placement"))
+for nodes in ("5000", "50000"):
+    b = placement.get(f"BM_CachedCvm_Binpack/{nodes}", {})
+    t = b.get("real_time")
+    unit = {"ns": 1e-3, "us": 1, "ms": 1e3}.get(b.get("time_unit", "ns"), 1e-3)
+    t_us = t * unit if t is not None else None
+    row(f"one placement decision, {int(nodes):,} nodes (in-process)", us(t_us), "raw cnats request-reply p50",
+        us(rr50), ratio(t_us, rr50))
+
+rows.append("")
+mem = []
+for name in ("cvm-scheduler", "cvm-gpu-broker", "cvm-node-agent"):
+    m = re.search(r"^memory " + re.escape(name) + r"\s+rest RSS\s+([\d.]+) MiB\s+load RSS\s+([\d.]+) MiB\s+peak VmHWM\s+([\d.]+) MiB", e2e, re.M)
+    rest, load, hwm = (float(m.group(i)) for i in (1, 2, 3)) if m else (None, None, None)
+    mem.append(f"| {name} | {mib(rest)} | {mib(load)} | {mib(hwm)} |")
+rss = read("scheduler_rss")
+m = re.search(r"scheduler VmRSS: (\d+) MiB with no nodes \(baseline\), (\d+) MiB with (\d+) nodes", rss)
+sched_rss = f"{m.group(1)} MiB with no nodes → {m.group(2)} MiB with {int(m.group(3)):,} nodes" if m else "n/a"
+agent_idle = num(launch, r"^agent RSS idle after the launches\s+([\d.]+) MiB")
+
+fleet_line = re.search(r"^fleet: .*$", sim, re.M)
+audit_line = re.search(r"^audit: .*$", sim, re.M)
+failures = ""
+try:
+    with open(os.path.join(log_dir, "failures")) as f:
+        failures = f.read().strip()
+except OSError:
+    pass
+
+cpu = "unknown CPU"
+try:
+    with open("/proc/cpuinfo") as f:
+        cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+except OSError:
+    pass
+with open("/proc/loadavg") as f:
+    load_after = " ".join(f.read().split()[:3])
+
+print(f"""# cvm-control benchmark results
+
+Run {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `scripts/bench.sh{' --quick' if quick else ''}`
+in {seconds // 60} min {seconds % 60} s on {platform.node()}: {cpu}, {os.cpu_count()} CPUs, Linux
+{platform.release()}. Load average before / after: {load_before} / {load_after}. Every baseline
+was measured in this same run on this machine; ratios are ours / baseline (lower is better,
+except for placements/s).
+
+| Measure | cvm-control | Baseline (same run) | Baseline value | Ratio |
+|---|---|---|---|---|""")
+print("\n".join(rows))
+print("""## Memory of each service (real processes, e2e run)
+
+"At rest": registered, idle, before any build. "Load": the highest VmRSS sampled every 20 ms
+while the builds ran. "Peak": the kernel's VmHWM at the end.
+
+| Service | At rest (VmRSS) | Under load (max VmRSS) | Peak (VmHWM) |
+|---|---|---|---|""")
+print("\n".join(mem))
+print(f"""
+- Scheduler with the fleet simulator's nodes registered (`bench/scheduler_rss.sh`): {sched_rss}.
+- Node agent idle after launches (`agent_launch_bench`): {mib(agent_idle)}.
+
+## Invariants reported by the runs
+
+- fleet-sim: {fleet_line.group(0) if fleet_line else 'n/a'}
+- {audit_line.group(0) if audit_line else 'audit: n/a'}
+""")
+if failures:
+    print("## Failed steps\n\n```\n" + failures + "\n```\n")
+print("""## How each figure is measured
+
+- Baselines (`bench/baseline_bench`): raw cnats `natsConnection_Request` to an echo subscriber
+  (200-byte payload, SendAsap as our bus adapter), raw `js_Publish` to a file-storage stream
+  waiting for its ack, raw `runc run --detach` of the default busybox image unpacked by umoci
+  (sleep entrypoint), deleted after each.
+- submit→SCHEDULED / RUNNING (`bench/e2e_latency_bench`): nats-server, cvm-scheduler,
+  cvm-gpu-broker and one cvm-node-agent as real processes; each build is published to
+  CVM_BUILDS as cvmctl does (Nats-Msg-Id = build id) and timed from just before the publish to
+  the event's arrival on `cvm.v1.builds.*.events`. One build at a time (then DELETE), then a burst.
+  Each RUNNING is a CVM: the image unpacked onto the workspace's ID range, a supervising container
+  that starts the inner one, so it is compared with one bare `runc run`.
+- Placements/s (`cvm-fleet-sim`): 5,000 simulated nodes, one in-process scheduler replica and the
+  broker, a closed loop of at most 100 undecided requests (so its latencies include queueing
+  behind up to 99 others; the idle latency is the e2e row).
+- Agent launch (`bench/agent_launch_bench`), GPU reserve (`bench/broker_roundtrip_bench`), GPU
+  choice (`bench/broker_decision_bench`), placement decision (`bench/placement_bench`): see
+  their sources; each measures its own baseline in the same process.
+""")
