@@ -26,7 +26,7 @@ if ((quick)); then
   rtt_samples=500 runc_runs=5 e2e_builds=5 e2e_burst=4 sim_requests=3000 launch_iterations=3
   gbench_min_time=0.05
 else
-  rtt_samples=2000 runc_runs=20 e2e_builds=20 e2e_burst=10 sim_requests=20000 launch_iterations=10
+  rtt_samples=5000 runc_runs=50 e2e_builds=50 e2e_burst=10 sim_requests=20000 launch_iterations=10
   gbench_min_time=0.5
 fi
 sim_nodes=5000
@@ -82,7 +82,7 @@ step fleet_sim fleet_sim
 step agent_launch "$build/bench/agent_launch_bench" --iterations "$launch_iterations"
 step broker_roundtrip "$build/bench/broker_roundtrip_bench" --benchmark_format=json
 step broker_decision gbench "$build/bench/broker_decision_bench"
-step placement gbench "$build/bench/placement_bench"
+step placement "$build/bench/placement_bench" --benchmark_min_time="$gbench_min_time"
 step scheduler_rss bench/scheduler_rss.sh "$build" "$sim_nodes"
 
 python3 bench/results_table.py "$logs" "$SECONDS" "$quick" "$load_before" >"$out"
