@@ -29,11 +29,42 @@ constexpr uint32_t kCapGpu = 1U << 7;
 // memory differs by a few MB between identical machines) still share a group.
 constexpr double kShapeBucketsPerOctave = 8;
 
-// The grid cell of a free share in [0, 1] (a node over-committed has 0; 1 lands in the last).
-uint32_t grid_cell(double fraction) {
-  const double scaled = fraction * NodeIndex::kGrid;
-  if (!(scaled > 0)) return 0;
-  return std::min(static_cast<uint32_t>(scaled), NodeIndex::kGrid - 1);
+// The grid's cell edges on each axis: cell 0 holds shares below 2^-kGridOctaves (a full node
+// among them), then kGridCellsPerOctave cells per octave up to 1. Geometric, because what a walk
+// steps over is the members of the cell holding the request's share that have less than that
+// share free: with geometric cells they are at most a 1 - 2^(-1/3) (21%) band below the share,
+// where the nearly full nodes that bin-packing leaves behind sit far below it.
+constexpr uint32_t kGridOctaves = 8;
+constexpr uint32_t kGridCellsPerOctave = 3;
+static_assert(NodeIndex::kGrid == 1 + kGridOctaves * kGridCellsPerOctave);
+
+struct GridEdges {
+  // lo[i] is the smallest share in cell i; hi[i] = lo[i + 1] bounds it from above (the last cell
+  // also holds shares a rounding above 1).
+  std::array<double, NodeIndex::kGrid> lo{};
+  std::array<double, NodeIndex::kGrid> hi{};
+  GridEdges() {
+    lo[0] = 0;
+    for (uint32_t i = 1; i < NodeIndex::kGrid; ++i) {
+      lo[i] = std::exp2(static_cast<double>(i - 1) / kGridCellsPerOctave -
+                        static_cast<double>(kGridOctaves));
+    }
+    for (uint32_t i = 0; i + 1 < NodeIndex::kGrid; ++i) hi[i] = lo[i + 1];
+    hi[NodeIndex::kGrid - 1] = 1 + 1e-12;  // free <= capacity: at most 1, plus a rounding
+  }
+};
+const GridEdges& grid_edges() {
+  static const GridEdges edges;
+  return edges;
+}
+
+// The cell of a share: the last cell whose lower edge is at or below it. Decided on the same
+// table the search reads, so "x in cell i" means lo[i] <= x < hi[i] exactly, and a larger share
+// never lands in a smaller cell.
+uint32_t grid_cell(double share) {
+  const auto& lo = grid_edges().lo;
+  const auto it = std::upper_bound(lo.begin() + 1, lo.end(), share);
+  return static_cast<uint32_t>(it - lo.begin()) - 1;
 }
 
 uint64_t shape_bucket(uint64_t capacity) {
@@ -511,50 +542,52 @@ class PlacementPass {
     return tie ? best_possible <= worst + kScoreEpsilon : best_possible < worst - kScoreEpsilon;
   }
 
-  // Cells in diagonals of equal (cpu cell + memory cell), from the end that scores best: a cell's
-  // members all have a free fraction within [diagonal / kGrid, (diagonal + 2) / kGrid), so whole
-  // diagonals and cells drop out by the same bound as single members.
+  // The group's cells from the corner that scores best: bin-packing from the request's own
+  // shares upward, spreading from the emptiest cell down. A cell's members have free fractions
+  // within [lo_cpu + lo_memory, hi_cpu + hi_memory), which bounds what any of them can score, so
+  // whole rows and cells drop out by the same rule as single members.
   void search_group(const NodeIndex::Group& g) {
     constexpr uint32_t kGrid = NodeIndex::kGrid;
-    constexpr double kStep = 1.0 / kGrid;
+    const auto& edges = grid_edges();
     const auto c = static_cast<double>(cpu_);
     const auto m = static_cast<double>(memory_);
     // The smallest share of a member's capacity the request can take, per resource: a member
-    // with less free than that does not fit.
+    // with less free than that does not fit. No slack needed: rounding is monotone, so free >=
+    // request implies fl(free * inv) >= fl(request * inv) >= fl(request * min_inv), and the same
+    // holds for the cell (decided on the same edges) and the sum of both shares.
     const double cpu_share = c * g.min_inv_cpu;
     const double memory_share = m * g.min_inv_memory;
-    // No slack needed in these bounds: rounding is monotone, so free >= request implies
-    // fl(free * inv) >= fl(request * inv) >= fl(request * min_inv), and likewise for the cell
-    // (a multiplication by kGrid is exact) and the sum of both shares.
     const double d_lo = cpu_share + memory_share;
     const double d_hi = c * g.max_inv_cpu + m * g.max_inv_memory;
-    const auto first_cell = [](double share) {
-      return std::min(static_cast<uint32_t>(share * kGrid), kGrid - 1);
-    };
-    const uint32_t ic = first_cell(cpu_share);
-    const uint32_t jm = first_cell(memory_share);
-    const auto diagonal = [&](uint32_t s, auto&& visit_cell) {
-      const uint32_t i_first = std::max(ic, s > kGrid - 1 ? s - (kGrid - 1) : 0U);
-      const uint32_t i_last = std::min(kGrid - 1, s - jm);
-      for (uint32_t i = i_first; i <= i_last; ++i) {
-        const uint32_t j = s - i;
-        const auto& cell = g.cells[i * kGrid + j];
-        if (!cell.empty()) visit_cell(i, j, cell);
-      }
+    const uint32_t ic = grid_cell(cpu_share);
+    const uint32_t jm = grid_cell(memory_share);
+    const auto cell_at = [&](uint32_t i, uint32_t j) -> const NodeIndex::Cell& {
+      return g.cells[i * kGrid + j];
     };
     if (binpack_) {
-      for (uint32_t s = ic + jm; s <= 2 * (kGrid - 1); ++s) {
-        if (!may_beat(1.0 - (s * kStep - d_hi) * 0.5, true)) return;
-        diagonal(s, [&](uint32_t i, uint32_t j, const NodeIndex::Cell& cell) {
-          const double k_lo = std::max(i * kStep, cpu_share) + std::max(j * kStep, memory_share);
-          if (may_beat(1.0 - (k_lo - d_hi) * 0.5, true)) walk_binpack(cell, k_lo, d_hi);
-        });
+      for (uint32_t i = ic; i < kGrid; ++i) {
+        const double x_lo = std::max(edges.lo[i], cpu_share);
+        for (uint32_t j = jm; j < kGrid; ++j) {
+          const double k_lo = x_lo + std::max(edges.lo[j], memory_share);
+          if (!may_beat(1.0 - (k_lo - d_hi) * 0.5, true)) {
+            if (j == jm) return;  // every later row starts higher
+            break;                // every later cell of this row is higher
+          }
+          const auto& cell = cell_at(i, j);
+          if (!cell.empty()) walk_binpack(cell, k_lo, d_hi);
+        }
       }
     } else {
-      for (uint32_t s = 2 * (kGrid - 1) + 1; s-- > ic + jm;) {
-        if (!may_beat(1.0 - ((s + 2) * kStep + kScoreEpsilon - d_lo) * 0.5, true)) return;
-        diagonal(s,
-                 [&](uint32_t, uint32_t, const NodeIndex::Cell& cell) { walk_spread(cell, d_lo); });
+      for (uint32_t i = kGrid; i-- > ic;) {
+        for (uint32_t j = kGrid; j-- > jm;) {
+          const double k_hi = edges.hi[i] + edges.hi[j];
+          if (!may_beat(1.0 - (k_hi - d_lo) * 0.5, true)) {
+            if (j == kGrid - 1) return;  // every later row ends lower
+            break;                       // every later cell of this row is lower
+          }
+          const auto& cell = cell_at(i, j);
+          if (!cell.empty()) walk_spread(cell, d_lo);
+        }
       }
     }
   }

@@ -161,8 +161,9 @@ class NodeIndex {
   // Mirrors KV cvm_gpu_leases. Leases are remembered even for nodes not (yet) registered.
   void set_gpu_leased(std::string_view node_id, std::string_view gpu_uuid, bool leased);
 
-  // Cells per axis of the capability index's grid (see the private Group).
-  static constexpr uint32_t kGrid = 16;
+  // Cells per axis of the capability index's grid (see the private Group): one for shares below
+  // 1/256, then 3 per octave up to 1.
+  static constexpr uint32_t kGrid = 25;
 
  private:
   friend class PlacementPass;
@@ -215,10 +216,10 @@ class NodeIndex {
   };
   using Cell = std::set<IndexEntry, IndexOrder>;
   // A group's members sit in a kGrid x kGrid grid of cells by (free cpu / capacity, free memory /
-  // capacity), each cell ordered by free fraction. A walk in one order alone would step over every
-  // node that is rich in one resource and short of the other (their free fraction is as good as a
-  // fitting node's); in the grid only the cells on the request's cpu or memory boundary hold such
-  // nodes, so the walk skips at most a 1/kGrid² share of the group per boundary cell.
+  // capacity), geometric (3 cells an octave), each cell ordered by free fraction. A walk in one
+  // order alone would step over every node that is rich in one resource and short of the other
+  // (their free fraction is as good as a fitting node's); in the grid only the cells holding the
+  // request's cpu or memory share hold such nodes, and only those within 21% below the share.
   struct Group {
     uint32_t caps = 0;  // kCap* bits every member carries
     uint32_t members = 0;
