@@ -212,9 +212,10 @@ NodeSlot NodeIndex::upsert(const cvm::v1::NodeStatus& status, uint64_t revision)
   return slot;
 }
 
-void NodeIndex::reindex(NodeSlot slot) {
+void NodeIndex::reindex(NodeSlot slot) const {
   if (indexed_.size() < hot_.size()) indexed_.resize(hot_.size());
   const HotNode& h = hot_[slot];
+  if ((h.caps & kCapOccupied) == 0) return unindex(slot);  // a removed node's slot
   const ScoreNode& sc = score_[slot];
   const NodeRecord& rec = records_[slot];
   const uint32_t caps = (h.caps & 0x7FU) | (h.gpu_free > 0 ? kCapGpu : 0U);
@@ -256,18 +257,43 @@ void NodeIndex::reindex(NodeSlot slot) {
   at = Indexed{group, cell, free_fraction};
 }
 
-void NodeIndex::unindex(NodeSlot slot) {
+void NodeIndex::unindex(NodeSlot slot) const {
   if (slot >= indexed_.size()) return;
   Indexed& at = indexed_[slot];
-  if (at.group == kNotIndexed) return;
-  Group& g = groups_[at.group];
-  auto& cell = g.cells[at.cell];
-  auto it = cell.find(IndexEntry{at.free_fraction, records_[slot].node_id, slot});
-  if (it != cell.end()) {
-    cell.erase(it);
-    --g.members;
+  if (at.group != kNotIndexed) {
+    Group& g = groups_[at.group];
+    auto& cell = g.cells[at.cell];
+    auto it = cell.find(IndexEntry{at.free_fraction, records_[slot].node_id, slot});
+    if (it != cell.end()) {
+      cell.erase(it);
+      --g.members;
+    }
   }
-  at = Indexed{};
+  at = Indexed{};  // not parked either
+}
+
+void NodeIndex::park(const std::vector<NodeSlot>& dead) const {
+  for (NodeSlot slot : dead) {
+    if (slot >= indexed_.size() || indexed_[slot].group == kNotIndexed) continue;
+    unindex(slot);
+    indexed_[slot].parked = true;
+    parked_.push_back(slot);
+    parked_newest_heartbeat_ = std::max(parked_newest_heartbeat_, hot_[slot].heartbeat_unix_ms);
+  }
+  // Slots put back since (or parked again) leave stale entries; keep the list bounded.
+  if (parked_.size() > 2 * hot_.size() + 64) {
+    std::erase_if(parked_, [&](NodeSlot slot) { return !indexed_[slot].parked; });
+    std::sort(parked_.begin(), parked_.end());
+    parked_.erase(std::unique(parked_.begin(), parked_.end()), parked_.end());
+  }
+}
+
+void NodeIndex::unpark_all() const {
+  for (NodeSlot slot : parked_) {
+    if (slot < indexed_.size() && indexed_[slot].parked) reindex(slot);
+  }
+  parked_.clear();
+  parked_newest_heartbeat_ = INT64_MIN;
 }
 
 void NodeIndex::refresh(NodeSlot slot) {
@@ -520,11 +546,15 @@ class PlacementPass {
   // memory, so k >= d >= d_lo: bin-packing starts its walk there (lower_bound), spreading stops
   // there.
   void search_index() {
+    // A parked node is as old as parked_newest_heartbeat_ at most: dead for this decision too
+    // unless its cut-off is that old.
+    if (live_after_ <= nodes_.parked_newest_heartbeat_) nodes_.unpark_all();
     const uint32_t need = required_ | (gpus_ > 0 ? kCapGpu : 0U);
     for (const auto& g : nodes_.groups_) {
       if ((g.caps & need) != need || g.members == 0) continue;
       search_group(g);
     }
+    if (!dead_.empty()) nodes_.park(dead_);
   }
 
   bool full() const { return top_.size() == max_candidates_; }
@@ -628,6 +658,7 @@ class PlacementPass {
     const uint32_t fails = failed_filters(slot, h);
     ++counts_[static_cast<size_t>(std::countr_zero(fails | kPassedBit))];
     ++stats_->evaluated;
+    if (fails & bit(Filter::kNodeLive, 1)) dead_.push_back(slot);
     if (fails != 0) return false;
     ++stats_->feasible;
     score(slot, h);
@@ -780,6 +811,7 @@ class PlacementPass {
   PlacementStats* stats_ = nullptr;
   std::array<uint32_t, kFilterCount + 1> counts_{};  // by Filter, then "passed"
   std::vector<Scored> top_;
+  std::vector<NodeSlot> dead_;  // met by the index search, parked after it
 };
 
 PlacementDecision place(const NodeIndex& nodes, const PlacementRequest& request,

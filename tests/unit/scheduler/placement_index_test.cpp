@@ -274,7 +274,9 @@ Tally run_life(uint64_t seed, int nodes, int rounds, int requests_per_round) {
   for (int round = 0; round < rounds; ++round) {
     for (int q = 0; q < requests_per_round; ++q) {
       PlacementOptions o;
-      o.now_unix_ms = kNow;
+      // Now and then an older "now" or a longer TTL: nodes parked as dead must come back.
+      o.now_unix_ms = fz.pct(10) ? kNow - static_cast<int64_t>(fz.below(40'000)) : kNow;
+      if (fz.pct(10)) o.liveness_ttl_ms = 60'000;
       o.strategy = fz.pct(50) ? cvm::v1::BINPACK : cvm::v1::SPREAD;
       o.max_candidates = static_cast<uint32_t>(fz.below(5));  // 0 means 1
       const auto r = fz.request();
@@ -549,6 +551,58 @@ TEST(IndexSearch, CapacityChangeWithinAShapeBucketKeepsTheNodeReachable) {
   ASSERT_EQ(place(index, r, o).best().node_id, "a");
   o.search = Search::kIndex;
   EXPECT_EQ(place(index, r, o).best().node_id, "a");
+}
+
+}  // namespace
+}  // namespace cvm::scheduler
+
+namespace cvm::scheduler {
+namespace {
+
+// A node found dead leaves the walk until it changes; an older cut-off brings it back first.
+TEST(IndexSearch, DeadNodesAreParkedAndComeBack) {
+  NodeIndex index;
+  auto node = [&](const std::string& id, int64_t heartbeat, uint64_t used_cpu) {
+    cvm::v1::NodeStatus s;
+    s.set_node_id(id);
+    s.set_heartbeat_unix_ms(heartbeat);
+    s.mutable_runtime()->set_ready(true);
+    s.mutable_capacity()->set_cpu_millicores(16'000);
+    s.mutable_capacity()->set_memory_bytes(64 * kGiB);
+    s.mutable_allocated()->set_cpu_millicores(used_cpu);
+    index.upsert(s);
+  };
+  node("old", kNow - 20'000, 12'000);  // the fuller one: bin-packing's first look
+  node("fresh", kNow, 0);
+  PlacementRequest r;
+  r.cvm = false;
+  PlacementOptions o;
+  o.now_unix_ms = kNow;
+  o.search = Search::kIndex;
+  auto d = place(index, r, o);
+  EXPECT_EQ(d.best().node_id, "fresh");
+  EXPECT_EQ(d.stats.evaluated, 2u);
+  d = place(index, r, o);
+  EXPECT_EQ(d.best().node_id, "fresh");
+  EXPECT_EQ(d.stats.evaluated, 1u);  // parked
+  PlacementOptions earlier = o;
+  earlier.now_unix_ms = kNow - 10'000;  // "old" was live then
+  EXPECT_EQ(place(index, r, earlier).best().node_id, "old");
+  PlacementOptions longer = o;
+  longer.liveness_ttl_ms = 30'000;
+  EXPECT_EQ(place(index, r, o).best().node_id, "fresh");  // parked again
+  EXPECT_EQ(place(index, r, longer).best().node_id, "old");
+  EXPECT_EQ(place(index, r, o).best().node_id, "fresh");
+  node("old", kNow, 12'000);  // its heartbeat is back
+  EXPECT_EQ(place(index, r, o).best().node_id, "old");
+  // Removed while parked: gone for good, and its slot is reused cleanly.
+  node("old", kNow - 20'000, 12'000);
+  EXPECT_EQ(place(index, r, o).best().node_id, "fresh");
+  EXPECT_TRUE(index.remove("old"));
+  EXPECT_EQ(place(index, r, earlier).best().node_id, "fresh");
+  EXPECT_EQ(place(index, r, earlier).stats.evaluated, 1u);
+  node("new", kNow, 8'000);
+  EXPECT_EQ(place(index, r, o).best().node_id, "new");
 }
 
 }  // namespace

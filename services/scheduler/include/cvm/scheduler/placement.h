@@ -236,11 +236,20 @@ class NodeIndex {
     uint32_t group = kNotIndexed;
     uint32_t cell = 0;
     double free_fraction = 0;
+    bool parked = false;  // out of the index because a decision found it dead (see park())
   };
 
   void refresh(NodeSlot slot);
-  void reindex(NodeSlot slot);
-  void unindex(NodeSlot slot);
+  // The index is a cache of the records: const members may move nodes in it.
+  void reindex(NodeSlot slot) const;
+  void unindex(NodeSlot slot) const;
+  // Dead nodes stay registered until their KV entry goes, and bin-packing leaves them at the best
+  // end of their cells, where every walk would step over them again. A decision that found nodes
+  // dead parks them out of the index; any change of the node (its next heartbeat first of all)
+  // puts it back, and a decision whose liveness cut-off would count a parked node live (an older
+  // "now" or a longer TTL) puts them all back first, so the walk's answer never changes.
+  void park(const std::vector<NodeSlot>& dead) const;
+  void unpark_all() const;
 
   std::vector<HotNode> hot_;
   std::vector<ScoreNode> score_;
@@ -249,9 +258,11 @@ class NodeIndex {
   StringMap<NodeSlot> by_id_;
   StringMap<HeldReservation> reservations_;
   StringMap<std::vector<std::string>> leases_;  // node id -> leased GPU uuids
-  std::vector<Indexed> indexed_;                // by slot: where the node sits in the index
-  std::vector<Group> groups_;                   // never shrinks; empty groups are skipped
-  std::unordered_map<uint64_t, uint32_t> group_by_key_;
+  mutable std::vector<Indexed> indexed_;        // by slot: where the node sits in the index
+  mutable std::vector<Group> groups_;           // never shrinks; empty groups are skipped
+  mutable std::unordered_map<uint64_t, uint32_t> group_by_key_;
+  mutable std::vector<NodeSlot> parked_;  // may hold slots since put back (Indexed::parked says)
+  mutable int64_t parked_newest_heartbeat_ = INT64_MIN;
 };
 
 // Nomad scores ⌈log₂ n⌉ feasible nodes (at least 2); kube-scheduler a percentage of the fleet.
@@ -316,6 +327,8 @@ struct PlacementDecision {
 std::optional<PlacementDecision> check_request(const PlacementRequest& request);
 
 // The whole decision: check_request, then filter and score the nodes (options.search says how).
+// The index search may park the dead nodes it met (NodeIndex keeps that cache behind const), so
+// decisions on one NodeIndex must not run concurrently (the scheduler decides on one thread).
 PlacementDecision place(const NodeIndex& nodes, const PlacementRequest& request,
                         const PlacementOptions& options);
 
