@@ -37,6 +37,7 @@ constexpr double kShapeBucketsPerOctave = 8;
 constexpr uint32_t kGridOctaves = 8;
 constexpr uint32_t kGridCellsPerOctave = 3;
 static_assert(NodeIndex::kGrid == 1 + kGridOctaves * kGridCellsPerOctave);
+static_assert(NodeIndex::kGrid <= 32, "a row of cells is a 32-bit mask");
 
 struct GridEdges {
   // lo[i] is the smallest share in cell i; hi[i] = lo[i + 1] bounds it from above (the last cell
@@ -253,6 +254,7 @@ void NodeIndex::reindex(NodeSlot slot) const {
     widen(g);
   }
   g.cells[cell].insert(IndexEntry{free_fraction, rec.node_id, slot});
+  g.rows[cell / kGrid] |= 1U << (cell % kGrid);
   ++g.members;
   at = Indexed{group, cell, free_fraction};
 }
@@ -267,6 +269,7 @@ void NodeIndex::unindex(NodeSlot slot) const {
     if (it != cell.end()) {
       cell.erase(it);
       --g.members;
+      if (cell.empty()) g.rows[at.cell / kGrid] &= ~(1U << (at.cell % kGrid));
     }
   }
   at = Indexed{};  // not parked either
@@ -594,29 +597,31 @@ class PlacementPass {
     const auto cell_at = [&](uint32_t i, uint32_t j) -> const NodeIndex::Cell& {
       return g.cells[i * kGrid + j];
     };
+    const uint32_t columns = ~0U << jm;  // memory cells at or above the request's share
     if (binpack_) {
       for (uint32_t i = ic; i < kGrid; ++i) {
         const double x_lo = std::max(edges.lo[i], cpu_share);
-        for (uint32_t j = jm; j < kGrid; ++j) {
+        // Every later row starts higher.
+        if (!may_beat(1.0 - (x_lo + std::max(edges.lo[jm], memory_share) - d_hi) * 0.5, true)) {
+          return;
+        }
+        for (uint32_t mask = g.rows[i] & columns; mask != 0; mask &= mask - 1) {
+          const auto j = static_cast<uint32_t>(std::countr_zero(mask));
           const double k_lo = x_lo + std::max(edges.lo[j], memory_share);
-          if (!may_beat(1.0 - (k_lo - d_hi) * 0.5, true)) {
-            if (j == jm) return;  // every later row starts higher
-            break;                // every later cell of this row is higher
-          }
-          const auto& cell = cell_at(i, j);
-          if (!cell.empty()) walk_binpack(cell, k_lo, d_hi);
+          if (!may_beat(1.0 - (k_lo - d_hi) * 0.5, true)) break;  // later cells are higher
+          walk_binpack(cell_at(i, j), k_lo, d_hi);
         }
       }
     } else {
       for (uint32_t i = kGrid; i-- > ic;) {
-        for (uint32_t j = kGrid; j-- > jm;) {
+        // Every later row ends lower.
+        if (!may_beat(1.0 - (edges.hi[i] + edges.hi[kGrid - 1] - d_lo) * 0.5, true)) return;
+        for (uint32_t mask = g.rows[i] & columns; mask != 0;) {
+          const auto j = static_cast<uint32_t>(std::bit_width(mask)) - 1;
+          mask &= ~(1U << j);
           const double k_hi = edges.hi[i] + edges.hi[j];
-          if (!may_beat(1.0 - (k_hi - d_lo) * 0.5, true)) {
-            if (j == kGrid - 1) return;  // every later row ends lower
-            break;                       // every later cell of this row is lower
-          }
-          const auto& cell = cell_at(i, j);
-          if (!cell.empty()) walk_spread(cell, d_lo);
+          if (!may_beat(1.0 - (k_hi - d_lo) * 0.5, true)) break;  // later cells are lower
+          walk_spread(cell_at(i, j), d_lo);
         }
       }
     }

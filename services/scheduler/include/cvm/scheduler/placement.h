@@ -230,6 +230,8 @@ class NodeIndex {
     double min_inv_memory = 0;
     double max_inv_memory = 0;
     std::vector<Cell> cells = std::vector<Cell>(kGrid * kGrid);  // [cpu cell * kGrid + mem cell]
+    // Bit j of rows[i]: cell (i, j) has members. Searches skip empty cells without touching them.
+    std::array<uint32_t, kGrid> rows{};
   };
   static constexpr uint32_t kNotIndexed = UINT32_MAX;
   struct Indexed {
