@@ -1,5 +1,6 @@
 #include "cvm/agent/agent_service.h"
 
+#include <malloc.h>
 #include <sys/resource.h>
 #include <sys/utsname.h>
 
@@ -30,6 +31,11 @@ namespace fs = std::filesystem;
 namespace {
 constexpr std::string_view kSource = "node-agent";
 constexpr std::string_view kAgentVersion = "0.1.0";
+
+double ms_since(std::chrono::steady_clock::time_point a,
+                std::chrono::steady_clock::time_point b = std::chrono::steady_clock::now()) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
 
 uint64_t cpu_of(const cvm::v1::Resources& r) {
   return r.cpu_millicores() == 0 ? 1000 : r.cpu_millicores();
@@ -108,8 +114,9 @@ Status AgentService::start() {
   std::error_code ec;
   // 0755 all the way: the user-namespaced container's root (a mapped, unprivileged host UID) must
   // be able to traverse into its bundle.
-  // Whatever a killed agent was pulling is of no use now.
+  // Whatever a killed agent was pulling or unpacking into the cache is of no use now.
   fs::remove_all(config_.state_dir + "/staging", ec);
+  images_->remove_unfinished_cache_entries();
   for (const auto& dir :
        {config_.state_dir, config_.state_dir + "/workspaces", config_.state_dir + "/staging",
         config_.state_dir + "/inflight", config_.runc_root}) {
@@ -386,26 +393,40 @@ void AgentService::handle_start(const cvm::v1::NodeAssignment& a, const bus::JsM
       return;
     }
   }
+  const auto t0 = std::chrono::steady_clock::now();
   auto ids = ids_->allocate(req.workspace_id());
   if (!ids) {
     publish(a, cvm::v1::FAILED, cvm::v1::INSUFFICIENT_CAPACITY, ids.error().message);
     (void)msg->ack();
     return;
   }
+  // Persisted before use: a restarted agent must never hand this range out again.
   if (auto st = save_id_ranges(); !st) spdlog::error("{}", st.error().message);
   if (auto st = write_inflight(a); !st) spdlog::error("{}", st.error().message);
+  const auto t_persisted = std::chrono::steady_clock::now();
   busy_.insert(req.workspace_id());
   const int64_t preparing_ms = clock_.now_unix_ms();
   publish(a, cvm::v1::PREPARING);
-  const auto t0 = std::chrono::steady_clock::now();
+  spdlog::debug("build {}: ID range and in-flight record {:.2f} ms, PREPARING published {:.2f} ms",
+                req.build_id(), ms_since(t0, t_persisted), ms_since(t_persisted));
   boost::asio::post(worker_, [this, a, ids = *ids, msg, t0, preparing_ms] {
     auto result = launch(a, ids);
-    boost::asio::post(
-        io_, [this, a, ids, msg, t0, preparing_ms, result = std::move(result)]() mutable {
-          meters_->launch_seconds.Observe(
-              std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-          finish_start(a, ids, std::move(result), preparing_ms, msg);
-        });
+    const auto t_launched = std::chrono::steady_clock::now();
+    boost::asio::post(io_, [this, a, ids, msg, t0, t_launched, preparing_ms,
+                            result = std::move(result)]() mutable {
+      meters_->launch_seconds.Observe(
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      const auto t_io = std::chrono::steady_clock::now();
+      finish_start(a, ids, std::move(result), preparing_ms, msg);
+      spdlog::debug(
+          "build {}: received -> launched {:.1f} ms, to the io thread {:.2f} ms, "
+          "recorded and published {:.2f} ms",
+          a.request().build_id(), ms_since(t0, t_launched), ms_since(t_launched, t_io),
+          ms_since(t_io));
+    });
+    // Off the critical path (RUNNING is the io thread's now): give the unpack's buffers back, so
+    // that an idle agent stays small.
+    ::malloc_trim(0);
   });
 }
 
@@ -425,9 +446,10 @@ AgentService::LaunchResult AgentService::launch(const cvm::v1::NodeAssignment& a
   for (const auto& g : a.gpus()) r.gpus.push_back(AssignedGpu{g.minor(), g.uuid()});
   r.ids = ids;
   LaunchResult out;
-  out.outcome = launcher_->launch(r, [&] {
+  out.outcome = launcher_->launch(r, [&](const std::string& rootfs_note) {
     out.starting_ms = clock_.now_unix_ms();
-    publish(a, cvm::v1::STARTING);
+    // Which rootfs path was taken (ID-mapped overlay of the node cache, or an unpack).
+    publish(a, cvm::v1::STARTING, cvm::v1::REASON_UNSPECIFIED, rootfs_note);
   });
   if (!runtime_info_.sysbox()) {
     out.outcome.warnings.push_back(

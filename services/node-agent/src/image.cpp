@@ -14,6 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cvm/agent/layer_unpack.h"
 #include "cvm/agent/process.h"
 #include "file_util.h"
 
@@ -48,16 +49,6 @@ Result<std::string> make_temp_dir(const std::string& parent, const std::string& 
   return templ;
 }
 
-std::vector<std::string> string_array(const json& j, const char* key) {
-  std::vector<std::string> out;
-  const auto it = j.find(key);
-  if (it == j.end() || !it->is_array()) return out;
-  for (const auto& v : *it) {
-    if (v.is_string()) out.push_back(v.get<std::string>());
-  }
-  return out;
-}
-
 // The container's root is an unprivileged host UID (neither owner nor group of the agent's
 // directories), so runc fails with a bare "permission denied" when any directory above the rootfs
 // lacks the others-execute bit. Checking up front names the culprit.
@@ -80,6 +71,31 @@ Status check_traversable(const fs::path& dir) {
 }
 
 }  // namespace
+
+Result<LayoutImage> ImageTool::run_unpack(const std::string& layout, const std::string& tag,
+                                          const std::string& rootfs, IdRange ids) {
+  auto image = read_layout_image(layout, tag);
+  if (!image) return image.error();
+  std::string helper = options_.tools.unpack;
+  if (helper.empty()) {
+    std::error_code ec;
+    const fs::path self = fs::read_symlink("/proc/self/exe", ec);
+    const std::string next = (self.parent_path() / "cvm-unpack").string();
+    helper = !ec && ::access(next.c_str(), X_OK) == 0 ? next : "cvm-unpack";
+  }
+  ProcessOptions popts;
+  popts.timeout = options_.unpack_timeout;
+  auto r = run_process({helper, "--layout", layout, "--tag", tag, "--rootfs", rootfs, "--id-base",
+                        std::to_string(ids.base), "--id-count", std::to_string(ids.count)},
+                       popts);
+  if (!r) return r.error();
+  if (!r->success()) {
+    std::string why(detail::trim(r->err));
+    if (why.empty()) why = helper + " exited with " + std::to_string(r->exit_code);
+    return make_error(r->exit_code == 3 ? ErrorDomain::kNotFound : ErrorDomain::kInvalid, why);
+  }
+  return image;
+}
 
 Result<ImageRef> parse_image_ref(std::string_view ref) {
   ImageRef out;
@@ -204,12 +220,10 @@ Result<ImageTool::LocalImage> ImageTool::fetch(const ImageRef& ref, bool cache) 
   return LocalImage{layout, "image", *staging, false};
 }
 
-Result<UnpackedImage> ImageTool::unpack(const std::string& image_ref, const std::string& bundle_dir,
-                                        IdRange ids, bool cache) {
+Result<ImageTool::Resolved> ImageTool::resolve(const std::string& image_ref,
+                                               const std::string& bundle_dir, bool cache) {
   auto ref = parse_image_ref(image_ref);
   if (!ref) return ref.error();
-  if (ids.count == 0) return make_error(ErrorDomain::kInvalid, "unpack: empty ID range");
-
   std::error_code ec;
   if (fs::exists(bundle_dir, ec) && !fs::is_empty(bundle_dir, ec)) {
     return make_error(ErrorDomain::kConflict, "bundle " + bundle_dir + " exists and is not empty");
@@ -217,57 +231,130 @@ Result<UnpackedImage> ImageTool::unpack(const std::string& image_ref, const std:
   if (const fs::path parent = fs::path(bundle_dir).parent_path(); !parent.empty()) {
     fs::create_directories(parent, ec);
   }
-
   if (auto st = check_traversable(bundle_dir); !st) return st.error();
 
   auto local = fetch(*ref, cache);
   if (!local) return local.error();
+  Resolved out;
+  out.local = *local;
+  out.bundle = bundle_dir;
+  // The manifest and config now: a missing tag or a broken image fails before anything starts.
+  auto image = read_layout_image(local->layout, local->tag);
+  if (!image) {
+    if (!local->cleanup.empty()) fs::remove_all(local->cleanup, ec);
+    return image.error();
+  }
+  out.config = image->config;
+  fs::create_directories(bundle_dir, ec);
+  // The container's root (a mapped, unprivileged host ID) must be able to traverse the bundle.
+  if (::chmod(bundle_dir.c_str(), 0755) != 0) {
+    const int e = errno;
+    if (!local->cleanup.empty()) fs::remove_all(local->cleanup, ec);
+    return make_error(ErrorDomain::kSystem, "chmod " + bundle_dir + ": " + std::strerror(e), e);
+  }
+  return out;
+}
+
+Result<UnpackedImage> ImageTool::extract(const Resolved& image, IdRange ids) {
+  if (ids.count == 0) return make_error(ErrorDomain::kInvalid, "unpack: empty ID range");
+  const std::string rootfs = detail::join_path(image.bundle, "rootfs");
+  auto unpacked = run_unpack(image.local.layout, image.local.tag, rootfs, ids);
+  // Staged pulls go once the layers are applied, whatever the outcome.
+  std::error_code ec;
+  if (!image.local.cleanup.empty()) fs::remove_all(image.local.cleanup, ec);
+  if (!unpacked) return unpacked.error();
+  UnpackedImage out;
+  out.bundle = image.bundle;
+  out.rootfs = rootfs;
+  out.has_sbin_init = rootfs_has_sbin_init(out.rootfs);
+  out.cache_hit = image.local.cache_hit;
+  out.tmp_files = rootfs_tmp_files(out.rootfs);
+  out.env = unpacked->config.env;
+  out.args = unpacked->config.args;
+  out.cwd = unpacked->config.cwd;
+  return out;
+}
+
+Result<UnpackedImage> ImageTool::unpack(const std::string& image_ref, const std::string& bundle_dir,
+                                        IdRange ids, bool cache) {
+  if (ids.count == 0) return make_error(ErrorDomain::kInvalid, "unpack: empty ID range");
+  auto resolved = resolve(image_ref, bundle_dir, cache);
+  if (!resolved) return resolved.error();
+  return extract(*resolved, ids);
+}
+
+Result<CachedRootfs> ImageTool::cached_rootfs(const std::string& image_ref) {
+  auto ref = parse_image_ref(image_ref);
+  if (!ref) return ref.error();
+  if (options_.cache_dir.empty()) {
+    return make_error(ErrorDomain::kInvalid, "no node image cache is configured");
+  }
+  auto local = fetch(*ref, /*cache=*/true);
+  if (!local) return local.error();
   const auto cleanup = [&] {
+    std::error_code ec;
     if (!local->cleanup.empty()) fs::remove_all(local->cleanup, ec);
   };
-
-  const std::string map = "0:" + std::to_string(ids.base) + ":" + std::to_string(ids.count);
-  ProcessOptions popts;
-  popts.timeout = options_.unpack_timeout;
-  auto unpacked = run_tool({options_.tools.umoci, "unpack", "--uid-map", map, "--gid-map", map,
-                            "--image", local->layout + ":" + local->tag, bundle_dir},
-                           popts);
-  cleanup();
-  if (!unpacked) {
-    Error error = unpacked.error();
-    if (error.message.find("not found") != std::string::npos ||
-        error.message.find("invalid image") != std::string::npos ||
-        error.message.find("no such file") != std::string::npos) {
-      error.domain = ErrorDomain::kNotFound;  // still the tool's own words in the message
+  // Keyed by the manifest digest: a retagged image is a new entry, the same image under two names
+  // one entry.
+  auto image = read_layout_image(local->layout, local->tag);
+  if (!image) {
+    cleanup();
+    return image.error();
+  }
+  const std::string hex = image->manifest_digest.substr(image->manifest_digest.find(':') + 1);
+  const std::string root = detail::join_path(options_.cache_dir, "rootfs");
+  const std::string entry = detail::join_path(root, hex);
+  CachedRootfs out;
+  out.rootfs = detail::join_path(entry, "rootfs");
+  out.digest = image->manifest_digest;
+  out.config = image->config;
+  std::error_code ec;
+  if (fs::is_directory(out.rootfs, ec)) {
+    out.cache_hit = true;
+  } else {
+    // Unpacked aside and renamed into place: a killed agent never leaves a half rootfs that a
+    // later build would take for the image. The cache root is 0700: the rootfs keeps the image's
+    // real owners (setuid root binaries too), which no host user may reach.
+    fs::create_directories(root, ec);
+    ::chmod(options_.cache_dir.c_str(), 0700);
+    ::chmod(root.c_str(), 0700);
+    auto tmp = make_temp_dir(root, ".tmp-" + hex.substr(0, 12) + ".");
+    if (!tmp) {
+      cleanup();
+      return tmp.error();
     }
-    return error;
-  }
-
-  // umoci creates the bundle 0700; the container's root (a mapped, unprivileged host ID) must be
-  // able to traverse it to reach its rootfs.
-  if (::chmod(bundle_dir.c_str(), 0755) != 0) {
-    return make_error(ErrorDomain::kSystem, "chmod " + bundle_dir + ": " + std::strerror(errno),
-                      errno);
-  }
-
-  UnpackedImage image;
-  image.bundle = bundle_dir;
-  image.rootfs = detail::join_path(bundle_dir, "rootfs");
-  image.has_sbin_init = rootfs_has_sbin_init(image.rootfs);
-  image.cache_hit = local->cache_hit;
-  image.tmp_files = rootfs_tmp_files(image.rootfs);
-  if (const auto config = detail::read_file(detail::join_path(bundle_dir, "config.json"))) {
-    const json j = json::parse(*config, nullptr, /*allow_exceptions=*/false);
-    if (j.is_object() && j.contains("process") && j["process"].is_object()) {
-      const json& process = j["process"];
-      image.env = string_array(process, "env");
-      image.args = string_array(process, "args");
-      if (process.contains("cwd") && process["cwd"].is_string()) {
-        image.cwd = process["cwd"].get<std::string>();
+    auto unpacked =
+        run_unpack(local->layout, local->tag, *tmp + "/rootfs", IdRange{0, kDefaultIdRangeWidth});
+    cleanup();
+    if (!unpacked) {
+      fs::remove_all(*tmp, ec);
+      return unpacked.error();
+    }
+    fs::rename(*tmp, entry, ec);
+    if (ec) {
+      fs::remove_all(*tmp, ec);
+      if (!fs::is_directory(out.rootfs, ec)) {
+        return make_error(ErrorDomain::kSystem, "cannot place " + entry + " in the image cache");
       }
     }
   }
-  return image;
+  cleanup();
+  out.has_sbin_init = rootfs_has_sbin_init(out.rootfs);
+  out.tmp_files = rootfs_tmp_files(out.rootfs);
+  return out;
+}
+
+void ImageTool::remove_unfinished_cache_entries() {
+  std::error_code ec;
+  const std::string root = detail::join_path(options_.cache_dir, "rootfs");
+  for (fs::directory_iterator it(root, ec); !ec && it != fs::directory_iterator();
+       it.increment(ec)) {
+    if (it->path().filename().string().rfind(".tmp-", 0) == 0) {
+      std::error_code rm;
+      fs::remove_all(it->path(), rm);
+    }
+  }
 }
 
 Status write_runtime_spec(const std::string& bundle_dir, const nlohmann::json& spec) {

@@ -11,12 +11,15 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <future>
 #include <sstream>
 #include <thread>
 
+#include <spdlog/spdlog.h>
 #include <nlohmann/json.hpp>
 
 #include "cvm/agent/gpu_passthrough.h"
+#include "cvm/agent/idmap_mount.h"
 #include "cvm/agent/process.h"
 #include "cvm/agent/supervisor_spec.h"
 #include "file_util.h"
@@ -41,6 +44,10 @@ class Fd {
  private:
   int fd_;
 };
+
+double ms_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::milli>(b - a).count();
+}
 
 std::string tail_of(const std::string& path, size_t bytes = 2000) {
   auto content = detail::read_file(path, 1 << 20);
@@ -160,6 +167,10 @@ Result<std::string> find_executable(const std::string& name) {
 
 Status remove_tree(const std::string& path) {
   std::error_code ec;
+  if (!fs::exists(path, ec)) return {};
+  // Never walk into a mounted overlay (it would whiteout its way through the shared lower layer's
+  // view and fail on the mount point): detach whatever is mounted below first.
+  if (auto st = unmount_under(path); !st) return st;
   for (int attempt = 0; attempt < 20; ++attempt) {
     fs::remove_all(path, ec);
     if (!ec && !fs::exists(path, ec)) return {};
@@ -201,13 +212,16 @@ Status WorkspaceLauncher::prepare() {
     }
   }
   prepared_ = true;
+  (void)idmap_support();  // probed now, not on the first launch with Caching on
   return {};
 }
 
 LaunchOutcome WorkspaceLauncher::fail(const std::string& workspace_id, cvm::v1::Reason reason,
                                       std::string message, LaunchOutcome out) {
-  // Leave no half-made container and no bundle behind.
-  (void)runtime_.remove(container_id(workspace_id), true);
+  // Leave no half-made container, no mount and no bundle behind.
+  if (runtime_.maybe_exists(container_id(workspace_id))) {
+    (void)runtime_.remove(container_id(workspace_id), true);
+  }
   (void)remove_tree(workspace_dir(workspace_id));
   out.ok = false;
   out.reason = reason;
@@ -215,14 +229,49 @@ LaunchOutcome WorkspaceLauncher::fail(const std::string& workspace_id, cvm::v1::
   return out;
 }
 
+const IdmapSupport& WorkspaceLauncher::idmap_support() {
+  if (!idmap_) {
+    const std::string scratch =
+        images_.cache_dir().empty() ? config_.workspaces_dir : images_.cache_dir();
+    idmap_ = probe_idmapped_overlay(scratch);
+  }
+  return *idmap_;
+}
+
+Result<UnpackedImage> WorkspaceLauncher::overlay_rootfs(const LaunchRequest& r,
+                                                        const std::string& bundle) {
+  auto cached = images_.cached_rootfs(r.image);
+  if (!cached) return cached.error();
+  make_dir(bundle);
+  auto plan = plan_workspace_overlay(workspace_dir(r.workspace_id), cached->rootfs);
+  if (!plan) return plan.error();
+  if (auto st = mount_idmapped_overlay(*plan, r.ids); !st) {
+    (void)unmount_under(workspace_dir(r.workspace_id));
+    return st.error();
+  }
+  UnpackedImage image;
+  image.bundle = bundle;
+  image.rootfs = plan->target;
+  image.has_sbin_init = cached->has_sbin_init;
+  image.tmp_files = cached->tmp_files;
+  image.env = cached->config.env;
+  image.args = cached->config.args;
+  image.cwd = cached->config.cwd;
+  image.cache_hit = cached->cache_hit;
+  return image;
+}
+
 LaunchOutcome WorkspaceLauncher::launch(const LaunchRequest& r,
-                                        const std::function<void()>& on_starting) {
+                                        const StartingCallback& on_starting) {
   LaunchOutcome out;
+  const auto t0 = Clock::now();
   const std::string dir = workspace_dir(r.workspace_id);
   const std::string bundle = dir + "/bundle";
-  // A container or files from an earlier life of this workspace would make runc or umoci refuse;
-  // this START replaces them.
-  (void)runtime_.remove(container_id(r.workspace_id), true);
+  // A container or files from an earlier life of this workspace would make runc refuse; this
+  // START replaces them. (No runtime call when there is certainly no container: it costs a runc.)
+  if (runtime_.maybe_exists(container_id(r.workspace_id))) {
+    (void)runtime_.remove(container_id(r.workspace_id), true);
+  }
   if (auto st = remove_tree(dir); !st) {
     return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, st.error().message, std::move(out));
   }
@@ -234,18 +283,79 @@ LaunchOutcome WorkspaceLauncher::launch(const LaunchRequest& r,
     }
   }
 
-  auto image = images_.unpack(r.image, bundle, r.ids, r.caching);
-  if (!image) {
-    return fail(r.workspace_id, cvm::v1::IMAGE_UNAVAILABLE,
-                "image " + r.image + ": " + image.error().message, std::move(out));
+  const auto t_rootfs = Clock::now();
+  IdmapSupport support{false, "no node image cache is configured"};
+  if (r.caching && !images_.cache_dir().empty()) support = idmap_support();
+  RootfsChoice choice = choose_rootfs_path(r.caching, support);
+  PendingRootfs rootfs;
+  if (choice.path == RootfsPath::kIdmappedOverlay) {
+    auto overlay = overlay_rootfs(r, bundle);
+    if (overlay) {
+      rootfs = ready_rootfs(std::move(*overlay));
+    } else if (overlay.error().is_not_found() || overlay.error().domain == ErrorDomain::kInvalid ||
+               overlay.error().domain == ErrorDomain::kTool) {
+      // The image itself is missing or unusable: unpacking it would fail the same way.
+      return fail(r.workspace_id, cvm::v1::IMAGE_UNAVAILABLE,
+                  "image " + r.image + ": " + overlay.error().message, std::move(out));
+    } else {
+      // The mount failed on this workspace: the per-workspace unpack still works.
+      choice = choose_rootfs_path(true, IdmapSupport{false, overlay.error().message});
+      if (auto st = remove_tree(bundle); !st) {
+        return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, st.error().message, std::move(out));
+      }
+    }
   }
-  if (!image->tmp_files.empty()) {
-    out.warnings.push_back("the image has " + std::to_string(image->tmp_files.size()) +
-                           " file(s) under /tmp (e.g. " + image->tmp_files.front() +
+  if (!rootfs.valid()) {
+    // Resolving reads the manifest and config: a missing image fails here, before any runtime.
+    auto resolved = images_.resolve(r.image, bundle, r.caching);
+    if (!resolved) {
+      return fail(r.workspace_id, cvm::v1::IMAGE_UNAVAILABLE,
+                  "image " + r.image + ": " + resolved.error().message, std::move(out));
+    }
+    if (r.cvm && r.gpus.empty()) {
+      // The layers are applied while the supervising container starts: it needs nothing of the
+      // image until its runtime creates the inner container, and waits for config.json, which
+      // is written once they are.
+      rootfs = std::async(std::launch::async, [this, resolved = std::move(*resolved), ids = r.ids] {
+        return images_.extract(resolved, ids);
+      });
+    } else {
+      rootfs = ready_rootfs(images_.extract(*resolved, r.ids));
+    }
+  }
+  out.rootfs_note = choice.note;
+  if (r.caching && choice.path == RootfsPath::kUnpack) out.warnings.push_back(choice.note);
+  spdlog::debug("launch {}: cleanup {:.1f} ms, rootfs {} {:.1f} ms ({})", r.workspace_id,
+                ms_between(t0, t_rootfs),
+                rootfs.wait_for(std::chrono::seconds(0)) == std::future_status::ready
+                    ? "ready in"
+                    : "unpacking in the background, started in",
+                ms_between(t_rootfs, Clock::now()),
+                choice.path == RootfsPath::kIdmappedOverlay ? "ID-mapped overlay" : "unpack");
+  if (!r.cvm) {
+    auto image = rootfs.get();
+    if (!image) {
+      return fail(r.workspace_id, cvm::v1::IMAGE_UNAVAILABLE,
+                  "image " + r.image + ": " + image.error().message, std::move(out));
+    }
+    note_image(*image, out);
+    return launch_plain(r, *image, on_starting, std::move(out));
+  }
+  return launch_cvm(r, rootfs, on_starting, std::move(out));
+}
+
+WorkspaceLauncher::PendingRootfs WorkspaceLauncher::ready_rootfs(Result<UnpackedImage> image) {
+  std::promise<Result<UnpackedImage>> p;
+  p.set_value(std::move(image));
+  return p.get_future();
+}
+
+void WorkspaceLauncher::note_image(const UnpackedImage& image, LaunchOutcome& out) {
+  if (!image.tmp_files.empty()) {
+    out.warnings.push_back("the image has " + std::to_string(image.tmp_files.size()) +
+                           " file(s) under /tmp (e.g. " + image.tmp_files.front() +
                            "): they are gone once the CVM is built");
   }
-  return r.cvm ? launch_cvm(r, *image, on_starting, std::move(out))
-               : launch_plain(r, *image, on_starting, std::move(out));
 }
 
 namespace {
@@ -306,7 +416,7 @@ Result<SpecInput> workspace_spec(const LauncherConfig& config, const LaunchReque
 }  // namespace
 
 LaunchOutcome WorkspaceLauncher::launch_plain(const LaunchRequest& r, const UnpackedImage& image,
-                                              const std::function<void()>& on_starting,
+                                              const StartingCallback& on_starting,
                                               LaunchOutcome out) {
   const std::string dir = workspace_dir(r.workspace_id);
   const std::string id = container_id(r.workspace_id);
@@ -315,7 +425,7 @@ LaunchOutcome WorkspaceLauncher::launch_plain(const LaunchRequest& r, const Unpa
   if (auto st = write_runtime_spec(image.bundle, build_runtime_spec(*in)); !st) {
     return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, st.error().message, std::move(out));
   }
-  if (on_starting) on_starting();
+  if (on_starting) on_starting(out.rootfs_note);
   const std::string log = dir + "/runc.log";
   Status started = runtime_.run_detached(id, image.bundle, log);
   if (!started) {
@@ -332,15 +442,42 @@ LaunchOutcome WorkspaceLauncher::launch_plain(const LaunchRequest& r, const Unpa
   return out;
 }
 
-LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, const UnpackedImage& image,
-                                            const std::function<void()>& on_starting,
+LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootfs& rootfs,
+                                            const StartingCallback& on_starting,
                                             LaunchOutcome out) {
+  const auto t_specs0 = Clock::now();
   const std::string dir = workspace_dir(r.workspace_id);
   const std::string id = container_id(r.workspace_id);
-  auto in = workspace_spec(config_, r, image, out.warnings);
-  if (!in) return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, in.error().message, std::move(out));
-  if (auto st = write_runtime_spec(image.bundle, build_runtime_spec(*in)); !st) {
-    return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, st.error().message, std::move(out));
+  // Waits for the rootfs (every path out of here must: a background unpack writes into `dir`).
+  std::optional<UnpackedImage> image;
+  std::optional<SpecInput> in;
+  const auto take_image = [&]() -> std::optional<Error> {
+    if (image) return std::nullopt;
+    auto got = rootfs.get();
+    if (!got) return got.error();
+    image = std::move(*got);
+    note_image(*image, out);
+    auto spec = workspace_spec(config_, r, *image, out.warnings);
+    if (!spec) return spec.error();
+    in = std::move(*spec);
+    return std::nullopt;
+  };
+  const auto write_inner = [&]() -> Status {
+    return write_runtime_spec(image->bundle, build_runtime_spec(*in));
+  };
+  // GPUs: the devices of the plan depend on the image (its library folder); and a rootfs that is
+  // already there (the overlay) is written out before the runtime starts.
+  if (!r.gpus.empty() || rootfs.wait_for(std::chrono::seconds(0)) == std::future_status::ready) {
+    if (auto e = take_image()) {
+      const auto reason = in || !image ? cvm::v1::IMAGE_UNAVAILABLE : cvm::v1::RUNTIME_ERROR;
+      return fail(
+          r.workspace_id, reason,
+          (reason == cvm::v1::IMAGE_UNAVAILABLE ? "image " + r.image + ": " : "") + e->message,
+          std::move(out));
+    }
+    if (auto st = write_inner(); !st) {
+      return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, st.error().message, std::move(out));
+    }
   }
 
   const std::string sup_bundle = dir + "/supervisor";
@@ -352,7 +489,7 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, const Unpack
   s.files = files_;
   s.supervisor_binary = config_.supervisor_binary;
   s.runtime_binary = config_.inner_runtime;
-  s.inner_bundle = image.bundle;
+  s.inner_bundle = dir + "/bundle";
   s.run_dir = run_dir;
   if (!r.gpus.empty()) s.gpu_library_dir = config_.gpu_library_dir;
   for (const auto& row : supervisor_host_paths(r.caching, r.auto_load_shiftfs)) {
@@ -367,30 +504,55 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, const Unpack
   }
   s.extra_binds = config_.supervisor_extra_binds;
   s.stop_grace = config_.stop_grace;
+  s.bundle_wait = config_.ready_timeout;
   s.cgroups_path = "/cvm/" + id;
   s.memory_limit_bytes = r.memory_bytes;
   s.cpu_millicores = r.cpu_millicores;
   if (r.tun) s.devices.push_back(tun_device());
   if (r.fuse) s.devices.push_back(fuse_device());
-  s.devices.insert(s.devices.end(), in->devices.begin(), in->devices.end());
+  if (in) s.devices.insert(s.devices.end(), in->devices.begin(), in->devices.end());
   s.host_cap_bounding = config_.host_cap_bounding;
   s.host_nofile_hard = config_.host_nofile_hard;
-  s.annotations = in->annotations;
+  s.annotations["io.cvm.workspace"] = r.workspace_id;
+  s.annotations["io.cvm.build"] = r.build_id;
   s.annotations["io.cvm.role"] = "supervisor";
   if (auto st = write_runtime_spec(sup_bundle, build_supervisor_spec(s)); !st) {
+    (void)take_image();
     return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, st.error().message, std::move(out));
   }
 
-  if (on_starting) on_starting();
+  const auto t_specs = Clock::now();
+  if (on_starting) on_starting(out.rootfs_note);
+  const auto t_run = Clock::now();
   const std::string log = dir + "/runc.log";
-  Status started = runtime_.run_detached(id, sup_bundle, log);
-  if (!started) {
-    return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, started.error().message, std::move(out));
+  // The supervisor's pid from runc's --pid-file: no `runc state` on the launch path. Whether it
+  // keeps running is what wait_ready watches (a pidfd), so nothing else is asked of runc.
+  auto supervisor_pid = runtime_.run_detached_pid(id, sup_bundle, log);
+  const auto t_ran = Clock::now();
+  if (!image) {
+    // The background unpack: join it whatever happened to the runtime.
+    const bool started = supervisor_pid.ok();
+    if (auto e = take_image()) {
+      return fail(r.workspace_id, image ? cvm::v1::RUNTIME_ERROR : cvm::v1::IMAGE_UNAVAILABLE,
+                  (image ? "" : "image " + r.image + ": ") + e->message, std::move(out));
+    }
+    if (started) {
+      if (auto st = write_inner(); !st) {
+        return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, st.error().message, std::move(out));
+      }
+    }
   }
-  auto state = runtime_.state(id);
-  if (!state)
-    return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, state.error().message, std::move(out));
-  auto status = wait_ready(r.workspace_id, state->pid, config_.ready_timeout);
+  if (!supervisor_pid) {
+    return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, supervisor_pid.error().message,
+                std::move(out));
+  }
+  const auto t_ready = Clock::now();
+  auto status = wait_ready(r.workspace_id, *supervisor_pid, config_.ready_timeout);
+  spdlog::debug(
+      "launch {}: specs {:.1f} ms, on_starting {:.1f} ms, runc run {:.1f} ms, rootfs "
+      "wait {:.1f} ms, supervisor report {:.1f} ms",
+      r.workspace_id, ms_between(t_specs0, t_specs), ms_between(t_specs, t_run),
+      ms_between(t_run, t_ran), ms_between(t_ran, t_ready), ms_between(t_ready, Clock::now()));
   if (!status) {
     return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, status.error().message, std::move(out));
   }
@@ -398,7 +560,7 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, const Unpack
   switch (status->state) {
     case S::kRunning:
       out.ok = true;
-      out.pid = state->pid;
+      out.pid = *supervisor_pid;
       return out;
     case S::kFailed:
       return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, status->message, std::move(out));
@@ -416,6 +578,13 @@ Result<SupervisorStatus> WorkspaceLauncher::wait_ready(const std::string& worksp
                                                        std::chrono::milliseconds timeout) {
   const std::string run_dir = workspace_dir(workspace_id) + "/run";
   const std::string path = run_dir + "/status.json";
+  std::error_code ec;
+  if (!fs::exists(path, ec) &&
+      !fs::exists(workspace_dir(workspace_id) + "/bundle/config.json", ec)) {
+    // The supervisor waits for the inner bundle, which the launch writes once the rootfs is
+    // complete: a launch that never got there (an agent killed while unpacking) will not run.
+    return make_error(ErrorDomain::kTool, "the launch had not finished preparing the rootfs");
+  }
   const auto read_status = [&]() -> std::optional<SupervisorStatus> {
     auto text = detail::read_file(path, 64 * 1024);
     if (!text) return std::nullopt;
@@ -472,7 +641,8 @@ Status WorkspaceLauncher::remove(const std::string& workspace_id, bool remove_fi
   Status st = runtime_.remove(container_id(workspace_id), true);
   if (!st && !st.error().is_not_found()) return st;
   if (remove_files) return remove_tree(workspace_dir(workspace_id));
-  return {};
+  // Stopped: the files (the overlay's upper dir) stay, nothing stays mounted.
+  return unmount_under(workspace_dir(workspace_id));
 }
 
 }  // namespace cvm::agent

@@ -2,6 +2,7 @@
 
 #include <poll.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -137,6 +138,49 @@ Status RuncRuntime::start(const std::string& id) {
   auto result = run_tool(command({"start", id}), options);
   if (!result) return classify(result.error());
   return {};
+}
+
+Result<int> OciRuntime::run_detached_pid(const std::string& id, const std::string& bundle,
+                                         const std::string& log_file) {
+  if (auto st = run_detached(id, bundle, log_file); !st) return st.error();
+  auto s = state(id);
+  if (!s) return s.error();
+  return s->pid;
+}
+
+bool RuncRuntime::maybe_exists(const std::string& id) {
+  // runc keeps one directory per container under its root (/run/runc by default).
+  const std::string root = options_.root.empty() ? "/run/runc" : options_.root;
+  struct stat st {};
+  return ::stat(detail::join_path(root, id).c_str(), &st) == 0 || errno != ENOENT;
+}
+
+Result<int> RuncRuntime::run_detached_pid(const std::string& id, const std::string& bundle,
+                                          const std::string& log_file) {
+  const std::string log = log_file.empty() ? detail::join_path(bundle, "container.log") : log_file;
+  const std::string pid_file = log + ".pid";
+  const uint64_t offset = file_size(log);
+  ProcessOptions options;
+  options.timeout = options_.timeout;
+  options.stdout_file = log;
+  options.stderr_file = log;
+  auto result = run_process(
+      command({"run", "--detach", "--pid-file", pid_file, "--bundle", bundle, id}), options);
+  if (!result) return result.error();
+  if (!result->success()) {
+    (void)remove(id, true);
+    const std::string why = tool_error_text(read_from(log, offset));
+    return make_error(ErrorDomain::kTool,
+                      "runc run " + id + ": exit " + std::to_string(result->exit_code) +
+                          (why.empty() ? "" : ": " + why),
+                      result->exit_code);
+  }
+  int pid = 0;
+  std::ifstream(pid_file) >> pid;
+  ::unlink(pid_file.c_str());
+  if (pid <= 0)
+    return make_error(ErrorDomain::kTool, "runc run " + id + " left no pid in " + pid_file);
+  return pid;
 }
 
 Status RuncRuntime::run_detached(const std::string& id, const std::string& bundle,

@@ -94,7 +94,9 @@ std::vector<std::string> supervisor_args(const SupervisorSpecInput& in) {
           "--run-dir",
           std::string(kSupervisorRunDir),
           "--grace-ms",
-          std::to_string(in.stop_grace.count())};
+          std::to_string(in.stop_grace.count()),
+          "--bundle-wait-ms",
+          std::to_string(in.bundle_wait.count())};
 }
 
 nlohmann::json build_supervisor_spec(const SupervisorSpecInput& in) {

@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/inotify.h>
 #include <sys/signalfd.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -40,6 +41,7 @@ struct Options {
   std::string run_dir = "/cvm/run";
   milliseconds grace{10000};
   milliseconds tool_timeout{60000};
+  milliseconds bundle_wait{0};  // 0: the bundle is complete when the supervisor starts
 };
 
 class Supervisor {
@@ -58,6 +60,13 @@ class Supervisor {
     log_ = o_.run_dir + "/inner.log";
     const std::string pid_file = o_.root + "/" + o_.id + ".pid";
 
+    if (auto waited = wait_for_bundle(); !waited.empty()) {
+      if (stop_requested_) {
+        write_status({{"state", "stopped"}});
+        return 0;
+      }
+      return fail(waited);
+    }
     auto created = tool({"create", "--bundle", o_.bundle, "--pid-file", pid_file, o_.id});
     if (!created.empty()) return fail(created);
     inner_pid_ = read_pid(pid_file);
@@ -91,6 +100,44 @@ class Supervisor {
     write_status({{"state", "failed"}, {"message", message}});
     std::cerr << "cvm-supervisor: " << message << "\n";
     return 1;
+  }
+
+  // The agent starts the supervising container while it still unpacks the image (Caching off) and
+  // renames the inner config.json into place last: wait for it (inotify, no polling), or for a
+  // stop request. Returns "" once it is there.
+  std::string wait_for_bundle() {
+    const std::string config = o_.bundle + "/config.json";
+    if (o_.bundle_wait.count() <= 0 || ::access(config.c_str(), F_OK) == 0) return {};
+    const int watch = ::inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
+    if (watch < 0) return "inotify_init1: " + errno_text();
+    if (::inotify_add_watch(watch, o_.bundle.c_str(), IN_MOVED_TO | IN_CREATE) < 0) {
+      const std::string why = "inotify_add_watch " + o_.bundle + ": " + errno_text();
+      ::close(watch);
+      return why;
+    }
+    const auto deadline = Clock::now() + o_.bundle_wait;
+    std::string why;
+    while (::access(config.c_str(), F_OK) != 0) {
+      if (stop_requested_) {
+        why = "stopped before the inner bundle was ready";
+        break;
+      }
+      const auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
+      if (left <= 0) {
+        why = "the inner bundle was not ready within " + std::to_string(o_.bundle_wait.count()) +
+              " ms";
+        break;
+      }
+      pollfd fds[2] = {{watch, POLLIN, 0}, {sfd_, POLLIN, 0}};
+      if (::poll(fds, 2, static_cast<int>(left)) > 0 && (fds[1].revents & POLLIN)) {
+        wait_signal(Clock::now());  // handles SIGTERM (stop_requested_) and reaps
+      }
+      char buf[4096];
+      while (::read(watch, buf, sizeof buf) > 0) {
+      }
+    }
+    ::close(watch);
+    return why;
   }
 
   int stop() {
@@ -249,7 +296,7 @@ int main(int argc, char** argv) {
   Options o;
   const auto usage = [] {
     std::cerr << "usage: cvm-supervisor --runtime PATH --root DIR --bundle DIR --id ID "
-                 "--run-dir DIR [--grace-ms N]\n";
+                 "--run-dir DIR [--grace-ms N] [--bundle-wait-ms N]\n";
     return 2;
   };
   for (int i = 1; i < argc; ++i) {
@@ -266,6 +313,12 @@ int main(int argc, char** argv) {
       o.id = value;
     } else if (flag == "--run-dir") {
       o.run_dir = value;
+    } else if (flag == "--bundle-wait-ms") {
+      try {
+        o.bundle_wait = milliseconds(std::stoll(value));
+      } catch (const std::exception&) {
+        return usage();
+      }
     } else if (flag == "--grace-ms") {
       try {
         o.grace = milliseconds(std::stoll(value));

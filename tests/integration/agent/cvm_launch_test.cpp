@@ -18,6 +18,7 @@
 
 #include "cvm/agent/host_probe.h"
 #include "cvm/agent/id_range.h"
+#include "cvm/agent/idmap_mount.h"
 #include "cvm/agent/image.h"
 #include "cvm/agent/launcher.h"
 #include "cvm/agent/process.h"
@@ -131,7 +132,10 @@ class CvmLaunchTest : public ::testing::Test {
       std::ofstream(host_ + "/" + p + "/marker") << p;
     }
     runtime_ = std::make_unique<RuncRuntime>(RuncOptions{"runc", work_ + "/runc", 30s});
-    images_ = std::make_unique<ImageTool>(ImageToolOptions{.staging_dir = work_ + "/staging"});
+    images_ =
+        std::make_unique<ImageTool>(ImageToolOptions{.tools = ToolPaths{.unpack = CVM_UNPACK_BIN},
+                                                     .staging_dir = work_ + "/staging",
+                                                     .cache_dir = work_ + "/cache"});
     LauncherConfig c;
     c.workspaces_dir = work_ + "/workspaces";
     c.supervisor_binary = CVM_SUPERVISOR_BIN;
@@ -176,7 +180,7 @@ class CvmLaunchTest : public ::testing::Test {
   LaunchOutcome launch(const LaunchRequest& r) {
     launched_.push_back(r.workspace_id);
     starting_ = false;
-    auto out = launcher_->launch(r, [&] { starting_ = true; });
+    auto out = launcher_->launch(r, [&](const std::string&) { starting_ = true; });
     if (out.ok) {
       EXPECT_TRUE(starting_) << "on_starting runs before a successful start";
     }
@@ -336,6 +340,98 @@ TEST_F(CvmLaunchTest, InnerContainerIsIsolatedOnItsOwnRange) {
   ASSERT_TRUE(launcher_->remove(a.workspace_id, true).ok());
   EXPECT_FALSE(fs::exists(launcher_->workspace_dir(a.workspace_id)));
   EXPECT_FALSE(runtime_->state(WorkspaceLauncher::container_id(a.workspace_id)).ok());
+}
+
+// Mount points in the agent's (this process's) table at or below `dir`.
+std::vector<std::string> host_mounts_under(const std::string& dir) {
+  return mounts_under(read_file("/proc/self/mountinfo"), fs::weakly_canonical(dir).string());
+}
+
+TEST_F(CvmLaunchTest, CachingOnSharesOneCachedRootfsThroughIdmappedOverlays) {
+  const auto& support = launcher_->idmap_support();
+  if (!support.supported) GTEST_SKIP() << "no ID-mapped overlay on this host: " << support.detail;
+  auto a = request("ovl-a");
+  auto b = request("ovl-b");
+  a.caching = b.caching = true;
+  const auto out_a = launch(a);
+  ASSERT_TRUE(out_a.ok) << out_a.message << logs(a.workspace_id);
+  EXPECT_NE(out_a.rootfs_note.find("ID-mapped overlay"), std::string::npos) << out_a.rootfs_note;
+  const auto out_b = launch(b);
+  ASSERT_TRUE(out_b.ok) << out_b.message << logs(b.workspace_id);
+  const int inner_a = find_inner_host_pid("/proc", out_a.pid);
+  const int inner_b = find_inner_host_pid("/proc", out_b.pid);
+  ASSERT_GT(inner_a, 0);
+  ASSERT_GT(inner_b, 0);
+
+  // One cache entry for the image, shared; the rootfs each runc saw is the overlay.
+  const std::string cache = work_ + "/cache/rootfs";
+  size_t entries = 0;
+  for (const auto& e : fs::directory_iterator(cache)) entries += e.is_directory() ? 1 : 0;
+  EXPECT_EQ(entries, 1u);
+  const std::string dir_a = launcher_->workspace_dir(a.workspace_id);
+  EXPECT_EQ(host_mounts_under(dir_a), std::vector<std::string>{dir_a + "/bundle/rootfs"});
+
+  // uid_map: 0 -> each workspace's own range; the ranges are disjoint.
+  uint64_t in_a = 9, base_a = 0, count_a = 0, in_b = 9, base_b = 0, count_b = 0;
+  std::istringstream(read_file("/proc/" + std::to_string(inner_a) + "/uid_map")) >> in_a >>
+      base_a >> count_a;
+  std::istringstream(read_file("/proc/" + std::to_string(inner_b) + "/uid_map")) >> in_b >>
+      base_b >> count_b;
+  EXPECT_EQ(in_a, 0u);
+  EXPECT_EQ(base_a, a.ids.base);
+  EXPECT_EQ(in_b, 0u);
+  EXPECT_EQ(base_b, b.ids.base);
+  EXPECT_TRUE(base_a + count_a <= base_b || base_b + count_b <= base_a);
+
+  // Seen from inside each inner container, the image's files belong to root (0); a write lands in
+  // the workspace's upper dir, owned by its range's root, and nowhere else.
+  const auto inside = [](int pid, const std::string& script) {
+    auto r = run_process({"nsenter", "-t", std::to_string(pid), "-a", "/bin/sh", "-c", script});
+    return r ? r->out + r->err : r.error().message;
+  };
+  EXPECT_EQ(inside(inner_a, "stat -c '%u %g' /bin/busybox /etc/passwd"), "0 0\n0 0\n");
+  EXPECT_EQ(inside(inner_a, "echo from-a > /etc/written && id -u && stat -c %u /etc/written"),
+            "0\n0\n");
+  struct stat st {};
+  ASSERT_EQ(::stat((dir_a + "/overlay/upper/etc/written").c_str(), &st), 0);
+  EXPECT_EQ(st.st_uid, a.ids.base);
+  EXPECT_EQ(read_file(dir_a + "/overlay/upper/etc/written"), "from-a\n");
+  EXPECT_EQ(inside(inner_b, "cat /etc/written 2>&1 || true").find("from-a"), std::string::npos);
+  bool in_cache = false;
+  for (const auto& e : fs::recursive_directory_iterator(cache)) {
+    in_cache = in_cache || e.path().filename() == "written";
+  }
+  EXPECT_FALSE(in_cache) << "a workspace wrote into the shared cache";
+
+  // The supervisor still cannot be seen from inside.
+  std::ofstream("/proc/" + std::to_string(out_a.pid) + "/root/run/supervisor-marker") << "secret";
+  EXPECT_NE(inside(inner_a, "ls /run/supervisor-marker /cvm 2>&1").find("No such file"),
+            std::string::npos);
+
+  // STOP unmounts and keeps the files; DELETE leaves neither mount nor directory.
+  ASSERT_TRUE(launcher_->stop(a.workspace_id).ok());
+  ASSERT_TRUE(launcher_->remove(a.workspace_id, false).ok());
+  EXPECT_TRUE(host_mounts_under(dir_a).empty());
+  EXPECT_TRUE(fs::exists(dir_a + "/overlay/upper/etc/written"));
+  ASSERT_TRUE(launcher_->remove(a.workspace_id, true).ok());
+  EXPECT_FALSE(fs::exists(dir_a));
+  ASSERT_TRUE(launcher_->stop(b.workspace_id).ok());
+  ASSERT_TRUE(launcher_->remove(b.workspace_id, true).ok());
+  EXPECT_TRUE(host_mounts_under(work_).empty());
+  EXPECT_TRUE(fs::exists(cache)) << "the node cache outlives its workspaces";
+}
+
+TEST_F(CvmLaunchTest, CachingOffUnpacksNativelyOntoTheRange) {
+  auto r = request("unpacked");
+  const auto out = launch(r);
+  ASSERT_TRUE(out.ok) << out.message << logs(r.workspace_id);
+  EXPECT_NE(out.rootfs_note.find("Caching off"), std::string::npos) << out.rootfs_note;
+  const std::string dir = launcher_->workspace_dir(r.workspace_id);
+  EXPECT_TRUE(host_mounts_under(dir).empty()) << "no overlay with Caching off";
+  struct stat st {};
+  ASSERT_EQ(::lstat((dir + "/bundle/rootfs/bin/busybox").c_str(), &st), 0);
+  EXPECT_EQ(st.st_uid, r.ids.base) << "shifted into the range as it was written";
+  EXPECT_FALSE(fs::exists(work_ + "/cache/rootfs")) << "nothing kept with Caching off";
 }
 
 TEST_F(CvmLaunchTest, SbinInitIsPid1AndTmpFilesAreWarned) {

@@ -4,9 +4,11 @@
 //   oci:PATH[:TAG]        an OCI image layout on this host (TAG defaults to "latest")
 //   docker://NAME[:TAG]   pulled with skopeo into a temporary OCI layout first
 //
-// umoci unpacks with --uid-map/--gid-map so files owned by container root belong to the range's
-// base on the host. It also writes a config.json, which the caller replaces with
-// build_runtime_spec's (write_runtime_spec); the image's env/cwd/args are read from it first.
+// The layers are applied natively (layer_unpack.h: libarchive, ownership shifted into the range as
+// it is written, digests checked), so files owned by container root belong to the range's base on
+// the host. The image's env/cwd/args come from its config; the caller writes config.json
+// (write_runtime_spec). With Caching on and ID-mapped mounts, cached_rootfs() instead keeps one
+// rootfs per image (identity ownership) that every workspace shares (idmap_mount.h).
 
 #include <chrono>
 #include <string>
@@ -16,6 +18,7 @@
 #include <nlohmann/json_fwd.hpp>
 
 #include "cvm/agent/id_range.h"
+#include "cvm/agent/layer_unpack.h"
 #include "cvm/agent/tool_paths.h"
 #include "cvm/base/result.h"
 
@@ -37,7 +40,7 @@ struct UnpackedImage {
   std::string rootfs;
   bool has_sbin_init = false;
   std::vector<std::string> tmp_files;  // under /tmp in the image: gone once the CVM is built
-  // From the image config (umoci's generated config.json).
+  // From the image config.
   std::vector<std::string> env;
   std::vector<std::string> args;
   std::string cwd = "/";
@@ -57,13 +60,23 @@ struct ImageToolOptions {
   std::chrono::milliseconds pull_timeout{std::chrono::minutes(10)};
 };
 
+// An image unpacked once into the node cache, identity ownership (Caching on).
+struct CachedRootfs {
+  std::string rootfs;  // <cache>/rootfs/<manifest hex>/rootfs
+  std::string digest;  // the manifest's
+  OciImageConfig config;
+  bool has_sbin_init = false;
+  std::vector<std::string> tmp_files;
+  bool cache_hit = false;  // already unpacked by an earlier build
+};
+
 class ImageTool {
  public:
   explicit ImageTool(ImageToolOptions options) : options_(std::move(options)) {}
 
   // Unpacks into `bundle_dir` (created, must not exist or be empty; made 0755 so the mapped
-  // container root can traverse it). On a missing image the error carries umoci's or skopeo's
-  // own message.
+  // container root can traverse it). A missing image is kNotFound (skopeo's own message for a
+  // failed pull); a corrupt or unsafe layer kInvalid.
   // With `cache` (the Caching setting), a docker:// image is taken from / kept in the node cache;
   // without it, it is pulled into a staging layout that is removed after unpacking.
   [[nodiscard]] Result<UnpackedImage> unpack(const std::string& image_ref,
@@ -80,7 +93,29 @@ class ImageTool {
   };
   [[nodiscard]] Result<LocalImage> fetch(const ImageRef& ref, bool cache = false);
 
+  // unpack() in two steps, so that a launch can start the supervising container while the layers
+  // are applied: resolve() fetches the image and reads its manifest and config (a missing image
+  // fails here) and creates the bundle directory; extract() applies the layers into
+  // <bundle>/rootfs and removes a staged pull.
+  struct Resolved {
+    LocalImage local;
+    std::string bundle;
+    OciImageConfig config;
+  };
+  [[nodiscard]] Result<Resolved> resolve(const std::string& image_ref,
+                                         const std::string& bundle_dir, bool cache = false);
+  [[nodiscard]] Result<UnpackedImage> extract(const Resolved& image, IdRange ids);
+
+  // The image's rootfs in the node cache, unpacked now unless an earlier build did (Caching on).
+  [[nodiscard]] Result<CachedRootfs> cached_rootfs(const std::string& image_ref);
+  // Removes cache entries a killed agent was unpacking (at start).
+  void remove_unfinished_cache_entries();
+  [[nodiscard]] const std::string& cache_dir() const { return options_.cache_dir; }
+
  private:
+  // Runs cvm-unpack (the layers of `tag` onto `rootfs`, shifted into `ids`); the image's config.
+  Result<LayoutImage> run_unpack(const std::string& layout, const std::string& tag,
+                                 const std::string& rootfs, IdRange ids);
   ImageToolOptions options_;
 };
 

@@ -3,7 +3,9 @@
 // the agent's wiring calls it on its worker thread, integration tests call it directly.
 //
 // A CVM is laid out under <workspaces_dir>/<workspace>/:
-//   bundle/       the inner container's bundle (the image, unpacked onto the workspace's ID range)
+//   bundle/       the inner container's bundle: rootfs/ is the image unpacked onto the workspace's
+//                 ID range (Caching off), or an overlay of the node cache's ID-mapped rootfs
+//   overlay/      Caching on: the overlay's upper (the workspace's writes) and work dirs
 //   supervisor/   the supervising container's bundle (config.json + an empty rootfs)
 //   run/          shared with the supervisor: status.json (its report), inner.log (inner stdio)
 //   runc.log      the supervising (or plain) container's stdio and the runtime's errors
@@ -13,11 +15,13 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <future>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "cvm/agent/id_range.h"
+#include "cvm/agent/idmap_mount.h"
 #include "cvm/agent/image.h"
 #include "cvm/agent/oci_spec.h"
 #include "cvm/agent/runtime.h"
@@ -67,7 +71,13 @@ struct LaunchOutcome {
   std::string message;
   std::vector<std::string> warnings;
   int pid = 0;  // host pid of the runc container's init (the supervisor for a CVM)
+  // Which rootfs path the launch took (ID-mapped overlay of the node cache, or an unpack), for the
+  // build's STARTING event.
+  std::string rootfs_note;
 };
+
+// Called once the bundles are written, before the runtime: the launch is STARTING.
+using StartingCallback = std::function<void(const std::string& rootfs_note)>;
 
 // What the supervisor reported in run/status.json.
 struct SupervisorStatus {
@@ -99,8 +109,7 @@ class WorkspaceLauncher {
   // Unpacks, writes the bundle(s), creates and starts, and for a CVM waits for the supervisor's
   // report. `on_starting` runs once the bundles are written, before the runtime is called. On
   // failure nothing is left: no container, no bundle.
-  LaunchOutcome launch(const LaunchRequest& request,
-                       const std::function<void()>& on_starting = nullptr);
+  LaunchOutcome launch(const LaunchRequest& request, const StartingCallback& on_starting = nullptr);
 
   // For a workspace whose container runs (an agent restart): the supervisor's report, waiting up
   // to `timeout` while it is still starting.
@@ -116,12 +125,22 @@ class WorkspaceLauncher {
   [[nodiscard]] static std::string container_id(const std::string& workspace_id);
   [[nodiscard]] std::string workspace_dir(const std::string& workspace_id) const;
   [[nodiscard]] const std::vector<std::string>& supervisor_files() const { return files_; }
+  // Whether an overlay over an ID-mapped lower layer works on this host (probed once, on real
+  // mounts in the image cache's directory).
+  const IdmapSupport& idmap_support();
 
  private:
   LaunchOutcome launch_plain(const LaunchRequest& r, const UnpackedImage& image,
-                             const std::function<void()>& on_starting, LaunchOutcome out);
-  LaunchOutcome launch_cvm(const LaunchRequest& r, const UnpackedImage& image,
-                           const std::function<void()>& on_starting, LaunchOutcome out);
+                             const StartingCallback& on_starting, LaunchOutcome out);
+  // The rootfs of a launch: ready (the overlay, or an unpack done first) or being applied on
+  // another thread while the supervising container starts.
+  using PendingRootfs = std::future<Result<UnpackedImage>>;
+  static PendingRootfs ready_rootfs(Result<UnpackedImage> image);
+  static void note_image(const UnpackedImage& image, LaunchOutcome& out);
+  LaunchOutcome launch_cvm(const LaunchRequest& r, PendingRootfs& rootfs,
+                           const StartingCallback& on_starting, LaunchOutcome out);
+  // Caching on: the node cache's rootfs of the image under an ID-mapped overlay at bundle/rootfs.
+  Result<UnpackedImage> overlay_rootfs(const LaunchRequest& r, const std::string& bundle);
   LaunchOutcome fail(const std::string& workspace_id, cvm::v1::Reason reason, std::string message,
                      LaunchOutcome out);
 
@@ -130,10 +149,11 @@ class WorkspaceLauncher {
   ImageTool& images_;
   std::vector<std::string> files_;  // bound into every supervising container
   bool prepared_ = false;
+  std::optional<IdmapSupport> idmap_;
 };
 
-// Removes a directory tree, retrying while something (an orphaned tool of a killed agent) may still
-// be writing into it.
+// Removes a directory tree, first detaching anything mounted below it (a workspace's overlay),
+// retrying while something (an orphaned tool of a killed agent) may still be writing into it.
 Status remove_tree(const std::string& path);
 
 }  // namespace cvm::agent

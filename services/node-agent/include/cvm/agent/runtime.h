@@ -35,6 +35,13 @@ class OciRuntime {
   // create + start in one (`runc run --detach`); a container that fails to start is deleted.
   virtual Status run_detached(const std::string& id, const std::string& bundle,
                               const std::string& log_file) = 0;
+  // run_detached, returning the host pid of the container's init. The default asks `state`; runc
+  // writes it to a --pid-file instead (one runtime process fewer on the launch path).
+  virtual Result<int> run_detached_pid(const std::string& id, const std::string& bundle,
+                                       const std::string& log_file);
+  // Whether the runtime may know a container `id` (false only when that is certain): a launch
+  // skips the forced delete of an earlier life when there is none.
+  virtual bool maybe_exists(const std::string& /*id*/) { return true; }
   virtual Result<ContainerState> state(const std::string& id) = 0;
   virtual Status kill(const std::string& id, int signal) = 0;
   // `force` also kills a running container first.
@@ -59,6 +66,9 @@ class RuncRuntime final : public OciRuntime {
   Status start(const std::string& id) override;
   Status run_detached(const std::string& id, const std::string& bundle,
                       const std::string& log_file) override;
+  Result<int> run_detached_pid(const std::string& id, const std::string& bundle,
+                               const std::string& log_file) override;
+  bool maybe_exists(const std::string& id) override;
   Result<ContainerState> state(const std::string& id) override;
   Status kill(const std::string& id, int signal) override;
   Status remove(const std::string& id, bool force) override;

@@ -84,6 +84,9 @@ struct SupervisorSpecInput {
   std::vector<BindMount> extra_binds;  // e.g. /run/sysbox for sysbox-runc's daemons
 
   std::chrono::milliseconds stop_grace{10000};  // the inner container's TERM -> KILL grace
+  // How long the supervisor waits for the inner bundle's config.json: the agent may start the
+  // supervising container while it still unpacks the image, and writes config.json last.
+  std::chrono::milliseconds bundle_wait{60000};
 
   std::string cgroups_path;         // e.g. "/cvm/cvm-<ws>"
   uint64_t memory_limit_bytes = 0;  // the workspace's; the supervisor adds its overhead

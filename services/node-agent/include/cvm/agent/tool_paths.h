@@ -13,6 +13,8 @@ struct ToolPaths {
   std::string containerd = "containerd";
   std::string umoci = "umoci";
   std::string skopeo = "skopeo";
+  // Our own layer applier (cvm-unpack); empty: next to this executable, else on PATH.
+  std::string unpack;
   // A version probe that hangs must not stall registration.
   std::chrono::milliseconds probe_timeout{5000};
 };
