@@ -79,6 +79,8 @@ class AgentProcess : public ::testing::Test {
       if (!id.empty()) run_command({"runc", "--root", runc_root(), "delete", "-f", id});
     }
     if (registry_) registry_->stop();
+    // Overlays of workspaces left running (Caching on): detached before the tree goes.
+    for (const auto& m : mounts_below(work_)) run_command({"umount", "-l", m});
     std::error_code ec;
     if (!HasFailure()) fs::remove_all(work_, ec);
   }
@@ -175,16 +177,30 @@ class AgentProcess : public ::testing::Test {
     if (!r.ParseFromString((*e)->value)) return std::nullopt;
     return r;
   }
+  // Mount points in the host's table at or below `dir` (the agent runs in this mount namespace).
+  static std::vector<std::string> mounts_below(const std::string& dir) {
+    std::vector<std::string> out;
+    std::error_code ec;
+    const std::string prefix = fs::weakly_canonical(dir, ec).string() + "/";
+    std::istringstream in(read_file("/proc/self/mountinfo"));
+    for (std::string line; std::getline(in, line);) {
+      std::istringstream f(line);
+      std::string id, parent, devno, root, point;
+      f >> id >> parent >> devno >> root >> point;
+      if (point.rfind(prefix, 0) == 0) out.push_back(point);
+    }
+    return out;
+  }
   bool inflight_empty() {
     std::error_code ec;
     return !fs::exists(state_dir() + "/inflight", ec) || fs::is_empty(state_dir() + "/inflight");
   }
 
   // Kill -9 once `phase` of the build is published, restart, and check the invariant.
-  void kill_at_and_restart(cvm::v1::Phase phase, const std::string& ws) {
+  void kill_at_and_restart(cvm::v1::Phase phase, const std::string& ws, bool caching = false) {
     start_agent();
     const std::string build = "b-" + ws;
-    assign(build, ws, image_ref());
+    assign(build, ws, image_ref(), caching);
     ASSERT_TRUE(wait_phase(build, {phase}, 60s)) << logs();
     agent_->kill9();
     const auto t0 = std::chrono::steady_clock::now();
@@ -211,6 +227,14 @@ class AgentProcess : public ::testing::Test {
       EXPECT_TRUE(ranges.empty()) << "orphan ID range: " << ranges.dump();
     }
     EXPECT_TRUE(inflight_empty());
+    // No mount of a failed launch stays behind (Caching on mounts an overlay per workspace); a
+    // running one keeps exactly its rootfs.
+    const auto mounts = mounts_below(state_dir() + "/workspaces");
+    if (end->phase() == cvm::v1::RUNNING) {
+      EXPECT_LE(mounts.size(), 1u);
+    } else {
+      EXPECT_TRUE(mounts.empty()) << mounts.front();
+    }
     std::cout << "kill -9 at " << cvm::v1::Phase_Name(phase) << ": the build ended "
               << cvm::v1::Phase_Name(end->phase()) << "\n";
   }
@@ -226,6 +250,10 @@ class AgentProcess : public ::testing::Test {
   std::unique_ptr<ChildProcess> registry_;
   int starts_ = 0;
 };
+
+TEST_F(AgentProcess, KillNineWhileStartingWithCachingOnLeavesNoMount) {
+  kill_at_and_restart(cvm::v1::STARTING, "k-cache", /*caching=*/true);
+}
 
 TEST_F(AgentProcess, KillNineWhilePreparingThenRestart) {
   kill_at_and_restart(cvm::v1::PREPARING, "k-prep");
