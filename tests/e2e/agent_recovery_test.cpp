@@ -43,11 +43,23 @@ class AgentProcess : public ::testing::Test {
     image_dir_ = new std::string(fs::temp_directory_path() /
                                  ("cvm-agent-e2e-image-" + std::to_string(getpid())));
     auto r = run_command({CVM_BUILD_IMAGE_SCRIPT, *image_dir_, "latest"}, 120s);
+    if (r.exit_code == 0) {
+      // "big": the default image plus 48 MiB of incompressible data, so that applying its layers
+      // takes long enough for a kill -9 to land mid-launch (the default image unpacks in ms).
+      const std::string b = *image_dir_ + "-big";
+      r = run_command(
+          {"/bin/sh", "-c",
+           "set -e; umoci unpack --image " + *image_dir_ + ":latest " + b +
+               "; head -c 50331648 /dev/urandom > " + b + "/rootfs/big; umoci repack --image " +
+               *image_dir_ + ":big " + b + "; rm -rf " + b},
+          120s);
+    }
     image_error_ = new std::string(r.exit_code == 0 ? "" : r.output);
   }
   static void TearDownTestSuite() {
     std::error_code ec;
     fs::remove_all(*image_dir_, ec);
+    fs::remove_all(*image_dir_ + "-big", ec);
     delete image_dir_;
     delete image_error_;
   }
@@ -191,17 +203,38 @@ class AgentProcess : public ::testing::Test {
     }
     return out;
   }
+  std::vector<std::string> unfinished_cache_entries() const {
+    std::vector<std::string> out;
+    std::error_code ec;
+    for (fs::directory_iterator it(state_dir() + "/image-cache/rootfs", ec);
+         !ec && it != fs::directory_iterator(); it.increment(ec)) {
+      if (it->path().filename().string().rfind(".tmp-", 0) == 0) out.push_back(it->path());
+    }
+    return out;
+  }
   bool inflight_empty() {
     std::error_code ec;
     return !fs::exists(state_dir() + "/inflight", ec) || fs::is_empty(state_dir() + "/inflight");
   }
 
-  // Kill -9 once `phase` of the build is published, restart, and check the invariant.
-  void kill_at_and_restart(cvm::v1::Phase phase, const std::string& ws, bool caching = false) {
+  // Kill -9 once `phase` of the build is published (or one of `also`, when the launch is too quick
+  // to be caught there), restart, and check the invariant. The big image keeps the launch busy:
+  // with Caching on its first launch fills the node cache while PREPARING, with Caching off its
+  // layers are applied while STARTING.
+  void kill_at_and_restart(cvm::v1::Phase phase, const std::string& ws, bool caching = false,
+                           std::initializer_list<cvm::v1::Phase> also = {}) {
     start_agent();
     const std::string build = "b-" + ws;
-    assign(build, ws, image_ref(), caching);
-    ASSERT_TRUE(wait_phase(build, {phase}, 60s)) << logs();
+    assign(build, ws, "oci:" + *image_dir_ + ":big", caching);
+    std::vector<cvm::v1::Phase> phases = {phase};
+    phases.insert(phases.end(), also.begin(), also.end());
+    ASSERT_TRUE(wait_until(
+        [&] {
+          auto e = last_event(build);
+          return e && std::find(phases.begin(), phases.end(), e->phase()) != phases.end();
+        },
+        60s))
+        << logs();
     agent_->kill9();
     const auto t0 = std::chrono::steady_clock::now();
     start_agent();
@@ -252,11 +285,14 @@ class AgentProcess : public ::testing::Test {
 };
 
 TEST_F(AgentProcess, KillNineWhileStartingWithCachingOnLeavesNoMount) {
-  kill_at_and_restart(cvm::v1::STARTING, "k-cache", /*caching=*/true);
+  // STARTING is short with a warm cache (runc only): RUNNING may come first.
+  kill_at_and_restart(cvm::v1::STARTING, "k-cache", /*caching=*/true, {cvm::v1::RUNNING});
 }
 
 TEST_F(AgentProcess, KillNineWhilePreparingThenRestart) {
-  kill_at_and_restart(cvm::v1::PREPARING, "k-prep");
+  // Caching on: the first launch of the big image fills the node cache while PREPARING.
+  kill_at_and_restart(cvm::v1::PREPARING, "k-prep", /*caching=*/true);
+  EXPECT_TRUE(unfinished_cache_entries().empty()) << "a half-unpacked cache entry was kept";
 }
 
 TEST_F(AgentProcess, KillNineWhileStartingThenRestart) {

@@ -6,12 +6,21 @@
 //   cvm-unpack --layout DIR --tag TAG --rootfs DIR --id-base N --id-count N
 //
 // Exit 0: done. 3: the layout, tag or a blob is missing. 1: anything else. The reason is on stderr.
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#include <csignal>
 #include <iostream>
 #include <string>
 
 #include "cvm/agent/layer_unpack.h"
 
 int main(int argc, char** argv) {
+  // Dies with the agent (a kill -9 mid-launch): a restarted agent removes what it was unpacking,
+  // and nothing may still be writing there.
+  const pid_t parent = ::getppid();
+  ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (::getppid() != parent) return 1;
   std::string layout, tag, rootfs;
   long long base = -1, count = -1;
   for (int i = 1; i + 1 < argc; i += 2) {
