@@ -448,8 +448,12 @@ AgentService::LaunchResult AgentService::launch(const cvm::v1::NodeAssignment& a
   LaunchResult out;
   out.outcome = launcher_->launch(r, [&](const std::string& rootfs_note) {
     out.starting_ms = clock_.now_unix_ms();
-    // Which rootfs path was taken (ID-mapped overlay of the node cache, or an unpack).
-    publish(a, cvm::v1::STARTING, cvm::v1::REASON_UNSPECIFIED, rootfs_note);
+    // Which rootfs path was taken (ID-mapped overlay of the node cache, or an unpack). Published
+    // by the io thread while this one calls the runtime: the acknowledged publish is off the
+    // launch path, and RUNNING/FAILED (posted there later) still come after it.
+    boost::asio::post(io_, [this, a, rootfs_note] {
+      publish(a, cvm::v1::STARTING, cvm::v1::REASON_UNSPECIFIED, rootfs_note);
+    });
   });
   if (!runtime_info_.sysbox()) {
     out.outcome.warnings.push_back(
