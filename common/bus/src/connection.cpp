@@ -139,8 +139,12 @@ void Core::close() {
 Core::~Core() {
   close();
   if (js != nullptr) jsCtx_Destroy(js);
-  if (nc == nullptr) return;  // cnats never saw the closure
+  if (nc == nullptr) {  // cnats never saw the closure
+    destroy_async_ops(*this);
+    return;
+  }
   natsConnection_Destroy(nc);
+  destroy_async_ops(*this);
   bool closed = false;
   {
     std::lock_guard lock(callbacks->mu);
@@ -231,6 +235,9 @@ Result<std::shared_ptr<Connection>> Connection::connect(const ConnectOptions& op
   // small request or a JetStream publish awaiting its ack, so that wait is pure latency (measured:
   // request-reply p50 ~990 us batched vs ~190 us with SendAsap on loopback).
   if (s == NATS_OK && options.send_asap) s = natsOptions_SetSendAsap(opts.get(), true);
+  if (s == NATS_OK && options.shared_delivery_threads) {
+    s = natsOptions_UseGlobalMessageDelivery(opts.get(), true);
+  }
   if (s == NATS_OK)
     s = natsOptions_SetDisconnectedCB(opts.get(), detail::on_disconnected_cb, closure);
   if (s == NATS_OK)
@@ -250,6 +257,8 @@ Result<std::shared_ptr<Connection>> Connection::connect(const ConnectOptions& op
     return nats_error(s, "connect to " + options.url);
   }
   core->nc = nc;
+  core->inbox_prefix =
+      options.inbox_prefix.empty() ? inbox_prefix_for(options.user) : options.inbox_prefix;
   s = natsConnection_JetStream(&core->js, core->nc, nullptr);
   if (s != NATS_OK) return nats_error(s, "create JetStream context");
 

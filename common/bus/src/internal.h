@@ -84,6 +84,8 @@ struct ConnCallbacks {
   }
 };
 
+struct AsyncOps;  // async.cpp: asynchronous JetStream publishes and requests
+
 // Owns the connection and its JetStream context. Connection closes it; the objects made from it
 // (subscriptions, consumers, buckets) share it so their cnats pointers stay valid until the last
 // of them is gone, and their calls then fail cleanly with "connection closed".
@@ -100,11 +102,20 @@ class Core {
   natsConnection* nc = nullptr;
   jsCtx* js = nullptr;
   std::unique_ptr<ConnCallbacks> callbacks;
+  std::string inbox_prefix;  // as configured for this connection ("" for cnats' "_INBOX")
+  // Made on first use (async.cpp); freed after the connection is destroyed.
+  AsyncOps& async_ops();
 
  private:
   std::mutex close_mu_;
   bool close_called_ = false;
+  std::mutex async_mu_;
+  AsyncOps* async_ = nullptr;
+  friend void destroy_async_ops(Core& core);
 };
+
+// Called by ~Core once cnats is done with the connection.
+void destroy_async_ops(Core& core);
 
 // Posts an async error (fetch loop, watcher) to the connection's on_error, if any.
 void report_error(const Core& core, const Error& error);

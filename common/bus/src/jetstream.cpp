@@ -6,6 +6,7 @@
 #include <string_view>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "internal.h"
 
@@ -114,6 +115,13 @@ Status JsMessage::ack() {
   return {};
 }
 
+Status JsMessage::ack_async() {
+  std::lock_guard lock(impl_->mu);
+  const natsStatus s = natsMsg_Ack(impl_->msg.get(), nullptr);
+  if (s != NATS_OK) return nats_error(s, "ack");
+  return {};
+}
+
 Status JsMessage::nak(std::chrono::milliseconds delay) {
   std::lock_guard lock(impl_->mu);
   const natsStatus s = delay.count() > 0
@@ -178,9 +186,21 @@ struct PullConsumer::Impl {
       jsErrCode jerr = static_cast<jsErrCode>(0);
       const natsStatus s =
           natsSubscription_Fetch(list.get(), sub->sub, batch, kFetchTimeoutMs, &jerr);
-      for (int i = 0; i < list->Count; ++i) {
-        natsMsg* m = std::exchange(list->Msgs[i], nullptr);
-        deliver(m);
+      if (list->Count > 0) {
+        // One post per fetched batch, not per message: one wake-up of the executor's thread.
+        std::vector<JsMessagePtr> batch_msgs;
+        batch_msgs.reserve(static_cast<size_t>(list->Count));
+        for (int i = 0; i < list->Count; ++i) {
+          natsMsg* m = std::exchange(list->Msgs[i], nullptr);
+          batch_msgs.push_back(
+              std::make_shared<JsMessage>(std::make_unique<JsMessage::Impl>(sub, m)));
+        }
+        boost::asio::post(core->executor, [d = delivery, msgs = std::move(batch_msgs)] {
+          for (const auto& msg : msgs) {
+            if (!d->active.load()) return;
+            d->handler(msg);
+          }
+        });
       }
       // A timeout only means that nothing was there to fetch.
       if (s == NATS_OK || s == NATS_TIMEOUT) {
@@ -217,13 +237,6 @@ struct PullConsumer::Impl {
     if (auto created = ensure_consumer(core->js, config); !created.ok()) {
       detail::report_error(*core, created.error());
     }
-  }
-
-  void deliver(natsMsg* m) {
-    auto msg = std::make_shared<JsMessage>(std::make_unique<JsMessage::Impl>(sub, m));
-    boost::asio::post(core->executor, [d = delivery, msg = std::move(msg)] {
-      if (d->active.load()) d->handler(msg);
-    });
   }
 };
 

@@ -37,6 +37,10 @@ struct ConnectOptions {
   bool retry_on_failed_connect = true;  // start even when the server is not up yet
   // Write each message at once instead of batching for up to 1 ms: lower latency, more syscalls.
   bool send_asap = true;
+  // cnats gives every asynchronous subscription its own delivery thread; with this, a small shared
+  // pool delivers for all of them instead (a process with thousands of subscriptions: the fleet
+  // simulator).
+  bool shared_delivery_threads = false;
   // Called on the executor passed to Connection::connect.
   // on_connected: the first connection was made in the background (retry_on_failed_connect and
   // the server was not reachable when connect() returned).
@@ -135,6 +139,9 @@ class JsMessage {
 
   Status ack();  // synchronous: returns once the server confirmed
   Status nak(std::chrono::milliseconds delay = std::chrono::milliseconds{0});
+  // Asynchronous: sends the ack and returns without waiting for the server's confirmation. A lost
+  // ack only means a redelivery after ack_wait, which callers must handle anyway.
+  Status ack_async();
   Status term();         // never redeliver (poison messages)
   Status in_progress();  // extend the ack wait
   struct Impl;
@@ -173,6 +180,20 @@ struct PubAck {
   uint64_t sequence = 0;
   bool duplicate = false;  // the server had already stored this Nats-Msg-Id
 };
+
+// Options of Connection::js_publish_async.
+struct AsyncPublish {
+  std::string msg_id;  // Nats-Msg-Id (de-duplication), empty for none
+  Headers headers;
+  // Nats-Expected-Last-Subject-Sequence: the store is refused (kConflict) unless the last message
+  // on the subject has this sequence. 0 is meaningful here: "no message on the subject yet".
+  std::optional<uint64_t> expected_last_subject_sequence;
+  std::chrono::milliseconds timeout{5000};  // no ack by then: kTimeout
+};
+using PubAckHandler = std::function<void(Result<PubAck>)>;
+using ReplyHandler = std::function<void(Result<Message>)>;
+using LastMessageHandler = std::function<void(Result<std::optional<StreamMessage>>)>;
+using RevisionHandler = std::function<void(Result<uint64_t>)>;
 
 // Runs a fetch loop on its own thread and posts each message to the executor. Stops (and joins)
 // when destroyed; messages already posted stay valid (shared ownership).
@@ -237,6 +258,14 @@ class KeyValue {
   Result<uint64_t> create(const std::string& key, std::string_view value);
   // Compare-and-set: fails with ErrorDomain::kConflict when the revision is not `expected`.
   Result<uint64_t> update(const std::string& key, std::string_view value, uint64_t expected);
+  // Compare-and-set without waiting: `done` runs on the connection's executor with the new
+  // revision, or kConflict when the key's last revision is not `expected`. Unlike update(),
+  // `expected` counts delete markers, and 0 means "never written", so with 0 this is a create
+  // that also fails over a deleted key (the revision of a delete marker is what a watcher sees).
+  // Several may be in flight at once; they complete in any order.
+  void update_async(const std::string& key, std::string_view value, uint64_t expected,
+                    RevisionHandler done,
+                    std::chrono::milliseconds timeout = std::chrono::milliseconds{5000});
   Status erase(const std::string& key);  // a delete marker (watchers see KvOp::kDelete)
   Status purge(const std::string& key);
   Result<std::vector<std::string>> keys();
@@ -278,6 +307,20 @@ class Connection {
   Result<PubAck> js_publish(const std::string& subject, std::string_view data,
                             const std::string& msg_id = {}, const Headers& headers = {},
                             std::chrono::milliseconds timeout = std::chrono::milliseconds{5000});
+  // Publishes without waiting for the PubAck: `done` runs on the executor with the ack or the
+  // error (kConflict for a failed expectation, kTimeout when no ack came in time). Many may be in
+  // flight at once, so a service pipelines its writes instead of paying a round trip each.
+  void js_publish_async(const std::string& subject, std::string_view data,
+                        const AsyncPublish& options, PubAckHandler done);
+  // Request-reply without blocking: `done` runs on the executor with the reply, kTimeout, or
+  // kNotFound for "no responders".
+  void request_async(const std::string& subject, std::string_view data,
+                     std::chrono::milliseconds timeout, ReplyHandler done);
+  // last_message() without blocking (the stream's message-get API), with the message's stream
+  // sequence (for a KV subject: its revision, delete markers included): nullopt when the stream
+  // holds no message on `subject`. `pending` and the timestamp are not filled in.
+  void last_message_async(const std::string& stream, const std::string& subject,
+                          std::chrono::milliseconds timeout, LastMessageHandler done);
   // Creates the durable consumer if missing and runs a fetch loop that posts to the executor.
   Result<std::unique_ptr<PullConsumer>> pull_consume(const ConsumerConfig& config,
                                                      std::function<void(JsMessagePtr)> handler,
