@@ -6,6 +6,7 @@
 #include <utility>
 
 #include <spdlog/spdlog.h>
+#include <boost/asio/post.hpp>
 
 #include "cvm/base/reasons.h"
 #include "cvm/base/validate.h"
@@ -19,6 +20,9 @@ namespace cvm::scheduler {
 namespace {
 
 constexpr std::string_view kSource = "scheduler";
+// Decisions for one delivery of a request whose candidates were all taken by concurrent
+// placements, before it goes back to the stream for a later retry.
+constexpr int kMaxDecisions = 8;
 
 std::string record_key(std::string_view node_id, std::string_view build_id) {
   return std::string(node_id) + "." + std::string(build_id);
@@ -161,7 +165,36 @@ void SchedulerService::stop() {
 // ---------------------------------------------------------------------------------------------
 // Requests
 
+template <class Fn>
+auto SchedulerService::guarded(Fn fn) {
+  return [alive = std::weak_ptr<int>(alive_), fn = std::move(fn)](auto&&... args) mutable {
+    if (alive.expired()) return;
+    fn(std::forward<decltype(args)>(args)...);
+  };
+}
+
 void SchedulerService::on_build(const bus::JsMessagePtr& msg) {
+  if (in_flight_ >= config_.max_in_flight) {
+    waiting_.push_back(msg);
+    return;
+  }
+  ++in_flight_;
+  went_async_ = false;
+  handle_build(msg);
+  // The synchronous paths (node lost, transitions, redeliveries, invalid requests) are done here.
+  if (!went_async_) --in_flight_;
+}
+
+void SchedulerService::pump() {
+  pump_posted_ = false;
+  while (!stopped_ && in_flight_ < config_.max_in_flight && !waiting_.empty()) {
+    auto msg = std::move(waiting_.front());
+    waiting_.pop_front();
+    on_build(msg);
+  }
+}
+
+void SchedulerService::handle_build(const bus::JsMessagePtr& msg) {
   const auto started = std::chrono::steady_clock::now();
   meters_->received.Increment();
   if (msg->header(std::string(kHeaderNodeLost))) return handle_node_lost(msg);
@@ -195,17 +228,22 @@ void SchedulerService::on_build(const bus::JsMessagePtr& msg) {
   const auto& req = *decoded.request;
   if (again_from) {
     handle_place_again(req, *again_from, msg);
+  } else if (req.transition() == cvm::v1::START && msg->num_delivered() > 1) {
+    handle_redelivered_start(req, msg);
+  } else if (req.transition() == cvm::v1::START) {
+    // The common case, pipelined: the duplicate lookup runs alongside the first capacity hold.
+    return place_and_dispatch(req, msg, "", /*check_duplicate=*/true);
   } else if (already_handled(req.build_id())) {
     meters_->duplicate.Increment();
     spdlog::info("build {} was already handled; dropping the duplicate", req.build_id());
     ack(msg);
-  } else if (req.transition() == cvm::v1::START) {
-    handle_start(req, msg);
   } else {
     handle_transition(req, msg);
   }
-  meters_->handling.Observe(
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
+  if (!went_async_) {
+    meters_->handling.Observe(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
+  }
 }
 
 bool SchedulerService::already_handled(const std::string& build_id) {
@@ -246,144 +284,328 @@ Result<std::optional<cvm::v1::PlacementRecord>> SchedulerService::find_record(
   return std::optional<cvm::v1::PlacementRecord>(std::move(r));
 }
 
-void SchedulerService::handle_start(const cvm::v1::BuildRequest& req,
-                                    const bus::JsMessagePtr& msg) {
-  if (msg->num_delivered() > 1) {
-    // A previous delivery may have got as far as recording (and even sending) the assignment
-    // before it crashed or timed out: finish on that node rather than deciding again, which
-    // could name a different node than the one the deduplicated assignment went to.
-    auto record = find_record(req.build_id());
-    if (!record)
-      return retry_later(msg, "cannot read placement records: " + record.error().message);
-    if (record->has_value()) return finish_recorded(**record, msg);
+void SchedulerService::handle_redelivered_start(const cvm::v1::BuildRequest& req,
+                                                const bus::JsMessagePtr& msg) {
+  // A previous delivery may have got as far as recording (and even sending) the assignment
+  // before it crashed or timed out: finish on that node rather than deciding again, which could
+  // name a different node than the one the deduplicated assignment went to. The record comes
+  // before the event lookup: SCHEDULED may be stored while the assignment sent with it is not.
+  auto record = find_record(req.build_id());
+  if (!record) return retry_later(msg, "cannot read placement records: " + record.error().message);
+  if (record->has_value()) return finish_recorded(**record, msg);
+  if (already_handled(req.build_id())) {
+    meters_->duplicate.Increment();
+    ++counts_.duplicates;
+    spdlog::info("build {} was already handled; dropping the duplicate", req.build_id());
+    return ack(msg);
   }
   place_and_dispatch(req, msg, "");
 }
 
+// One request on its way through the pipeline; shared by the completions of its bus calls.
+struct SchedulerService::Placement {
+  bus::JsMessagePtr msg;
+  cvm::v1::BuildRequest req;
+  std::string lost_node;
+  std::chrono::steady_clock::time_point started;
+  EffectiveSettings settings;
+  PlacementRequest preq;
+  Reservation amount;
+  std::vector<Candidate> candidates;
+  size_t next = 0;
+  bool contended = false;
+  int decisions = 1;
+  std::optional<cvm::v1::GpuReserveReply> last_refusal;
+  // The duplicate lookup (a resubmitted build that was decided already): nothing is published
+  // before it is in.
+  bool lookup_pending = false;
+  bool duplicate = false;
+  std::function<void()> after_lookup;
+  std::string node_id;  // the candidate holding room
+  cvm::v1::NodeAssignment assignment;
+  int publishes_left = 0;
+  std::string publish_error;
+};
+
 void SchedulerService::place_and_dispatch(const cvm::v1::BuildRequest& req,
                                           const bus::JsMessagePtr& msg,
-                                          const std::string& lost_node) {
-  const auto settings = effective_settings(settings_ ? &*settings_ : nullptr);
-  const auto preq = make_placement_request(req, settings);
+                                          const std::string& lost_node, bool check_duplicate) {
+  went_async_ = true;
+  auto p = std::make_shared<Placement>();
+  p->msg = msg;
+  p->req = req;
+  p->lost_node = lost_node;
+  p->started = std::chrono::steady_clock::now();
+  if (check_duplicate) {
+    p->lookup_pending = true;
+    conn_->last_message_async(std::string(wire::kStreamEvents),
+                              wire::build_events_subject(req.build_id()), config_.bus_timeout,
+                              guarded([p](Result<std::optional<bus::StreamMessage>> last) {
+                                // When the lookup itself fails, go on: every event carries a
+                                // Nats-Msg-Id, so a repeated step cannot publish a second copy of
+                                // the same phase.
+                                p->lookup_pending = false;
+                                p->duplicate = last.ok() && last->has_value();
+                                if (auto fn = std::exchange(p->after_lookup, nullptr)) fn();
+                              }));
+  }
+  p->settings = effective_settings(settings_ ? &*settings_ : nullptr);
+  p->preq = make_placement_request(req, p->settings);
+  p->amount = reservation_for(p->preq);
+  // GPUs are not held in the ledger: the broker's lease ledger (CAS per GPU) is their authority
+  // and the cvm_gpu_leases watch already counts them in the index.
+  p->amount.gpus = 0;
+  decide(p);
+}
+
+void SchedulerService::decide(const PlacementPtr& p) {
   PlacementOptions opts;
   opts.now_unix_ms = clock_.now_unix_ms();
   opts.liveness_ttl_ms = config_.node_ttl.count();
-  opts.strategy = settings.scoring;
+  opts.strategy = p->settings.scoring;
   opts.max_candidates = config_.max_candidates;
   opts.sampling = config_.sampling;
   opts.sample_percent = config_.sample_percent;
   opts.start_offset = decisions_++;
   const auto t0 = std::chrono::steady_clock::now();
-  auto decision = place(index_, preq, opts);
+  auto decision = place(index_, p->preq, opts);
   meters_->decision.Observe(
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  const std::string lost_prefix =
-      lost_node.empty() ? "" : "node " + lost_node + " was lost and it could not be placed again: ";
   if (!decision.ok()) {
-    return fail(req, lost_node.empty() ? decision.reason : cvm::v1::NODE_LOST,
-                lost_prefix + decision.message, msg);
+    const std::string prefix =
+        p->lost_node.empty()
+            ? ""
+            : "node " + p->lost_node + " was lost and it could not be placed again: ";
+    return fail_placement(p, p->lost_node.empty() ? decision.reason : cvm::v1::NODE_LOST,
+                          prefix + decision.message);
   }
+  p->candidates = std::move(decision.candidates);
+  p->next = 0;
+  p->contended = false;
+  try_candidate(p);
+}
 
-  Reservation amount = reservation_for(preq);
-  // GPUs are not held in the ledger: the broker's lease ledger (CAS per GPU) is their authority
-  // and the cvm_gpu_leases watch already counts them in the index.
-  amount.gpus = 0;
-  std::optional<cvm::v1::GpuReserveReply> last_refusal;
-  bool contended = false;
-  for (const auto& candidate : decision.candidates) {
-    if (candidate.node_id == lost_node) continue;
-    switch (hold_capacity(candidate.node_id, req.build_id(), amount)) {
-      case HoldOutcome::kHeld:
-        break;
-      case HoldOutcome::kNoRoom:
-        contended = true;
-        continue;  // another replica took the room first: the next candidate may have it
-      case HoldOutcome::kError:
-        return retry_later(msg, "cannot write the capacity hold on " + candidate.node_id);
-    }
+void SchedulerService::when_looked_up(const PlacementPtr& p, std::function<void()> fn) {
+  if (p->lookup_pending) {
+    p->after_lookup = std::move(fn);
+  } else {
+    fn();
+  }
+}
 
-    cvm::v1::NodeAssignment a;
-    *a.mutable_request() = req;
-    a.set_node_id(candidate.node_id);
-    a.set_cvm(preq.cvm);
-    a.set_caching(settings.caching);
-    a.set_auto_load_shiftfs(settings.auto_load_shiftfs);
-    a.set_assigned_unix_ms(clock_.now_unix_ms());
+void SchedulerService::try_candidate(const PlacementPtr& p) {
+  while (p->next < p->candidates.size() && p->candidates[p->next].node_id == p->lost_node) {
+    ++p->next;
+  }
+  if (p->next >= p->candidates.size()) {
+    const std::string prefix =
+        p->lost_node.empty()
+            ? ""
+            : "node " + p->lost_node + " was lost and it could not be placed again: ";
+    if (p->last_refusal) {
+      return fail_placement(p,
+                            p->lost_node.empty() ? p->last_refusal->reason() : cvm::v1::NODE_LOST,
+                            prefix + p->last_refusal->message());
+    }
+    if (p->contended && p->decisions < kMaxDecisions) {
+      // Every candidate filled up under us (other replicas, or this one's requests in flight,
+      // placed there first). The index has learned their holds, so deciding again here and now is
+      // not the same decision, and far quicker than handing the request back to the stream.
+      ++p->decisions;
+      return decide(p);
+    }
+    if (p->contended) {
+      return when_looked_up(p, [this, p] {
+        if (p->duplicate) return drop_duplicate(p);
+        retry_later(p->msg, "every candidate was taken by concurrent placements");
+        done(p);
+      });
+    }
+    return fail_placement(
+        p, p->lost_node.empty() ? cvm::v1::INSUFFICIENT_CAPACITY : cvm::v1::NODE_LOST,
+        prefix + "no candidate node could take it");
+  }
+  const std::string node_id = p->candidates[p->next++].node_id;
+  PendingHold hold;
+  hold.build_id = p->req.build_id();
+  hold.amount = p->amount;
+  hold.done = [this, p, node_id](HoldOutcome o) { on_held(p, node_id, o); };
+  request_hold(node_id, std::move(hold));
+}
 
-    if (preq.gpu_count > 0) {
-      cvm::v1::GpuReserveRequest gr;
-      gr.set_node_id(candidate.node_id);
-      gr.set_count(preq.gpu_count);
-      gr.set_min_memory_bytes(preq.gpu_min_memory_bytes);
-      gr.set_workspace_id(req.workspace_id());
-      gr.set_build_id(req.build_id());
-      gr.set_vendor(preq.gpu_vendor);
-      auto reply = conn_->request(std::string(wire::kGpuReserve), gr.SerializeAsString(),
-                                  config_.gpu_reserve_timeout);
-      if (!reply) {
-        drop_hold(candidate.node_id, req.build_id());
-        return retry_later(msg, "GPU broker: " + reply.error().message);
-      }
-      cvm::v1::GpuReserveReply rr;
-      if (!rr.ParseFromString(reply->data)) {
-        drop_hold(candidate.node_id, req.build_id());
-        return retry_later(msg, "GPU broker sent an unreadable reply");
-      }
-      if (!rr.ok()) {
-        spdlog::info("build {}: broker refused node {}: {}", req.build_id(), candidate.node_id,
-                     rr.message());
-        drop_hold(candidate.node_id, req.build_id());
-        last_refusal = std::move(rr);
-        continue;  // the next candidate may have free GPUs
-      }
-      for (const auto& g : rr.gpus()) *a.add_gpus() = g;
-      a.set_lease_id(rr.lease_id());
+void SchedulerService::on_held(const PlacementPtr& p, const std::string& node_id,
+                               HoldOutcome outcome) {
+  switch (outcome) {
+    case HoldOutcome::kNoRoom:
+      p->contended = true;
+      return try_candidate(p);  // another request took the room first: the next may have it
+    case HoldOutcome::kError:
+      return when_looked_up(p, [this, p, node_id] {
+        if (p->duplicate) return drop_duplicate(p);
+        retry_later(p->msg, "cannot write the capacity hold on " + node_id);
+        done(p);
+      });
+    case HoldOutcome::kHeld:
+    case HoldOutcome::kAlreadyHeld:
+      break;
+  }
+  p->node_id = node_id;
+  const bool ours = outcome == HoldOutcome::kHeld;
+  when_looked_up(p, [this, p, ours] {
+    if (p->duplicate) {
+      // The first delivery's hold stays: it covers that placement until its agent reports it.
+      if (ours) drop_hold(p->node_id, p->req.build_id());
+      return drop_duplicate(p);
     }
+    reserve_gpus(p);
+  });
+}
 
-    cvm::v1::PlacementRecord record;
-    *record.mutable_assignment() = a;
-    record.set_replaced_node_id(lost_node);
-    auto created = placements_->create(record_key(candidate.node_id, req.build_id()),
-                                       record.SerializeAsString());
-    if (!created && !created.error().is_conflict()) {
-      // Without the record a redelivery could not tell where this went: send nothing yet.
-      drop_hold(candidate.node_id, req.build_id());
-      if (!a.lease_id().empty()) release_gpus(req.workspace_id(), a.lease_id());
-      return retry_later(msg, "cannot record the placement: " + created.error().message);
-    }
-    if (!lost_node.empty()) {
-      // The lost node's record now names the new node: a lookup by build sees where it went, and
-      // the lost node's next sweep skips it.
-      (void)placements_->put(record_key(lost_node, req.build_id()), record.SerializeAsString());
-    }
-    if (auto st = publish_assignment(a, !lost_node.empty()); !st) {
-      return retry_later(msg, "cannot publish the assignment: " + st.error().message);
-    }
-    if (auto st = publish_scheduled(a, lost_node); !st) {
-      // The assignment is out and recorded: redelivery finishes from the record.
-      return retry_later(msg, "cannot publish SCHEDULED: " + st.error().message);
+void SchedulerService::reserve_gpus(const PlacementPtr& p) {
+  const auto& req = p->req;
+  auto& a = p->assignment;
+  a.Clear();
+  *a.mutable_request() = req;
+  a.set_node_id(p->node_id);
+  a.set_cvm(p->preq.cvm);
+  a.set_caching(p->settings.caching);
+  a.set_auto_load_shiftfs(p->settings.auto_load_shiftfs);
+  a.set_assigned_unix_ms(clock_.now_unix_ms());
+  if (p->preq.gpu_count == 0) return write_record(p);
+
+  cvm::v1::GpuReserveRequest gr;
+  gr.set_node_id(p->node_id);
+  gr.set_count(p->preq.gpu_count);
+  gr.set_min_memory_bytes(p->preq.gpu_min_memory_bytes);
+  gr.set_workspace_id(req.workspace_id());
+  gr.set_build_id(req.build_id());
+  gr.set_vendor(p->preq.gpu_vendor);
+  conn_->request_async(std::string(wire::kGpuReserve), gr.SerializeAsString(),
+                       config_.gpu_reserve_timeout, guarded([this, p](Result<bus::Message> reply) {
+                         if (!reply) {
+                           drop_hold(p->node_id, p->req.build_id());
+                           retry_later(p->msg, "GPU broker: " + reply.error().message);
+                           return done(p);
+                         }
+                         cvm::v1::GpuReserveReply rr;
+                         if (!rr.ParseFromString(reply->data)) {
+                           drop_hold(p->node_id, p->req.build_id());
+                           retry_later(p->msg, "GPU broker sent an unreadable reply");
+                           return done(p);
+                         }
+                         if (!rr.ok()) {
+                           spdlog::info("build {}: broker refused node {}: {}", p->req.build_id(),
+                                        p->node_id, rr.message());
+                           drop_hold(p->node_id, p->req.build_id());
+                           p->last_refusal = std::move(rr);
+                           return try_candidate(p);  // the next candidate may have free GPUs
+                         }
+                         for (const auto& g : rr.gpus()) *p->assignment.add_gpus() = g;
+                         p->assignment.set_lease_id(rr.lease_id());
+                         write_record(p);
+                       }));
+}
+
+void SchedulerService::write_record(const PlacementPtr& p) {
+  cvm::v1::PlacementRecord record;
+  *record.mutable_assignment() = p->assignment;
+  record.set_replaced_node_id(p->lost_node);
+  std::string bytes = record.SerializeAsString();
+  // A create (revision 0 expected): a conflict means a previous delivery recorded this very
+  // placement already.
+  placements_->update_async(
+      record_key(p->node_id, p->req.build_id()), bytes, 0,
+      guarded([this, p, bytes](Result<uint64_t> created) {
+        if (!created && !created.error().is_conflict()) {
+          // Without the record a redelivery could not tell where this went: send nothing yet.
+          drop_hold(p->node_id, p->req.build_id());
+          if (!p->assignment.lease_id().empty()) {
+            release_gpus(p->req.workspace_id(), p->assignment.lease_id());
+          }
+          retry_later(p->msg, "cannot record the placement: " + created.error().message);
+          return done(p);
+        }
+        if (!p->lost_node.empty()) {
+          // The lost node's record now names the new node: a lookup by build sees where it
+          // went, and the lost node's next sweep skips it.
+          (void)placements_->put(record_key(p->lost_node, p->req.build_id()), bytes);
+        }
+        dispatch(p);
+      }),
+      config_.bus_timeout);
+}
+
+void SchedulerService::dispatch(const PlacementPtr& p) {
+  // Both at once: the record is stored, so a redelivery after a crash between them finds it and
+  // sends whichever is missing (handle_redelivered_start).
+  p->publishes_left = 2;
+  auto one_done = [this, p](Status st) {
+    if (!st && p->publish_error.empty()) p->publish_error = st.error().message;
+    if (--p->publishes_left > 0) return;
+    if (!p->publish_error.empty()) {
+      retry_later(p->msg, "cannot publish the assignment or SCHEDULED: " + p->publish_error);
+      return done(p);
     }
     meters_->scheduled.Increment();
     ++counts_.scheduled;
-    if (!lost_node.empty()) {
+    if (!p->lost_node.empty()) {
       meters_->placed_again.Increment();
       ++counts_.placed_again;
     }
-    spdlog::debug("build {} (workspace {}) scheduled on {}", req.build_id(), req.workspace_id(),
-                  candidate.node_id);
-    return ack(msg);
+    if (auto st = p->msg->ack_async(); !st) spdlog::warn("ack failed: {}", st.error().message);
+    done(p);
+  };
+  publish_assignment_async(p->assignment, !p->lost_node.empty(), one_done);
+  publish_scheduled_async(p->assignment, p->lost_node, one_done);
+}
+
+void SchedulerService::fail_placement(const PlacementPtr& p, cvm::v1::Reason reason,
+                                      const std::string& message) {
+  when_looked_up(p, [this, p, reason, message] {
+    if (p->duplicate) return drop_duplicate(p);
+    auto e = service::make_event(p->req.build_id(), p->req.workspace_id(), cvm::v1::FAILED, clock_,
+                                 kSource);
+    e.set_reason(reason);
+    e.set_message(message.empty() ? std::string(reason_text(reason)) : message);
+    bus::AsyncPublish opts;
+    opts.msg_id = service::event_msg_id(e);
+    opts.timeout = config_.bus_timeout;
+    conn_->js_publish_async(wire::build_events_subject(e.build_id()), e.SerializeAsString(), opts,
+                            guarded([this, p, reason](Result<bus::PubAck> ack) {
+                              if (!ack) {
+                                retry_later(p->msg,
+                                            "cannot publish FAILED: " + ack.error().message);
+                                return done(p);
+                              }
+                              meters_->failed.Increment();
+                              meters_->failed_reason(reason).Increment();
+                              ++counts_.failed;
+                              spdlog::debug("build {} (workspace {}) FAILED {}", p->req.build_id(),
+                                            p->req.workspace_id(), cvm::v1::Reason_Name(reason));
+                              if (auto st = p->msg->ack_async(); !st)
+                                spdlog::warn("ack failed: {}", st.error().message);
+                              done(p);
+                            }));
+  });
+}
+
+void SchedulerService::drop_duplicate(const PlacementPtr& p) {
+  meters_->duplicate.Increment();
+  ++counts_.duplicates;
+  spdlog::info("build {} was already handled; dropping the duplicate", p->req.build_id());
+  ack(p->msg);
+  done(p);
+}
+
+void SchedulerService::done(const PlacementPtr& p) {
+  meters_->handling.Observe(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - p->started).count());
+  --in_flight_;
+  if (!waiting_.empty() && !pump_posted_) {
+    // Posted, not called: a completion must not run the next request's whole chain inside it.
+    pump_posted_ = true;
+    boost::asio::post(io_, guarded([this] { pump(); }));
   }
-  if (last_refusal) {
-    return fail(req, lost_node.empty() ? last_refusal->reason() : cvm::v1::NODE_LOST,
-                lost_prefix + last_refusal->message(), msg);
-  }
-  if (contended) {
-    // Every candidate filled up under us (other replicas placed there first). The index has
-    // learned their holds, so deciding again is not the same decision.
-    return retry_later(msg, "every candidate was taken by concurrent placements");
-  }
-  fail(req, lost_node.empty() ? cvm::v1::INSUFFICIENT_CAPACITY : cvm::v1::NODE_LOST,
-       lost_prefix + "no candidate node could take it", msg);
 }
 
 void SchedulerService::finish_recorded(const cvm::v1::PlacementRecord& record,
@@ -394,11 +616,25 @@ void SchedulerService::finish_recorded(const cvm::v1::PlacementRecord& record,
   spdlog::info("build {} was already placed on {}; finishing that placement",
                a.request().build_id(), a.node_id());
   const bool again = !record.replaced_node_id().empty();
-  if (auto st = publish_assignment(a, again); !st) {
-    return retry_later(msg, "cannot publish the assignment: " + st.error().message);
+  // The assignment and SCHEDULED went out together: either may be missing. An event beyond
+  // SCHEDULED means the node has the assignment, so nothing is sent again; SCHEDULED alone still
+  // sends the assignment (its msg-id drops it if it was stored). A placement made again after a
+  // lost node has events of its first node, so it sends both (each with its own msg-id).
+  std::optional<cvm::v1::Phase> phase;
+  if (!again) {
+    auto last = last_phase(a.request().build_id());
+    if (!last) return retry_later(msg, "cannot read the build's events: " + last.error().message);
+    phase = *last;
   }
-  if (auto st = publish_scheduled(a, record.replaced_node_id()); !st) {
-    return retry_later(msg, "cannot publish SCHEDULED: " + st.error().message);
+  if (!phase || *phase == cvm::v1::SCHEDULED) {
+    if (auto st = publish_assignment(a, again); !st) {
+      return retry_later(msg, "cannot publish the assignment: " + st.error().message);
+    }
+  }
+  if (!phase) {
+    if (auto st = publish_scheduled(a, record.replaced_node_id()); !st) {
+      return retry_later(msg, "cannot publish SCHEDULED: " + st.error().message);
+    }
   }
   ack(msg);
 }
@@ -434,6 +670,44 @@ Status SchedulerService::publish_scheduled(const cvm::v1::NodeAssignment& a,
                               service::event_msg_id(e) + "." + a.node_id());
   if (!ev) return ev.error();
   return {};
+}
+
+void SchedulerService::publish_assignment_async(const cvm::v1::NodeAssignment& a, bool placed_again,
+                                                std::function<void(Status)> then) {
+  bus::AsyncPublish opts;
+  // Msg-ids as publish_assignment's.
+  opts.msg_id =
+      placed_again ? a.request().build_id() + ".on." + a.node_id() : a.request().build_id();
+  opts.timeout = config_.bus_timeout;
+  conn_->js_publish_async(wire::node_work_subject(a.node_id()), a.SerializeAsString(), opts,
+                          guarded([then = std::move(then)](Result<bus::PubAck> ack) {
+                            then(ack ? Status{} : Status(ack.error()));
+                          }));
+}
+
+void SchedulerService::publish_scheduled_async(const cvm::v1::NodeAssignment& a,
+                                               const std::string& lost_node,
+                                               std::function<void(Status)> then) {
+  const auto& req = a.request();
+  auto e =
+      service::make_event(req.build_id(), req.workspace_id(), cvm::v1::SCHEDULED, clock_, kSource);
+  e.set_node_id(a.node_id());
+  for (const auto& g : a.gpus()) e.add_gpu_uuids(g.uuid());
+  if (!a.cvm()) e.add_warnings("runs as a plain container (not a CVM): no Docker inside");
+  bus::AsyncPublish opts;
+  opts.msg_id = service::event_msg_id(e);
+  opts.timeout = config_.bus_timeout;
+  if (!lost_node.empty()) {
+    e.set_reason(cvm::v1::NODE_LOST);
+    e.set_message("node " + lost_node + " was lost before the workspace ran; placed again on " +
+                  a.node_id());
+    // A second SCHEDULED for the build: its own msg-id (as publish_scheduled's).
+    opts.msg_id += "." + a.node_id();
+  }
+  conn_->js_publish_async(wire::build_events_subject(req.build_id()), e.SerializeAsString(), opts,
+                          guarded([then = std::move(then)](Result<bus::PubAck> ack) {
+                            then(ack ? Status{} : Status(ack.error()));
+                          }));
 }
 
 void SchedulerService::handle_place_again(const cvm::v1::BuildRequest& req,
@@ -611,92 +885,183 @@ void SchedulerService::ack(const bus::JsMessagePtr& msg) {
 // ---------------------------------------------------------------------------------------------
 // Capacity holds (KV cvm_capacity, compare-and-set)
 
-SchedulerService::HoldOutcome SchedulerService::hold_capacity(const std::string& node_id,
-                                                              const std::string& build_id,
-                                                              const Reservation& amount) {
-  const NodeRecord* node = index_.find(node_id);
-  if (node == nullptr) return HoldOutcome::kNoRoom;
-  cvm::v1::CapacityHold hold;
-  hold.set_build_id(build_id);
-  hold.set_cpu_millicores(amount.cpu_millicores);
-  hold.set_memory_bytes(amount.memory_bytes);
-  hold.set_gpus(amount.gpus);
-  for (int attempt = 0; attempt < config_.cas_attempts; ++attempt) {
-    const int64_t now = clock_.now_unix_ms();
-    hold.set_expires_unix_ms(now + config_.reservation_hold.count());
-    CachedLedger& cached = ledgers_[node_id];
-    cvm::v1::CapacityLedger next = cached.ledger;
-    next.set_node_id(node_id);
-    switch (add_hold(next, *node, hold, now)) {
-      case HoldResult::kNoRoom:
-        return HoldOutcome::kNoRoom;
-      case HoldResult::kAlreadyHeld:
-        return HoldOutcome::kHeld;
-      case HoldResult::kAdded:
-        break;
-    }
-    const std::string bytes = next.SerializeAsString();
-    auto rev = cached.revision == 0 ? capacity_->create(node_id, bytes)
-                                    : capacity_->update(node_id, bytes, cached.revision);
-    if (rev) {
-      cached.ledger = std::move(next);
-      cached.revision = *rev;
-      apply_holds(node_id);
-      return HoldOutcome::kHeld;
-    }
-    if (!rev.error().is_conflict()) {
-      spdlog::warn("capacity hold on {} not written: {}", node_id, rev.error().message);
-      return HoldOutcome::kError;
-    }
-    // Another replica changed the ledger since we read it: read the current one and decide again.
-    meters_->conflicts.Increment();
-    ++counts_.cas_conflicts;
-    auto current = capacity_->get(node_id);
-    if (!current) return HoldOutcome::kError;
-    if (current->has_value()) {
-      cvm::v1::CapacityLedger l;
-      if (!l.ParseFromString((*current)->value)) l.Clear();
-      cached.ledger = std::move(l);
-      cached.revision = (*current)->revision;
-    } else {
-      // Deleted (a lost node's holds were dropped): the next write creates the key again.
-      cached.ledger.Clear();
-      cached.revision = 0;
-    }
-    apply_holds(node_id);
+void SchedulerService::request_hold(const std::string& node_id, PendingHold hold) {
+  auto& w = node_writes_[node_id];
+  w.queued.push_back(std::move(hold));
+  if (w.busy) {
+    apply_holds(node_id);  // queued holds count in the index already
+  } else {
+    flush_holds(node_id);
   }
-  return HoldOutcome::kNoRoom;
 }
 
 void SchedulerService::drop_hold(const std::string& node_id, const std::string& build_id) {
-  for (int attempt = 0; attempt < config_.cas_attempts; ++attempt) {
-    auto it = ledgers_.find(node_id);
-    if (it == ledgers_.end() || it->second.revision == 0) return;
-    cvm::v1::CapacityLedger next = it->second.ledger;
-    if (!remove_hold(next, build_id, clock_.now_unix_ms())) return;
-    auto rev = capacity_->update(node_id, next.SerializeAsString(), it->second.revision);
-    if (rev) {
-      it->second.ledger = std::move(next);
-      it->second.revision = *rev;
-      apply_holds(node_id);
-      return;
+  PendingHold drop;
+  drop.build_id = build_id;
+  drop.remove = true;
+  request_hold(node_id, std::move(drop));
+}
+
+void SchedulerService::flush_holds(const std::string& node_id) {
+  auto& w = node_writes_[node_id];
+  if (w.busy || w.queued.empty()) return;
+  auto& cached = ledgers_[node_id];
+  const NodeRecord* node = index_.find(node_id);
+  const int64_t now = clock_.now_unix_ms();
+  cvm::v1::CapacityLedger next = cached.ledger;
+  next.set_node_id(node_id);
+  std::vector<std::pair<std::function<void(HoldOutcome)>, HoldOutcome>> replies;
+  std::vector<PendingHold> writing;
+  for (auto& h : w.queued) {
+    if (h.remove) {
+      if (remove_hold(next, h.build_id, now)) writing.push_back(std::move(h));
+      continue;
     }
-    if (!rev.error().is_conflict()) break;
-    auto current = capacity_->get(node_id);
-    if (!current || !current->has_value()) return;
-    if (!it->second.ledger.ParseFromString((*current)->value)) return;
-    it->second.revision = (*current)->revision;
+    if (node == nullptr) {
+      replies.emplace_back(std::move(h.done), HoldOutcome::kNoRoom);
+      continue;
+    }
+    cvm::v1::CapacityHold hold;
+    hold.set_build_id(h.build_id);
+    hold.set_cpu_millicores(h.amount.cpu_millicores);
+    hold.set_memory_bytes(h.amount.memory_bytes);
+    hold.set_gpus(h.amount.gpus);
+    hold.set_expires_unix_ms(now + config_.reservation_hold.count());
+    switch (add_hold(next, *node, hold, now)) {
+      case HoldResult::kNoRoom:
+        replies.emplace_back(std::move(h.done), HoldOutcome::kNoRoom);
+        break;
+      case HoldResult::kAlreadyHeld:
+        replies.emplace_back(std::move(h.done), HoldOutcome::kAlreadyHeld);
+        break;
+      case HoldResult::kAdded:
+        writing.push_back(std::move(h));
+        break;
+    }
   }
-  // Not fatal: the hold expires by itself after reservation_hold.
-  spdlog::warn("capacity hold of build {} on {} left to expire", build_id, node_id);
+  w.queued.clear();
+  if (!writing.empty()) {
+    // One compare-and-set for every hold queued meanwhile, on the revision they were checked
+    // against: a conflict means another replica wrote the ledger, never our own queue.
+    w.busy = true;
+    w.writing = std::move(writing);
+    std::string bytes = next.SerializeAsString();
+    capacity_->update_async(
+        node_id, bytes, cached.last_seq,
+        guarded([this, node_id, next = std::move(next)](Result<uint64_t> rev) mutable {
+          on_holds_written(node_id, std::move(next), rev);
+        }),
+        config_.bus_timeout);
+  }
+  apply_holds(node_id);
+  for (auto& [fn, outcome] : replies) {
+    if (fn) fn(outcome);
+  }
+}
+
+void SchedulerService::on_holds_written(const std::string& node_id, cvm::v1::CapacityLedger written,
+                                        const Result<uint64_t>& revision) {
+  auto& w = node_writes_[node_id];
+  auto& cached = ledgers_[node_id];
+  auto writing = std::exchange(w.writing, {});
+  w.busy = false;
+  std::vector<std::pair<std::function<void(HoldOutcome)>, HoldOutcome>> replies;
+  if (revision) {
+    // The watch may have delivered this write (or a newer one) already: never go back.
+    if (*revision > cached.last_seq) {
+      cached.ledger = std::move(written);
+      cached.revision = *revision;
+      cached.last_seq = *revision;
+    }
+    for (auto& h : writing) replies.emplace_back(std::move(h.done), HoldOutcome::kHeld);
+  } else if (revision.error().is_conflict()) {
+    // Another replica changed the ledger since we read it: read it again and decide again.
+    meters_->conflicts.Increment();
+    ++counts_.cas_conflicts;
+    std::vector<PendingHold> again;
+    for (auto& h : writing) {
+      if (!h.remove && ++h.attempts >= config_.cas_attempts) {
+        replies.emplace_back(std::move(h.done), HoldOutcome::kNoRoom);
+      } else {
+        again.push_back(std::move(h));
+      }
+    }
+    for (auto& h : w.queued) again.push_back(std::move(h));
+    w.queued = std::move(again);
+    w.busy = true;
+    reread_ledger(node_id);
+  } else {
+    spdlog::warn("capacity holds on {} not written: {}", node_id, revision.error().message);
+    // Removals are not fatal: the holds expire by themselves after reservation_hold.
+    for (auto& h : writing) replies.emplace_back(std::move(h.done), HoldOutcome::kError);
+  }
+  if (!w.busy) flush_holds(node_id);
+  apply_holds(node_id);
+  for (auto& [fn, outcome] : replies) {
+    if (fn) fn(outcome);
+  }
+}
+
+void SchedulerService::reread_ledger(const std::string& node_id) {
+  const std::string bucket(wire::kBucketCapacity);
+  conn_->last_message_async(
+      "KV_" + bucket, "$KV." + bucket + "." + node_id, config_.bus_timeout,
+      guarded([this, node_id](Result<std::optional<bus::StreamMessage>> last) {
+        auto& w = node_writes_[node_id];
+        auto& cached = ledgers_[node_id];
+        w.busy = false;
+        if (!last) {
+          spdlog::warn("cannot read the capacity ledger of {}: {}", node_id, last.error().message);
+          std::vector<std::pair<std::function<void(HoldOutcome)>, HoldOutcome>> replies;
+          for (auto& h : w.queued) {
+            if (!h.remove) replies.emplace_back(std::move(h.done), HoldOutcome::kError);
+          }
+          w.queued.clear();
+          apply_holds(node_id);
+          for (auto& [fn, outcome] : replies) {
+            if (fn) fn(outcome);
+          }
+          return;
+        }
+        if (!last->has_value()) {
+          cached.ledger.Clear();
+          cached.revision = 0;
+          cached.last_seq = 0;
+        } else if ((*last)->stream_sequence > cached.last_seq) {
+          cached.last_seq = (*last)->stream_sequence;
+          cvm::v1::CapacityLedger l;
+          if (is_kv_delete((*last)->message) || !l.ParseFromString((*last)->message.data)) {
+            // Deleted (a lost node's holds were dropped), or unreadable: start it afresh.
+            cached.ledger.Clear();
+            cached.revision = 0;
+          } else {
+            cached.ledger = std::move(l);
+            cached.revision = cached.last_seq;
+          }
+        }
+        flush_holds(node_id);
+      }));
 }
 
 void SchedulerService::apply_holds(const std::string& node_id) {
   const std::string id = ledger_reservation(node_id);
   index_.release(id);
-  auto it = ledgers_.find(node_id);
-  if (it == ledgers_.end()) return;
-  const Reservation total = held(it->second.ledger, clock_.now_unix_ms());
+  Reservation total;
+  if (auto it = ledgers_.find(node_id); it != ledgers_.end()) {
+    total = held(it->second.ledger, clock_.now_unix_ms());
+  }
+  // This replica's holds not yet written count too, so its own next decisions do not pick room
+  // already promised (at worst briefly twice, after the watch echoed a write: conservative).
+  if (auto it = node_writes_.find(node_id); it != node_writes_.end()) {
+    for (const auto* list : {&it->second.writing, &it->second.queued}) {
+      for (const auto& h : *list) {
+        if (h.remove) continue;
+        total.cpu_millicores += h.amount.cpu_millicores;
+        total.memory_bytes += h.amount.memory_bytes;
+        total.gpus += h.amount.gpus;
+      }
+    }
+  }
   if (total.cpu_millicores > 0 || total.memory_bytes > 0 || total.gpus > 0) {
     index_.reserve(id, node_id, total);
   }
@@ -783,7 +1148,8 @@ void SchedulerService::on_ledger(const std::optional<bus::KvEntry>& entry) {
   if (!entry) return;
   auto& cached = ledgers_[entry->key];
   // Our own writes update the cache before the watch echoes them; never go back to older state.
-  if (entry->revision <= cached.revision) return;
+  if (entry->revision <= cached.last_seq) return;
+  cached.last_seq = entry->revision;
   if (entry->op != bus::KvOp::kPut) {
     cached.ledger.Clear();
     cached.revision = 0;

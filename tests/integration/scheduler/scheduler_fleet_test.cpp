@@ -223,6 +223,138 @@ TEST_F(SchedulerFleet, RedeliveryAfterACrashFinishesOnTheRecordedNode) {
   EXPECT_EQ(f->node_id(), "n-1") << "binpack fills the node that already runs crash1";
 }
 
+// The pipelined scheduler sends the assignment and SCHEDULED together, after the record. A replica
+// that crashed after SCHEDULED was stored but before the assignment was must not leave the build
+// stranded: the redelivery finds the record before it looks at events and sends the assignment
+// (and no second SCHEDULED).
+TEST_F(SchedulerFleet, RedeliveryAfterScheduledWithoutAssignmentSendsTheAssignment) {
+  fleetsim::FleetConfig fleet;
+  fleet.nodes = 2;
+  fleet.profiles = {vm()};
+  fleet.prefix = "s";
+
+  auto req = request("crash2");
+  submit(req);
+  std::atomic<bool> got{false};
+  bus::ConsumerConfig cc;
+  cc.stream = std::string(wire::kStreamBuilds);
+  cc.durable = std::string(wire::kSchedulerDurable);
+  cc.filter_subject = std::string(wire::kBuildsSubmit);
+  cc.ack_wait = 30s;
+  cc.max_deliver = sched_config_.max_deliver;
+  auto placements = client_->ensure_kv(service::placements_bucket());
+  ASSERT_TRUE(placements.ok());
+  {
+    auto consumer = client_->pull_consume(cc, [&](bus::JsMessagePtr m) {
+      if (got.exchange(true)) return;
+      cvm::v1::PlacementRecord rec;
+      auto* a = rec.mutable_assignment();
+      *a->mutable_request() = req;
+      a->set_node_id("s-1");  // binpack on two empty equal nodes would pick s-0
+      a->set_cvm(true);
+      ASSERT_TRUE(placements->create("s-1.crash2", rec.SerializeAsString()).ok());
+      cvm::v1::BuildEvent e;
+      e.set_build_id("crash2");
+      e.set_workspace_id(req.workspace_id());
+      e.set_phase(cvm::v1::SCHEDULED);
+      e.set_node_id("s-1");
+      ASSERT_TRUE(client_
+                      ->js_publish(wire::build_events_subject("crash2"), e.SerializeAsString(),
+                                   "crash2.SCHEDULED")
+                      .ok());
+      (void)m->nak(500ms);  // the crash, before the assignment was stored
+    });
+    ASSERT_TRUE(consumer.ok());
+    ASSERT_TRUE(test::wait_until([&] { return got.load(); }, 10s));
+  }
+  ASSERT_TRUE(harness_->start_fleet(fleet).ok());
+  ASSERT_TRUE(harness_->start_broker().ok());
+  ASSERT_TRUE(harness_->start_schedulers(1, sched_config_).ok());
+  auto e = wait_phase("crash2", {cvm::v1::RUNNING, cvm::v1::FAILED});
+  ASSERT_TRUE(e.has_value()) << "the assignment never reached the node";
+  EXPECT_EQ(e->phase(), cvm::v1::RUNNING) << e->message();
+  EXPECT_EQ(e->node_id(), "s-1");
+  EXPECT_EQ(harness_->on_fleet([](auto& f) { return f.node_of_build("crash2"); }),
+            std::optional<std::string>("s-1"));
+  EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().finished_from_record; }), 1u);
+  EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().scheduled; }), 0u)
+      << "finishing from the record is not a new placement";
+}
+
+// A build submitted again after it was decided (another msg-id, so the stream keeps both) is
+// dropped: no second placement, no second SCHEDULED, and the first placement's capacity hold stays
+// (the duplicate's decision ran alongside the lookup and found the build's own hold).
+TEST_F(SchedulerFleet, ResubmittedBuildIsDroppedNotPlacedAgain) {
+  fleetsim::FleetConfig fleet;
+  fleet.nodes = 2;
+  fleet.profiles = {vm()};
+  fleet.prefix = "d";
+  fleet.launch_delay = 5ms;
+  start(fleet, 1);
+
+  auto req = request("dup1");
+  submit(req);
+  auto first = wait_phase("dup1", {cvm::v1::RUNNING, cvm::v1::FAILED});
+  ASSERT_TRUE(first.has_value());
+  ASSERT_EQ(first->phase(), cvm::v1::RUNNING) << first->message();
+
+  ASSERT_TRUE(client_
+                  ->js_publish(std::string(wire::kBuildsSubmit), req.SerializeAsString(),
+                               "dup1-resubmitted")
+                  .ok());
+  ASSERT_TRUE(test::wait_until(
+      [&] { return harness_->on_scheduler(0, [](auto& s) { return s.counts().duplicates; }) >= 1; },
+      10s))
+      << "the resubmission was never handled";
+  EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().scheduled; }), 1u);
+  const auto stats = harness_->on_fleet([](auto& f) { return f.stats(); });
+  EXPECT_EQ(stats.assignments, 1u);
+  EXPECT_EQ(stats.launched, 1u);
+  EXPECT_EQ(stats.duplicate_launches, 0u);
+  auto last = last_event("dup1");
+  ASSERT_TRUE(last.has_value());
+  EXPECT_EQ(last->phase(), cvm::v1::RUNNING) << "nothing was published after RUNNING";
+
+  // The hold written for the first delivery is still in the node's ledger.
+  auto capacity = client_->ensure_kv(service::capacity_bucket());
+  ASSERT_TRUE(capacity.ok());
+  auto ledger = capacity->get(first->node_id());
+  ASSERT_TRUE(ledger.ok() && ledger->has_value());
+  cvm::v1::CapacityLedger l;
+  ASSERT_TRUE(l.ParseFromString((*ledger)->value));
+  ASSERT_EQ(l.holds_size(), 1);
+  EXPECT_EQ(l.holds(0).build_id(), "dup1");
+}
+
+// Many requests in flight on one replica, all fitting on one node only with bin-packing: the
+// holds queued for that node are written together (group commit) and never exceed its room.
+TEST_F(SchedulerFleet, PipelinedHoldsOnOneNodeNeverExceedItsRoom) {
+  fleetsim::FleetConfig fleet;
+  fleet.nodes = 3;
+  fleet.profiles = {vm(8000, 16 * kGiB)};  // 8 builds of 1 CPU each per node
+  fleet.prefix = "g";
+  // No node reports what it runs during the test (no launch, no periodic heartbeat), so the
+  // room is exactly what the holds leave.
+  fleet.launch_delay = 60s;
+  fleet.heartbeat_interval = 60s;
+  start(fleet, 1);
+
+  fleetsim::LoadConfig load;
+  load.nats_url = nats_.url();
+  load.requests = 40;  // room for 24
+  load.prefix = "g";
+  load.cpu_millicores = 1000;
+  load.memory_bytes = kGiB;
+  auto report = fleetsim::run_load(load);  // no rate, no window: all at once
+  ASSERT_TRUE(report.ok()) << report.error().message;
+  EXPECT_EQ(report->undecided, 0);
+  EXPECT_EQ(report->scheduled, 24) << "every slot is used, none twice";
+  EXPECT_EQ(report->failed, 16);
+  const auto stats = harness_->on_fleet([](auto& f) { return f.stats(); });
+  EXPECT_EQ(stats.over_capacity, 0u);
+  EXPECT_EQ(stats.launched_twice, 0u);
+}
+
 // A node that stops heartbeating for the TTL is lost: the build assigned there but not running is
 // placed again on another node, the running workspace gets LOST / NODE_LOST, its GPU lease is
 // released, and the schedulers' holds on the node are dropped.

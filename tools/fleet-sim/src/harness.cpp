@@ -26,9 +26,11 @@ Status Harness::start_broker() {
 
 Status Harness::start_fleet(const FleetConfig& config) {
   fleet_ = std::make_unique<Hosted<Fleet>>();
-  return host(*fleet_, "fleet-sim", [&](auto& hosted) {
-    return std::make_unique<Fleet>(hosted.io, hosted.conn, clock_, config);
-  });
+  // Thousands of per-node subscriptions: a shared pool of delivery threads, not one each.
+  return host(
+      *fleet_, "fleet-sim",
+      [&](auto& hosted) { return std::make_unique<Fleet>(hosted.io, hosted.conn, clock_, config); },
+      /*shared_delivery=*/true);
 }
 
 void Harness::stop_scheduler(size_t i) { unhost(*schedulers_.at(i)); }

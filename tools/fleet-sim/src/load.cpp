@@ -1,9 +1,12 @@
 #include "cvm/fleetsim/load.h"
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
@@ -25,7 +28,11 @@ using Steady = std::chrono::steady_clock;
 // An io_context on its own thread, for the connections the load side owns.
 class IoThread {
  public:
-  IoThread() : guard_(boost::asio::make_work_guard(io_)), thread_([this] { io_.run(); }) {}
+  explicit IoThread(const char* name)
+      : guard_(boost::asio::make_work_guard(io_)), thread_([this, name] {
+          pthread_setname_np(pthread_self(), name);
+          io_.run();
+        }) {}
   ~IoThread() {
     guard_.reset();
     io_.stop();
@@ -60,8 +67,8 @@ Percentiles percentiles(std::vector<double> micros) {
 }
 
 Result<Percentiles> measure_request_reply(const std::string& nats_url, int samples) {
-  IoThread responder_io;
-  IoThread client_io;
+  IoThread responder_io("rtt-echo");
+  IoThread client_io("rtt-client");
   auto responder = bus::Connection::connect({.url = nats_url, .name = "rtt-echo"},
                                             responder_io.io().get_executor());
   if (!responder) return responder.error();
@@ -90,8 +97,8 @@ Result<Percentiles> measure_request_reply(const std::string& nats_url, int sampl
 }
 
 Result<LoadReport> run_load(const LoadConfig& config) {
-  IoThread events_io;
-  IoThread submit_io;
+  IoThread events_io("load-events");
+  IoThread submit_io("load-submit");
   auto events_conn = bus::Connection::connect({.url = config.nats_url, .name = "load-events"},
                                               events_io.io().get_executor());
   if (!events_conn) return events_conn.error();
@@ -108,6 +115,8 @@ Result<LoadReport> run_load(const LoadConfig& config) {
   LoadReport report;
   Steady::time_point last_decision{};
   const std::string prefix = config.prefix + "-b";
+  int acked = 0;
+  std::optional<Error> submit_error;
 
   // Core subscription: the first SCHEDULED or FAILED of each build decides it.
   auto sub =
@@ -169,11 +178,25 @@ Result<LoadReport> run_load(const LoadConfig& config) {
       std::lock_guard lock(mu);
       submitted_at[r.build_id()] = Steady::now();
     }
-    auto pub =
-        (*submit_conn)
-            ->js_publish(std::string(wire::kBuildsSubmit), r.SerializeAsString(), r.build_id());
-    if (!pub) return pub.error();
+    // Asynchronous, as many clients submitting at once would: a blocking publish would cap the
+    // offered rate at one per round trip and make the load generator the bottleneck.
+    bus::AsyncPublish opts;
+    opts.msg_id = r.build_id();
+    (*submit_conn)
+        ->js_publish_async(std::string(wire::kBuildsSubmit), r.SerializeAsString(), opts,
+                           [&](Result<bus::PubAck> ack) {
+                             std::lock_guard lock(mu);
+                             ++acked;
+                             if (!ack && !submit_error) submit_error = ack.error();
+                             cv.notify_all();
+                           });
     ++report.submitted;
+  }
+  {
+    std::unique_lock lock(mu);
+    report.submit_seconds = std::chrono::duration<double>(Steady::now() - start).count();
+    cv.wait_for(lock, config.timeout, [&] { return acked >= report.submitted; });
+    if (submit_error) return *submit_error;
   }
   {
     std::unique_lock lock(mu);
@@ -197,7 +220,7 @@ Result<EventAudit> audit_events(const std::string& nats_url,
                                 const std::vector<std::string>& build_ids,
                                 std::chrono::milliseconds quiet,
                                 std::chrono::milliseconds timeout) {
-  IoThread io;
+  IoThread io("audit");
   auto conn =
       bus::Connection::connect({.url = nats_url, .name = "event-audit"}, io.io().get_executor());
   if (!conn) return conn.error();
@@ -218,7 +241,7 @@ Result<EventAudit> audit_events(const std::string& nats_url,
       [&](bus::JsMessagePtr m) {
         cvm::v1::BuildEvent e;
         const bool ok = e.ParseFromArray(m->data().data(), static_cast<int>(m->data().size()));
-        (void)m->ack();
+        (void)m->ack_async();
         std::lock_guard lock(mu);
         ++audit.events;
         last_event = Steady::now();

@@ -146,6 +146,9 @@ int main(int argc, char** argv) {
   }
   std::printf("throughput: %.0f decisions/s, %.0f placements/s\n", report->decisions_per_s,
               report->scheduled_per_s);
+  std::printf("offered: %d submitted in %.3f s (%.0f/s)\n", report->submitted,
+              report->submit_seconds,
+              report->submit_seconds > 0 ? report->submitted / report->submit_seconds : 0.0);
   print_percentiles("submit->SCHEDULED", report->submit_to_scheduled);
   print_percentiles("raw request-reply (before)", *rtt);
   if (rtt_after) print_percentiles("raw request-reply (after)", *rtt_after);

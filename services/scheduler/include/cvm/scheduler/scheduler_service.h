@@ -9,9 +9,21 @@
 //
 // The record is written before the assignment, so a request redelivered after a crash anywhere in
 // that chain finds it and finishes on the same node instead of deciding again.
+//
+// Pipelined: up to max_in_flight requests move through that chain at once, each step an
+// asynchronous bus call whose completion comes back to the executor. The decision and the
+// in-memory view of the holds stay on the one thread; the duplicate lookup runs alongside the
+// first capacity hold; holds on one node are written one compare-and-set at a time, each write
+// carrying every hold queued for the node meanwhile (a group commit: bin-packing sends many
+// requests to the same node), and the holds not yet written already count in the index so the
+// next decisions do not pick room that is promised. The assignment and SCHEDULED go out together
+// after the record; a redelivery finds the record before looking for events, so a crash between
+// the two still ends with both sent.
 
 #include <chrono>
 #include <cstdint>
+#include <deque>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -51,6 +63,9 @@ struct SchedulerConfig {
   int max_deliver = 20;
   uint32_t max_candidates = 3;
   int cas_attempts = 4;  // compare-and-set tries on one node before moving to the next candidate
+  // Requests being placed at once by this replica (fetched ones beyond it wait in memory).
+  size_t max_in_flight = 256;
+  std::chrono::milliseconds bus_timeout{5000};  // for each asynchronous JetStream step
   Sampling sampling = Sampling::kNone;
   uint32_t sample_percent = 100;
 };
@@ -75,20 +90,42 @@ class SchedulerService {
     uint64_t placed_again = 0;
     uint64_t nodes_lost = 0;
     uint64_t finished_from_record = 0;
+    uint64_t duplicates = 0;  // requests of builds decided already, dropped
   };
   [[nodiscard]] const Counts& counts() const { return counts_; }
   [[nodiscard]] size_t nodes() const { return index_.size(); }
 
  private:
   struct Meters;
+  struct Placement;  // one request on its way through the pipeline (scheduler_service.cpp)
+  using PlacementPtr = std::shared_ptr<Placement>;
   struct CachedLedger {
     cvm::v1::CapacityLedger ledger;
     uint64_t revision = 0;  // 0: no key (create it)
+    uint64_t last_seq = 0;  // the key's last revision, delete markers included (what a CAS expects)
   };
-  enum class HoldOutcome : uint8_t { kHeld, kNoRoom, kError };
+  // kAlreadyHeld: the build held room there already (a previous delivery's hold, not ours to drop
+  // when this one turns out to be a duplicate).
+  enum class HoldOutcome : uint8_t { kHeld, kAlreadyHeld, kNoRoom, kError };
+  // A hold to add to (or, with remove, drop from) one node's ledger.
+  struct PendingHold {
+    std::string build_id;
+    Reservation amount;
+    bool remove = false;
+    int attempts = 0;
+    std::function<void(HoldOutcome)> done;  // may be empty (removals)
+  };
+  // This replica's writes to one node's ledger: one compare-and-set in flight at a time.
+  struct NodeWrites {
+    bool busy = false;                 // a write or a re-read of the ledger is in flight
+    std::vector<PendingHold> writing;  // in the write in flight
+    std::vector<PendingHold> queued;   // for the next write
+  };
 
   void on_build(const bus::JsMessagePtr& msg);
-  void handle_start(const cvm::v1::BuildRequest& req, const bus::JsMessagePtr& msg);
+  void handle_build(const bus::JsMessagePtr& msg);
+  void pump();
+  void handle_redelivered_start(const cvm::v1::BuildRequest& req, const bus::JsMessagePtr& msg);
   void handle_place_again(const cvm::v1::BuildRequest& req, const std::string& lost_node,
                           const bus::JsMessagePtr& msg);
   void handle_node_lost(const bus::JsMessagePtr& msg);
@@ -96,8 +133,26 @@ class SchedulerService {
 
   // Places on the first candidate whose capacity hold, GPUs and record all succeed; publishes the
   // assignment and SCHEDULED. `lost_node` is set when placing again after a node was lost.
+  // Asynchronous from here on: the request's in-flight slot is freed by done().
   void place_and_dispatch(const cvm::v1::BuildRequest& req, const bus::JsMessagePtr& msg,
-                          const std::string& lost_node);
+                          const std::string& lost_node, bool check_duplicate = false);
+  void decide(const PlacementPtr& p);
+  void when_looked_up(const PlacementPtr& p, std::function<void()> fn);
+  void try_candidate(const PlacementPtr& p);
+  void on_held(const PlacementPtr& p, const std::string& node_id, HoldOutcome outcome);
+  void reserve_gpus(const PlacementPtr& p);
+  void write_record(const PlacementPtr& p);
+  void dispatch(const PlacementPtr& p);
+  void fail_placement(const PlacementPtr& p, cvm::v1::Reason reason, const std::string& message);
+  void drop_duplicate(const PlacementPtr& p);
+  void done(const PlacementPtr& p);
+  void publish_assignment_async(const cvm::v1::NodeAssignment& a, bool placed_again,
+                                std::function<void(Status)> then);
+  void publish_scheduled_async(const cvm::v1::NodeAssignment& a, const std::string& lost_node,
+                               std::function<void(Status)> then);
+  // Wraps an asynchronous completion so that it does nothing once the service is gone.
+  template <class Fn>
+  auto guarded(Fn fn);
   // Publishes the recorded assignment again (deduplicated) and its SCHEDULED event, then acks.
   void finish_recorded(const cvm::v1::PlacementRecord& record, const bus::JsMessagePtr& msg);
   Status publish_assignment(const cvm::v1::NodeAssignment& a, bool placed_again);
@@ -112,9 +167,13 @@ class SchedulerService {
   // The newest placement record of the build on any node.
   Result<std::optional<cvm::v1::PlacementRecord>> find_record(const std::string& build_id);
 
-  HoldOutcome hold_capacity(const std::string& node_id, const std::string& build_id,
-                            const Reservation& amount);
+  // Capacity holds, compare-and-set on KV cvm_capacity through the node's write queue.
+  void request_hold(const std::string& node_id, PendingHold hold);
   void drop_hold(const std::string& node_id, const std::string& build_id);
+  void flush_holds(const std::string& node_id);
+  void on_holds_written(const std::string& node_id, cvm::v1::CapacityLedger written,
+                        const Result<uint64_t>& revision);
+  void reread_ledger(const std::string& node_id);
   void apply_holds(const std::string& node_id);
   void release_gpus(const std::string& workspace_id, const std::string& lease_id);
 
@@ -134,7 +193,13 @@ class SchedulerService {
 
   NodeIndex index_;
   LivenessTracker liveness_;
-  std::unordered_map<std::string, CachedLedger> ledgers_;  // by node id
+  std::unordered_map<std::string, CachedLedger> ledgers_;    // by node id
+  std::unordered_map<std::string, NodeWrites> node_writes_;  // by node id
+  size_t in_flight_ = 0;
+  bool went_async_ = false;                // handle_build handed the request to the pipeline
+  std::deque<bus::JsMessagePtr> waiting_;  // fetched beyond max_in_flight
+  bool pump_posted_ = false;
+  std::shared_ptr<int> alive_ = std::make_shared<int>(0);
   // GPU leases seen in cvm_gpu_leases, by node, so a lost node's leases can be released.
   std::unordered_map<std::string, std::vector<cvm::v1::GpuLease>> leases_;
   std::optional<cvm::v1::InfrastructureSettings> settings_;

@@ -57,7 +57,8 @@ class Harness {
 
  private:
   template <class Service, class Make>
-  Status host(Hosted<Service>& h, const std::string& name, Make&& make);
+  Status host(Hosted<Service>& h, const std::string& name, Make&& make,
+              bool shared_delivery = false);
   template <class Service>
   void unhost(Hosted<Service>& h);
   template <class Service, class Fn>

@@ -42,6 +42,7 @@ struct LoadReport {
   int undecided = 0;  // neither within the timeout
   std::map<std::string, int> failure_reasons;
   double seconds = 0;          // first submit to last decision
+  double submit_seconds = 0;   // first submit to last submit (the offered rate actually reached)
   double decisions_per_s = 0;  // (scheduled + failed) / seconds
   double scheduled_per_s = 0;
   Percentiles submit_to_scheduled;
