@@ -36,9 +36,12 @@ Status Harness::start_fleet(const FleetConfig& config) {
 void Harness::stop_scheduler(size_t i) { unhost(*schedulers_.at(i)); }
 
 void Harness::stop_all() {
+  // The fleet first: once its heartbeats stop, no message is in flight to the services' watches
+  // while their subscriptions are destroyed (cnats 3.4.1 can race a message being dispatched
+  // against its subscription's destruction, nats.c#637, fixed upstream in 3.6).
+  if (fleet_) unhost(*fleet_);
   for (auto& s : schedulers_) unhost(*s);
   if (broker_) unhost(*broker_);
-  if (fleet_) unhost(*fleet_);
 }
 
 }  // namespace cvm::fleetsim
