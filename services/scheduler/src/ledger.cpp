@@ -1,20 +1,29 @@
 #include "cvm/scheduler/ledger.h"
 
 #include <algorithm>
+#include <limits>
 
 namespace cvm::scheduler {
 
 namespace {
 bool in_force(const cvm::v1::CapacityHold& h, int64_t now) { return h.expires_unix_ms() > now; }
+
+// Ledgers come from KV, which any replica (or a corrupt write) may have filled: a hold near 2^64
+// must read as "full", never wrap around into "room" (found by fuzz_capacity_ledger).
+template <class T>
+T saturating_add(T a, T b) {
+  T out{};
+  return __builtin_add_overflow(a, b, &out) ? std::numeric_limits<T>::max() : out;
+}
 }  // namespace
 
 Reservation held(const cvm::v1::CapacityLedger& ledger, int64_t now_unix_ms) {
   Reservation r;
   for (const auto& h : ledger.holds()) {
     if (!in_force(h, now_unix_ms)) continue;
-    r.cpu_millicores += h.cpu_millicores();
-    r.memory_bytes += h.memory_bytes();
-    r.gpus += h.gpus();
+    r.cpu_millicores = saturating_add<uint64_t>(r.cpu_millicores, h.cpu_millicores());
+    r.memory_bytes = saturating_add<uint64_t>(r.memory_bytes, h.memory_bytes());
+    r.gpus = saturating_add<uint32_t>(r.gpus, h.gpus());
   }
   return r;
 }
@@ -45,13 +54,14 @@ HoldResult add_hold(cvm::v1::CapacityLedger& ledger, const NodeRecord& node,
   }
   const Reservation others = held(ledger, now_unix_ms);
   // Compare by adding, never subtracting, so a node already over its capacity (an agent that
-  // reports more than it has) cannot wrap around into "lots of room".
-  const bool cpu_fits =
-      node.allocated_cpu_millicores + others.cpu_millicores + hold.cpu_millicores() <=
-      node.capacity_cpu_millicores;
-  const bool memory_fits =
-      node.allocated_memory_bytes + others.memory_bytes + hold.memory_bytes() <=
-      node.capacity_memory_bytes;
+  // reports more than it has) cannot wrap around into "lots of room"; the sums saturate.
+  const auto sum = [](uint64_t a, uint64_t b, uint64_t c) {
+    return saturating_add(saturating_add(a, b), c);
+  };
+  const bool cpu_fits = sum(node.allocated_cpu_millicores, others.cpu_millicores,
+                            hold.cpu_millicores()) <= node.capacity_cpu_millicores;
+  const bool memory_fits = sum(node.allocated_memory_bytes, others.memory_bytes,
+                               hold.memory_bytes()) <= node.capacity_memory_bytes;
   if (!cpu_fits || !memory_fits) return HoldResult::kNoRoom;
   *ledger.add_holds() = hold;
   return HoldResult::kAdded;

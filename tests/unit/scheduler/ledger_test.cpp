@@ -123,6 +123,24 @@ TEST(Ledger, HugeRequestDoesNotOverflow) {
             HoldResult::kNoRoom);
 }
 
+TEST(Ledger, CorruptHoldsNearTwoToThe64DoNotWrapIntoRoom) {
+  // A ledger read from KV with a hold of 2^64 - 1000 (a corrupt or hostile write): summed with
+  // the node's allocation it used to wrap to a small number and admit the next hold
+  // (fuzz/findings/capacity_ledger_wrap*).
+  cvm::v1::CapacityLedger l;
+  *l.add_holds() = hold("huge", UINT64_MAX - 1000, UINT64_MAX - 1000);
+  EXPECT_EQ(held(l, kNow).cpu_millicores, UINT64_MAX - 1000);
+  EXPECT_EQ(add_hold(l, node(8000, 16 * kGiB, 1000, kGiB), hold("a", 2000, kGiB), kNow),
+            HoldResult::kNoRoom);
+  *l.add_holds() = hold("huge2", UINT64_MAX - 1000, 1);
+  EXPECT_EQ(held(l, kNow).cpu_millicores, UINT64_MAX) << "the sum saturates";
+  cvm::v1::CapacityLedger empty;
+  EXPECT_EQ(
+      add_hold(empty, node(8000, 16 * kGiB, 1000, kGiB), hold("b", 1, UINT64_MAX - 100), kNow),
+      HoldResult::kNoRoom)
+      << "the new hold itself near 2^64";
+}
+
 TEST(Ledger, RemoveHold) {
   cvm::v1::CapacityLedger l;
   *l.add_holds() = hold("a", 1, 1);
