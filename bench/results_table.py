@@ -155,6 +155,11 @@ m = re.search(r"scheduler VmRSS: (\d+) MiB with no nodes \(baseline\), (\d+) MiB
 sched_rss = f"{m.group(1)} MiB with no nodes → {m.group(2)} MiB with {int(m.group(3)):,} nodes" if m else "n/a"
 agent_idle = num(launch, r"^agent RSS idle after the launches\s+([\d.]+) MiB")
 
+phases = []
+for a, b in (("SCHEDULED", "PREPARING"), ("PREPARING", "STARTING"), ("STARTING", "RUNNING")):
+    p50, p99 = pct(e2e, f"  {a}->{b}")
+    phases.append(f"{a}→{b} p50 {us(p50)}, p99 {us(p99)}")
+
 fleet_line = re.search(r"^fleet: .*$", sim, re.M)
 audit_line = re.search(r"^audit: .*$", sim, re.M)
 failures = ""
@@ -196,6 +201,10 @@ print(f"""
 - Scheduler with the fleet simulator's nodes registered (`bench/scheduler_rss.sh`): {sched_rss}.
 - Node agent idle after launches (`agent_launch_bench`): {mib(agent_idle)}.
 
+Where submit→RUNNING goes (e2e, one at a time, between the phase events): {"; ".join(phases)}.
+PREPARING→STARTING is the image unpacked onto the workspace's ID range; STARTING→RUNNING the
+supervising container and the inner one.
+
 ## Invariants reported by the runs
 
 - fleet-sim: {fleet_line.group(0) if fleet_line else 'n/a'}
@@ -212,9 +221,11 @@ print("""## How each figure is measured
 - submit→SCHEDULED / RUNNING (`bench/e2e_latency_bench`): nats-server, cvm-scheduler,
   cvm-gpu-broker and one cvm-node-agent as real processes; each build is published to
   CVM_BUILDS as cvmctl does (Nats-Msg-Id = build id) and timed from just before the publish to
-  the event's arrival on `cvm.v1.builds.*.events`. One build at a time (then DELETE), then a burst.
-  Each RUNNING is a CVM: the image unpacked onto the workspace's ID range, a supervising container
-  that starts the inner one, so it is compared with one bare `runc run`.
+  the event's arrival on `cvm.v1.builds.*.events`. One build at a time with cvmctl's default
+  resources (1 CPU, 512 MiB; then DELETE), then a burst of 4 at 300m each. The scheduler runs with
+  `--reservation-hold 2` so that holds of deleted builds do not fill this two-CPU node (the default
+  30 s is for fleets). Each RUNNING is a CVM: the image unpacked onto the workspace's ID range, a
+  supervising container that starts the inner one, so it is compared with one bare `runc run`.
 - Placements/s (`cvm-fleet-sim`): 5,000 simulated nodes, one in-process scheduler replica and the
   broker, a closed loop of at most 100 undecided requests (so its latencies include queueing
   behind up to 99 others; the idle latency is the e2e row).

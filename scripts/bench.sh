@@ -26,7 +26,7 @@ if ((quick)); then
   rtt_samples=500 runc_runs=5 e2e_builds=5 e2e_burst=4 sim_requests=3000 launch_iterations=3
   gbench_min_time=0.05
 else
-  rtt_samples=5000 runc_runs=50 e2e_builds=50 e2e_burst=10 sim_requests=20000 launch_iterations=10
+  rtt_samples=5000 runc_runs=50 e2e_builds=50 e2e_burst=4 sim_requests=20000 launch_iterations=10
   gbench_min_time=0.5
 fi
 sim_nodes=5000
