@@ -114,6 +114,13 @@ row("agent launch: assignment→RUNNING median", us(agent_ms * 1000 if agent_ms 
     "raw `runc run` of the same two bundles", us(raw_ms * 1000 if raw_ms else None),
     ratio(agent_ms, raw_ms))
 
+cache_ms = num(launch, r"^caching on: agent assignment->RUNNING\s+median\s+([\d.]+) ms")
+cache_raw_ms = num(launch, r"^caching on: raw runc, same bundles\s+median\s+([\d.]+) ms")
+if cache_ms is not None or cache_raw_ms is not None:
+    row("agent launch with Caching on: assignment→RUNNING median", us(cache_ms * 1000 if cache_ms else None),
+        "raw `runc run` of the same bundles", us(cache_raw_ms * 1000 if cache_raw_ms else None),
+        ratio(cache_ms, cache_raw_ms))
+
 broker = gbench(read("broker_roundtrip"))
 rt = next(iter(broker.values()), {})
 row("GPU reserve round trip p50", us(rt.get("reserve_p50_us")), "raw request-reply p50 (same loop)",
@@ -202,8 +209,8 @@ print(f"""
 - Node agent idle after launches (`agent_launch_bench`): {mib(agent_idle)}.
 
 Where submit→RUNNING goes (e2e, one at a time, between the phase events): {"; ".join(phases)}.
-PREPARING→STARTING is the image unpacked onto the workspace's ID range; STARTING→RUNNING the
-supervising container and the inner one.
+What the agent does in each phase (image preparation, the supervising and inner containers) is
+described in services/node-agent/README.md.
 
 ## Invariants reported by the runs
 
