@@ -25,6 +25,10 @@ std::string validate_build_request(const cvm::v1::BuildRequest& r) {
   if (!cvm::v1::GpuVendor_IsValid(gpu.vendor())) return "gpu vendor is not a known value";
   if (gpu.count() > 64) return "at most 64 GPUs can be requested";
   if (r.resources().cpu_millicores() > 1'000'000) return "cpu_millicores is out of range";
+  // 1 PiB: far above any node, far below where sums of a few requests could wrap a uint64_t.
+  constexpr uint64_t kMaxBytes = 1ULL << 50;
+  if (r.resources().memory_bytes() > kMaxBytes) return "memory_bytes is out of range (max 1 PiB)";
+  if (gpu.min_memory_bytes() > kMaxBytes) return "gpu min_memory_bytes is out of range (max 1 PiB)";
   return {};
 }
 

@@ -79,6 +79,17 @@ TEST(Validate, OutOfRangeValuesAreRejected) {
   r = good();
   r.set_image(std::string(1025, 'x'));
   EXPECT_NE(validate_build_request(r), "");
+  r = good();
+  r.mutable_resources()->set_cpu_millicores(1'000'001);
+  EXPECT_EQ(validate_build_request(r), "cpu_millicores is out of range");
+  r = good();
+  r.mutable_resources()->set_memory_bytes((1ULL << 50) + 1);
+  EXPECT_EQ(validate_build_request(r), "memory_bytes is out of range (max 1 PiB)");
+  r.mutable_resources()->set_memory_bytes(1ULL << 50);
+  EXPECT_EQ(validate_build_request(r), "");
+  r = good();
+  r.mutable_resources()->mutable_gpu()->set_min_memory_bytes(UINT64_MAX);
+  EXPECT_EQ(validate_build_request(r), "gpu min_memory_bytes is out of range (max 1 PiB)");
 }
 
 TEST(Validate, AnEmptyPayloadParsesButLacksEverything) {
