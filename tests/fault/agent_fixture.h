@@ -1,0 +1,143 @@
+#pragma once
+// A real cvm-node-agent ("n1", real runc containers, its own state directory and runc root) under
+// the real scheduler and broker, with a simulated second node that joins on demand.
+
+#include <signal.h>
+
+#include <filesystem>
+#include <sstream>
+
+#include "cvm/base/clock.h"
+#include "cvm/fleetsim/harness.h"
+#include "cvm/test/build_events.h"
+#include "cvm/v1/node.pb.h"
+#include "fault_fixture.h"
+
+namespace cvm::fault {
+
+namespace fs = std::filesystem;
+
+class AgentFault : public FaultTest {
+ protected:
+  static void SetUpTestSuite() {
+    image_dir_ = new std::string(fs::temp_directory_path() /
+                                 ("cvm-fault-image-" + std::to_string(getpid())));
+    auto r = test::run_command({CVM_BUILD_IMAGE_SCRIPT, *image_dir_, "latest"}, 120s);
+    image_error_ = new std::string(r.exit_code == 0 ? "" : r.output);
+  }
+  static void TearDownTestSuite() {
+    std::error_code ec;
+    fs::remove_all(*image_dir_, ec);
+    delete image_dir_;
+    delete image_error_;
+  }
+
+  void SetUp() override {
+    if (geteuid() != 0) GTEST_SKIP() << "needs root to run containers";
+    if (test::run_command({"runc", "--version"}).exit_code != 0) GTEST_SKIP() << "no runc";
+    ASSERT_TRUE(image_error_->empty()) << *image_error_;
+    FaultTest::SetUp();
+    fs::permissions(work_, fs::perms(0755));
+    ASSERT_TRUE(nats_.start().ok());
+    connect_client(nats_.url());
+    ASSERT_TRUE(service::ensure_streams(*client_).ok());
+  }
+
+  void TearDown() override {
+    harness_.reset();
+    if (agent_ != nullptr && agent_->pid() > 0) ::kill(agent_->pid(), SIGCONT);
+    processes_.clear();
+    agent_ = nullptr;
+    auto list = test::run_command({"runc", "--root", runc_root(), "list", "-q"});
+    std::istringstream ids(list.output);
+    for (std::string id; std::getline(ids, id);) {
+      if (!id.empty()) test::run_command({"runc", "--root", runc_root(), "delete", "-f", id});
+    }
+    FaultTest::TearDown();
+  }
+
+  std::string runc_root() const { return work_ + "/runc"; }
+  std::string state_dir() const { return work_ + "/agent"; }
+  AgentHost host() const { return {"n1", runc_root(), state_dir()}; }
+
+  void start_agent() {
+    agent_ =
+        &spawn("agent", {CVM_AGENT_BIN, "--nats-url", nats_.url(), "--node-id", "n1", "--state-dir",
+                         state_dir(), "--runc-root", runc_root(), "--metrics-listen", "off",
+                         "--heartbeat-interval", "1", "--stop-grace", "2"});
+  }
+  static int64_t now_ms() {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(
+               std::chrono::system_clock::now().time_since_epoch())
+        .count();
+  }
+  // Until the agent started last has registered (its NodeStatus carries a later start time).
+  bool wait_agent_ready(int64_t since_ms) {
+    auto nodes = client_->ensure_kv(service::nodes_bucket());
+    if (!nodes.ok()) return false;
+    return test::wait_until(
+        [&] {
+          auto e = nodes->get("n1");
+          cvm::v1::NodeStatus st;
+          return e.ok() && e->has_value() && st.ParseFromString((*e)->value) &&
+                 st.started_unix_ms() >= since_ms;
+        },
+        60s);
+  }
+
+  cvm::v1::BuildRequest agent_request(const std::string& build) {
+    auto r = request(build, 500, 128 * kMiB);
+    r.set_image("oci:" + *image_dir_ + ":latest");
+    return r;
+  }
+
+  std::optional<cvm::v1::BuildEvent> wait_phase(const std::string& build,
+                                                std::initializer_list<cvm::v1::Phase> phases,
+                                                std::chrono::milliseconds timeout) {
+    return test::wait_build_phase(*client_, build, phases, timeout);
+  }
+
+  // A simulated node that comes up only now, so the scheduler could not have chosen it before.
+  void start_other_node() {
+    harness_ = std::make_unique<fleetsim::Harness>(nats_.url(), clock_);
+    fleetsim::FleetConfig fleet;
+    fleet.nodes = 1;
+    fleet.prefix = "other";
+    fleet.heartbeat_interval = 500ms;
+    fleet.profiles = {{.name = "vm", .cpu_millicores = 16'000, .memory_bytes = 32 * kGiB}};
+    ASSERT_TRUE(harness_->start_fleet(fleet).ok());
+  }
+
+  std::vector<std::string> containers() {
+    auto r = test::run_command({"runc", "--root", runc_root(), "list", "-q"});
+    std::vector<std::string> out;
+    std::istringstream in(r.output);
+    for (std::string id; std::getline(in, id);) {
+      if (!id.empty()) out.push_back(id);
+    }
+    return out;
+  }
+
+  // Every value KV cvm_workspaces held for the workspace, oldest first.
+  std::vector<cvm::v1::WorkspaceRecord> record_history(const std::string& ws) {
+    std::vector<cvm::v1::WorkspaceRecord> out;
+    auto kv = client_->ensure_kv(service::workspaces_bucket());
+    if (!kv.ok()) return out;
+    auto h = kv->history(ws);
+    if (!h.ok()) return out;
+    for (const auto& e : *h) {
+      cvm::v1::WorkspaceRecord r;
+      if (e.op == bus::KvOp::kPut && r.ParseFromString(e.value)) out.push_back(r);
+    }
+    return out;
+  }
+
+  static inline std::string* image_dir_ = nullptr;
+  static inline std::string* image_error_ = nullptr;
+  test::NatsServer nats_;
+  SystemClock clock_;
+  std::unique_ptr<fleetsim::Harness> harness_;
+  test::ChildProcess* agent_ = nullptr;
+};
+
+}  // namespace cvm::fault
