@@ -23,11 +23,23 @@ class AgentFault : public FaultTest {
     image_dir_ = new std::string(fs::temp_directory_path() /
                                  ("cvm-fault-image-" + std::to_string(getpid())));
     auto r = test::run_command({CVM_BUILD_IMAGE_SCRIPT, *image_dir_, "latest"}, 120s);
+    if (r.exit_code == 0) {
+      // "big": the default image plus 48 MiB of incompressible data, so that applying its layers
+      // takes long enough for a fault to land mid-launch (the default image unpacks in ms).
+      const std::string b = *image_dir_ + "-big";
+      r = test::run_command(
+          {"/bin/sh", "-c",
+           "set -e; umoci unpack --image " + *image_dir_ + ":latest " + b +
+               "; head -c 50331648 /dev/urandom > " + b + "/rootfs/big; umoci repack --image " +
+               *image_dir_ + ":big " + b + "; rm -rf " + b},
+          120s);
+    }
     image_error_ = new std::string(r.exit_code == 0 ? "" : r.output);
   }
   static void TearDownTestSuite() {
     std::error_code ec;
     fs::remove_all(*image_dir_, ec);
+    fs::remove_all(*image_dir_ + "-big", ec);
     delete image_dir_;
     delete image_error_;
   }
@@ -87,7 +99,7 @@ class AgentFault : public FaultTest {
 
   cvm::v1::BuildRequest agent_request(const std::string& build) {
     auto r = request(build, 500, 128 * kMiB);
-    r.set_image("oci:" + *image_dir_ + ":latest");
+    r.set_image("oci:" + *image_dir_ + ":big");  // slow to unpack: faults land mid-launch
     return r;
   }
 

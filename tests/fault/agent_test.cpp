@@ -6,21 +6,22 @@
 namespace cvm::fault {
 namespace {
 
-// 4a: kill -9 while PREPARING (the image is being unpacked into the bundle), restart at once.
+// 4a: kill -9 mid-launch (PREPARING or STARTING, while the big image is unpacked), restart at once.
 TEST_F(AgentFault, KillNineAgentMidLaunchThenRestart) {
   start_broker(nats_.url());
   start_scheduler(nats_.url());
   start_agent();
   ASSERT_TRUE(wait_agent_ready(0)) << logs();
   ASSERT_TRUE(submit(agent_request("a4")));
-  ASSERT_TRUE(wait_phase("a4", {cvm::v1::PREPARING}, 60s)) << logs();
+  // Mid-launch: preparing the bundle or applying the big image's layers while STARTING.
+  ASSERT_TRUE(wait_phase("a4", {cvm::v1::PREPARING, cvm::v1::STARTING}, 60s)) << logs();
   agent_->kill9();
   const int64_t restarted = now_ms();
   start_agent();
   ASSERT_TRUE(wait_agent_ready(restarted)) << logs();
   auto end = wait_phase("a4", {cvm::v1::RUNNING, cvm::v1::FAILED}, 90s);
   ASSERT_TRUE(end) << logs();
-  std::printf("kill -9 at PREPARING, restarted: the build ended %s on %s\n",
+  std::printf("kill -9 mid-launch, restarted: the build ended %s on %s\n",
               cvm::v1::Phase_Name(end->phase()).c_str(), end->node_id().c_str());
   if (end->phase() == cvm::v1::RUNNING) {
     EXPECT_EQ(containers(), std::vector<std::string>{"cvm-ws-a4"});

@@ -71,6 +71,18 @@ Result<std::vector<bus::StreamMessage>> read_all(bus::Connection& conn, const st
   return out;
 }
 
+// Calls `f` until it succeeds or 30 s pass: right after a fault (a server killed in a cluster)
+// JetStream API calls time out until the leaders are elected again.
+template <class F>
+auto retried(F f) -> decltype(f()) {
+  auto r = f();
+  for (int i = 0; !r && r.error().domain != ErrorDomain::kNotFound && i < 60; ++i) {
+    std::this_thread::sleep_for(500ms);
+    r = f();
+  }
+  return r;
+}
+
 uint64_t cpu_of(const cvm::v1::Resources& r) {
   return r.cpu_millicores() == 0 ? 1000 : r.cpu_millicores();
 }
@@ -197,12 +209,12 @@ Status check_capacity(bus::Connection& conn, const std::vector<bus::StreamMessag
   if (!work) return work.error();
   report.assignments = work->size();
   std::unordered_map<std::string, cvm::v1::Capacity> capacity;
-  auto nodes = conn.ensure_kv({.bucket = std::string(wire::kBucketNodes)});
+  auto nodes = retried([&] { return conn.ensure_kv({.bucket = std::string(wire::kBucketNodes)}); });
   if (!nodes) return nodes.error();
-  auto keys = nodes->keys();
+  auto keys = retried([&] { return nodes->keys(); });
   if (!keys) return keys.error();
   for (const auto& k : *keys) {
-    auto e = nodes->get(k);
+    auto e = retried([&] { return nodes->get(k); });
     cvm::v1::NodeStatus st;
     if (e && e->has_value() && st.ParseFromString((*e)->value)) capacity[k] = st.capacity();
   }
@@ -274,13 +286,15 @@ Status check_capacity(bus::Connection& conn, const std::vector<bus::StreamMessag
 // 4. No orphans: KV cvm_workspaces against the builds' events and the real agents' hosts.
 Status check_orphans(bus::Connection& conn, const LedgerOptions& o,
                      const std::vector<bus::StreamMessage>& events, LedgerReport& report) {
-  auto kv = conn.ensure_kv({.bucket = std::string(wire::kBucketWorkspaces), .history = 5});
+  auto kv = retried([&] {
+    return conn.ensure_kv({.bucket = std::string(wire::kBucketWorkspaces), .history = 5});
+  });
   if (!kv) return kv.error();
-  auto keys = kv->keys();
+  auto keys = retried([&] { return kv->keys(); });
   std::unordered_map<std::string, cvm::v1::WorkspaceRecord> records;
   if (keys) {
     for (const auto& k : *keys) {
-      auto e = kv->get(k);
+      auto e = retried([&] { return kv->get(k); });
       cvm::v1::WorkspaceRecord r;
       if (e && e->has_value() && r.ParseFromString((*e)->value)) records[k] = r;
     }
