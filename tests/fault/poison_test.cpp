@@ -1,0 +1,102 @@
+// Item 6: a poison message, one the scheduler cannot finish on any delivery (it needs a GPU and
+// no broker answers). It must stop after MaxDeliver (no hot loop: bounded deliveries and CPU), end
+// in a terminal event (the requester must hear), and leave a dead-letter record that can be
+// queried: a stream that stores the server's MAX_DELIVERIES advisory for CVM_BUILDS.
+#include <fstream>
+#include <sstream>
+
+#include "cvm/base/clock.h"
+#include "cvm/fleetsim/harness.h"
+#include "fault_fixture.h"
+
+namespace cvm::fault {
+namespace {
+
+// utime + stime of a process, in seconds.
+double cpu_seconds(pid_t pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const auto close = stat.rfind(')');
+  if (close == std::string::npos) return -1;
+  std::istringstream rest(stat.substr(close + 2));
+  std::string field;
+  double ticks = 0;
+  for (int i = 3; rest >> field; ++i) {
+    if (i == 14 || i == 15) ticks += std::stod(field);
+    if (i == 15) break;
+  }
+  return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+size_t count_lines(const std::string& path, const std::string& needle) {
+  std::ifstream f(path);
+  size_t n = 0;
+  for (std::string line; std::getline(f, line);) n += line.find(needle) != std::string::npos;
+  return n;
+}
+
+TEST_F(FaultTest, PoisonMessageStopsAtMaxDeliverAndIsDeadLettered) {
+  test::NatsServer nats;
+  ASSERT_TRUE(nats.start().ok());
+  connect_client(nats.url());
+  ASSERT_TRUE(service::ensure_streams(*client_).ok());
+  SystemClock clock;
+  fleetsim::Harness harness(nats.url(), clock);
+  fleetsim::FleetConfig fleet;
+  fleet.nodes = 2;
+  fleet.prefix = "p";
+  fleetsim::Profile metal{
+      .name = "metal", .bare_metal = true, .gpus = 4, .gpu_memory_bytes = 40 * kGiB};
+  fleet.profiles = {metal};
+  ASSERT_TRUE(harness.start_fleet(fleet).ok());
+
+  // The server's own word on it: the advisory published when a message reaches MaxDeliver.
+  std::atomic<int> advisories{0};
+  auto sub = client_->subscribe("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.CVM_BUILDS.>", "",
+                                [&](bus::Message) { ++advisories; });
+  ASSERT_TRUE(sub.ok());
+  constexpr int kMaxDeliver = 3;
+  auto& sched = start_scheduler(nats.url(), {"--max-deliver", std::to_string(kMaxDeliver)});
+  ASSERT_TRUE(test::wait_until(
+      [&] { return count_lines(sched.log_path(), "scheduler consuming") > 0; }, 30s))
+      << logs();
+  const double cpu0 = cpu_seconds(sched.pid());
+
+  ASSERT_TRUE(submit(request("poison-gpu", 1000, kGiB, 1)));
+  // A healthy build after it: the poison must not hold up the queue.
+  ASSERT_TRUE(submit(request("healthy-1", 1000, kGiB, 0)));
+
+  EXPECT_TRUE(test::wait_until([&] { return advisories.load() > 0; }, 60s))
+      << "no MAX_DELIVERIES advisory: still being redelivered?" << logs();
+  // Some time past the last delivery: nothing more may come.
+  std::this_thread::sleep_for(5s);
+  const size_t tries = count_lines(sched.log_path(), "will retry stream seq");
+  EXPECT_LE(tries, static_cast<size_t>(kMaxDeliver)) << "delivered past MaxDeliver";
+  EXPECT_GE(tries, 1u);
+  const double cpu = cpu_seconds(sched.pid()) - cpu0;
+  EXPECT_LT(cpu, 3.0) << "the scheduler spun on the poison message";
+  std::printf("poison: %zu deliveries, %d MAX_DELIVERIES advisories, scheduler CPU %.2f s\n", tries,
+              advisories.load(), cpu);
+
+  // The dead letter: some stream must store the advisory, so an operator can list what was given
+  // up on and fetch the original request by its stream sequence.
+  const std::string advisory_subject = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.CVM_BUILDS." +
+                                       std::string(wire::kSchedulerDurable);
+  auto names =
+      client_->request("$JS.API.STREAM.NAMES", R"({"subject":")" + advisory_subject + R"("})", 5s);
+  ASSERT_TRUE(names.ok()) << names.error().message;
+  EXPECT_NE(names->data.find("\"streams\":["), std::string::npos)
+      << "no stream records dead letters (MAX_DELIVERIES advisories of CVM_BUILDS): "
+      << names->data;
+
+  LedgerOptions lo;
+  lo.acknowledged_builds = {"poison-gpu", "healthy-1"};
+  lo.timeout = 20s;
+  auto report = expect_ledger(lo);
+  EXPECT_EQ(report.terminal_phase["healthy-1"], "RUNNING");
+  EXPECT_EQ(report.terminal_phase["poison-gpu"], "FAILED")
+      << "a build given up on must end FAILED, not stay SCHEDULING forever";
+}
+
+}  // namespace
+}  // namespace cvm::fault
