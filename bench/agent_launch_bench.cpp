@@ -1,16 +1,54 @@
 // agent_launch_bench: assignment received -> RUNNING through cvm-node-agent, against raw `runc`
 // starting the same two bundles (the supervising container, whose cvm-supervisor runs the inner
-// one), in the same run, alternating. Both rootfs paths, interleaved in each iteration: Caching off
-// (the default: the image unpacked natively onto the workspace's range) and Caching on (the node
+// one), in the same run. Both rootfs paths, interleaved in each iteration: Caching off (the
+// default: the image unpacked natively onto the workspace's range) and Caching on (the node
 // cache's rootfs under an ID-mapped overlay; the first Caching-on launch fills the cache). Also the
 // agent's idle RSS. Needs root, runc, umoci (to build the image) and nats-server; a load tool, not
 // a test: it prints figures, it does not judge them.
 //
-//   agent_launch_bench [--iterations N]          (run the release preset for figures to report)
+//   agent_launch_bench [--iterations N] [--agent-log debug] [--paths on|off]
+//   (release build for figures; --agent-log debug keeps the agent's step timings in
+//   /tmp/agent_launch_bench.agent.log; --paths runs one rootfs path only, e.g. to profile it)
+//
+// What is measured, exactly:
+// - Agent: from the publish of a START assignment (JetStream, the agent's work stream) to the
+//   arrival of its RUNNING event on a core subscription of the bench. Inside: PREPARING, ID range
+//   and in-flight record written, the rootfs (unpack or overlay), both specs, `runc run` of the
+//   supervising bundle, the supervisor's own `runc run --detach` of the inner bundle, its
+//   status.json, the KV record, the RUNNING publish.
+// - Raw baseline: `runc --root <own root> run --detach --bundle <ws>/supervisor raw-<ws>` of the
+//   very bundles the agent wrote for a workspace (the supervisor's config.json, rootfs dir and
+//   binds; the inner bundle with its rootfs), spawned directly (no shell) with stdio on a log file
+//   as the agent does it, from spawn to the moment the supervisor's status.json says "running"
+//   (inotify on the run dir, as the agent waits). The same cvm-supervisor inside, so the same inner
+//   `runc run --detach`. Nothing of the agent's bookkeeping, no NATS.
+// - Same starting state: before the raw run the agent's container is deleted (`runc delete -f`),
+//   and what a run leaves in the bundles is put back as the agent's launch found it: the
+//   supervisor's rootfs dir emptied again (runc created ~30 mount points in it on the first run:
+//   directories and empty files for each bind), the run dir emptied (status.json, inner.log) and,
+//   with Caching on, the overlay unmounted, its upper and work dirs removed and a fresh ID-mapped
+//   overlay mounted (the agent's own mount_idmapped_overlay, same range), so that neither run finds
+//   a warm overlay the other one made. runc writes nothing into the inner rootfs (every mount point
+//   exists in the image: the overlay's upper dir stays empty). The Caching-off rootfs stays as
+//   unpacked (the raw run gets a complete bundle: the unpack is the agent's work, not runc's).
+// - Waiting: the bench blocks (a condition variable for the agent's RUNNING, inotify for raw), so
+//   no polling thread of the bench competes with either; and it sleeps 50 ms before each measured
+//   run, so that neither overlaps what the previous step left running (the agent's work after
+//   RUNNING, the kernel's after a teardown).
+// - Order: even iterations run the agent first and then raw on its bundles; odd ones run raw first
+//   on the bundles of an unmeasured agent launch (of another workspace, reset as above) and then
+//   the measured agent launch of a fresh workspace. The agent's launch always starts from no files
+//   at all; each raw run from the reset bundles.
+#include <poll.h>
+#include <spawn.h>
+#include <sys/inotify.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -27,6 +65,7 @@
 #include <nlohmann/json.hpp>
 
 #include "child_process.h"
+#include "cvm/agent/idmap_mount.h"
 #include "cvm/base/wire.h"
 #include "cvm/bus/bus.h"
 #include "cvm/service/streams.h"
@@ -60,6 +99,23 @@ long rss_kib(pid_t pid) {
   return -1;
 }
 
+// On-CPU and run-queue wait time of all of a process's threads so far, ns
+// (/proc/PID/task/*/schedstat).
+std::pair<double, double> sched_ns(pid_t pid) {
+  double cpu = 0, wait = 0;
+  std::error_code ec;
+  for (fs::directory_iterator it("/proc/" + std::to_string(pid) + "/task", ec);
+       !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    std::ifstream in(it->path() / "schedstat");
+    double c = 0, w = 0;
+    if (in >> c >> w) {
+      cpu += c;
+      wait += w;
+    }
+  }
+  return {cpu, wait};
+}
+
 std::string read_file(const std::string& path) {
   std::ifstream in(path);
   std::stringstream ss;
@@ -67,15 +123,121 @@ std::string read_file(const std::string& path) {
   return ss.str();
 }
 
+// Waits (inotify, as the agent does) until <run_dir>/status.json says "running"; the watch is set
+// up by the caller before the runtime starts, so no rename is missed.
+class StatusWatch {
+ public:
+  explicit StatusWatch(const std::string& run_dir)
+      : run_dir_(run_dir), fd_(::inotify_init1(IN_CLOEXEC | IN_NONBLOCK)) {
+    if (fd_ >= 0) ::inotify_add_watch(fd_, run_dir.c_str(), IN_MOVED_TO | IN_CLOSE_WRITE);
+  }
+  ~StatusWatch() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  StatusWatch(const StatusWatch&) = delete;
+  StatusWatch& operator=(const StatusWatch&) = delete;
+
+  bool wait_running(std::chrono::milliseconds timeout) {
+    const auto deadline = Clock::now() + timeout;
+    for (;;) {
+      const std::string text = read_file(run_dir_ + "/status.json");
+      if (text.find("\"running\"") != std::string::npos) return true;
+      if (text.find("\"failed\"") != std::string::npos) return false;
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+      if (left <= 0) return false;
+      pollfd p{fd_, POLLIN, 0};
+      (void)::poll(&p, 1, fd_ >= 0 ? static_cast<int>(left) : 1);
+      char buf[4096];
+      while (fd_ >= 0 && ::read(fd_, buf, sizeof buf) > 0) {
+      }
+    }
+  }
+
+ private:
+  std::string run_dir_;
+  int fd_;
+};
+
+// `runc --root ROOT run --detach --bundle BUNDLE ID`, spawned as the agent spawns it: stdin
+// /dev/null, stdout and stderr appended to `log` (the container's init inherits them), no shell.
+int runc_run_detached(const std::string& root, const std::string& bundle, const std::string& id,
+                      const std::string& log) {
+  std::vector<std::string> args = {"runc",     "--root",   root,   "run",
+                                   "--detach", "--bundle", bundle, id};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  ::posix_spawn_file_actions_init(&actions);
+  ::posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+  ::posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+  ::posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  pid_t pid = -1;
+  const int rc = ::posix_spawnp(&pid, "runc", &actions, nullptr, argv.data(), environ);
+  ::posix_spawn_file_actions_destroy(&actions);
+  if (rc != 0) return 127;
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+// Puts a workspace's bundles back into the state the agent's launch started the runtime from (see
+// the header): empty supervisor rootfs and run dir; with Caching on, a fresh ID-mapped overlay of
+// the cached rootfs on the same range.
+bool reset_bundles(const std::string& dir, bool caching, const std::string& cached_rootfs) {
+  std::error_code ec;
+  fs::remove_all(dir + "/supervisor/rootfs", ec);
+  fs::create_directory(dir + "/supervisor/rootfs", ec);
+  fs::permissions(dir + "/supervisor/rootfs", fs::perms(0755), ec);
+  for (const char* f : {"/run/status.json", "/run/status.json.tmp", "/run/inner.log"}) {
+    fs::remove(dir + f, ec);
+  }
+  if (!caching) return true;
+  struct stat upper {};
+  if (::stat((dir + "/overlay/upper").c_str(), &upper) != 0) {
+    std::cerr << "no overlay upper dir under " << dir << "\n";
+    return false;
+  }
+  const cvm::agent::IdRange ids{upper.st_uid, 65536};
+  if (auto st = cvm::agent::unmount_under(dir); !st) {
+    std::cerr << "unmount under " << dir << ": " << st.error().message << "\n";
+    return false;
+  }
+  fs::remove_all(dir + "/overlay", ec);
+  auto plan = cvm::agent::plan_workspace_overlay(dir, cached_rootfs);
+  if (!plan) return false;
+  if (auto st = cvm::agent::mount_idmapped_overlay(*plan, ids); !st) {
+    std::cerr << "remount the overlay of " << dir << ": " << st.error().message << "\n";
+    return false;
+  }
+  return true;
+}
+
+// The node cache's one rootfs (the bench uses one image): <cache>/rootfs/<digest>/rootfs.
+std::string cached_rootfs_of(const std::string& cache_dir) {
+  std::error_code ec;
+  for (fs::directory_iterator it(cache_dir + "/rootfs", ec); !ec && it != fs::directory_iterator();
+       it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.rfind(".tmp", 0) == 0) continue;
+    if (fs::is_directory(it->path() / "rootfs", ec)) return (it->path() / "rootfs").string();
+  }
+  return {};
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int iterations = 10;
+  std::string paths = "both";            // --paths on|off: one rootfs path only (to profile it)
   std::string agent_log_level = "info";  // --agent-log debug: the agent's per-step timings, kept in
                                          // /tmp/agent_launch_bench.agent.log
   for (int i = 1; i + 1 < argc; ++i) {
     if (std::string(argv[i]) == "--iterations") iterations = std::max(1, std::atoi(argv[i + 1]));
     if (std::string(argv[i]) == "--agent-log") agent_log_level = argv[i + 1];
+    if (std::string(argv[i]) == "--paths") paths = argv[i + 1];
   }
   if (geteuid() != 0) {
     std::cerr << "agent_launch_bench: needs root (runc)\n";
@@ -160,112 +322,163 @@ int main(int argc, char** argv) {
     bool caching = false;
     std::vector<double> agent_ms;
     std::vector<double> raw_ms;
+    std::vector<double> agent_cpu_ms;   // the agent's own threads on a CPU, until RUNNING arrived
+    std::vector<double> agent_wait_ms;  // ... and runnable but waiting for one
+    std::vector<double> preparing_ms;   // assignment published -> PREPARING received (the bus)
     std::vector<double> prepare_ms;  // PREPARING -> STARTING: the rootfs (unpack or overlay), specs
     std::vector<double> start_ms;    // STARTING -> RUNNING: the runtime, as the raw path
+    std::vector<double> raw_runc_ms;  // raw: until `runc run --detach` exits (the supervisor runs)
   };
   Path off{.caching = false};
   Path on{.caching = true};
-  const auto one = [&](Path& p, int i) -> bool {
-    const std::string ws = std::string(p.caching ? "on" : "off") + std::to_string(i);
+  // Before each measured run: the agent's work after an event it published (the in-flight record,
+  // its heartbeat, malloc_trim) and the kernel's after a teardown must not overlap it.
+  const auto settle = [] { std::this_thread::sleep_for(50ms); };
+  // Through the agent: publish the assignment, wait for RUNNING. The event is pushed to a core
+  // subscription (timestamped on arrival), not polled: the agent's side pays no request per poll.
+  // Returns the ms from publish to RUNNING and, with `p`, notes the phase times from the record.
+  const auto agent_launch = [&](const std::string& ws, bool caching,
+                                Path* p) -> std::optional<double> {
     const std::string build = "b-" + ws;
-    // 1. Through the agent: publish the assignment, wait for RUNNING. The event is pushed to a
-    // core subscription (timestamped on arrival), not polled: the raw path's report is a file the
-    // bench reads every 1 ms, so the agent's side must not pay a request per poll either.
     std::mutex mu;
+    std::condition_variable cv;
+    std::optional<Clock::time_point> preparing;
     std::optional<Clock::time_point> ended;
     cvm::v1::Phase end_phase = cvm::v1::PHASE_UNSPECIFIED;
     auto sub = c->subscribe(cvm::wire::build_events_subject(build), "", [&](cvm::bus::Message m) {
       const auto now = Clock::now();
       cvm::v1::BuildEvent e;
       if (!e.ParseFromString(m.data)) return;
-      if (e.phase() != cvm::v1::RUNNING && e.phase() != cvm::v1::FAILED) return;
       std::lock_guard lock(mu);
+      if (e.phase() == cvm::v1::PREPARING && !preparing) preparing = now;
+      if (e.phase() != cvm::v1::RUNNING && e.phase() != cvm::v1::FAILED) return;
       if (!ended) {
         ended = now;
         end_phase = e.phase();
+        cv.notify_all();
       }
     });
-    if (!sub.ok()) return false;
+    if (!sub.ok()) return std::nullopt;
     (void)c->flush();
-    auto t0 = Clock::now();
-    assign(build, ws, cvm::v1::START, p.caching);
-    const bool ok = cvm::test::wait_until(
-        [&] {
-          std::lock_guard lock(mu);
-          return ended.has_value();
-        },
-        120s, 1ms);
+    settle();
+    const auto sched0 = sched_ns(agent.pid());
+    const auto t0 = Clock::now();
+    assign(build, ws, cvm::v1::START, caching);
+    // Blocked on a condition variable (no polling thread of the bench competes with the launch,
+    // as none does with the raw run).
+    bool ok = false;
+    {
+      std::unique_lock lock(mu);
+      ok = cv.wait_for(lock, 120s, [&] { return ended.has_value(); });
+    }
     if (!ok || end_phase != cvm::v1::RUNNING) {
       std::cerr << "launch " << ws << " did not reach RUNNING:\n" << agent.log_tail();
-      return false;
+      return std::nullopt;
     }
-    p.agent_ms.push_back(std::chrono::duration<double, std::milli>(*ended - t0).count());
+    const double ms = std::chrono::duration<double, std::milli>(*ended - t0).count();
+    const auto sched1 = sched_ns(agent.pid());
+    if (p) {
+      p->agent_cpu_ms.push_back((sched1.first - sched0.first) / 1e6);
+      p->agent_wait_ms.push_back((sched1.second - sched0.second) / 1e6);
+    }
+    if (p && preparing) {
+      p->preparing_ms.push_back(std::chrono::duration<double, std::milli>(*preparing - t0).count());
+    }
+    // The record is written before RUNNING is published or right after it: wait for it either way
+    // before anything else runs, so that the next measurement does not overlap the agent's work.
     cvm::test::wait_until(
         [&] {
           auto e = workspaces->get(ws);
-          return e.ok() && e->has_value();
+          cvm::v1::WorkspaceRecord rec;
+          return e.ok() && e->has_value() && rec.ParseFromString((*e)->value) &&
+                 rec.build_id() == build;
         },
         5s, 1ms);
-    if (auto e = workspaces->get(ws); e.ok() && e->has_value()) {
+    if (auto e = workspaces->get(ws); p && e.ok() && e->has_value()) {
       cvm::v1::WorkspaceRecord rec;
       if (rec.ParseFromString((*e)->value) && rec.phase_times_size() == 3) {
-        p.prepare_ms.push_back(
+        p->prepare_ms.push_back(
             static_cast<double>(rec.phase_times(1).unix_ms() - rec.phase_times(0).unix_ms()));
-        p.start_ms.push_back(
+        p->start_ms.push_back(
             static_cast<double>(rec.phase_times(2).unix_ms() - rec.phase_times(1).unix_ms()));
       }
     }
-
-    // 2. The same two bundles with raw runc: take the agent's container away (the files, and the
-    // overlay with Caching on, stay), then start the supervising bundle and wait for its report
-    // that the inner one runs.
+    return ms;
+  };
+  // DELETE through the agent (its container may already be gone): overlay, files, ID range freed.
+  const auto agent_delete = [&](const std::string& ws) {
+    const std::string build = "b-" + ws + "-del";
+    assign(build, ws, cvm::v1::DELETE);
+    cvm::test::wait_until([&] { return phase_of(build) == cvm::v1::STOPPED; }, 60s);
+  };
+  // The same two bundles with raw runc, from the state the agent's launch started from (header).
+  const auto raw_run = [&](const std::string& ws, bool caching, Path& p) -> std::optional<double> {
     const std::string dir = state + "/workspaces/" + ws;
     run_command({"runc", "--root", agent_root, "delete", "-f", "cvm-" + ws});
-    fs::remove(dir + "/run/status.json");
+    if (!reset_bundles(dir, caching, caching ? cached_rootfs_of(state + "/image-cache") : ""))
+      return std::nullopt;
     const std::string raw_id = "raw-" + ws;
-    t0 = Clock::now();
-    // runc's stdio goes to a file, as the agent does it: the container's init inherits it and
-    // would hold a capture pipe open for as long as it runs.
-    auto r = run_command({"/bin/sh", "-c",
-                          "exec runc --root " + raw_root + " run -d --bundle " + dir +
-                              "/supervisor " + raw_id + " >>" + dir + "/raw.log 2>&1"},
-                         60s);
-    const bool raw_ok =
-        r.exit_code == 0 &&
-        cvm::test::wait_until(
-            [&] {
-              return read_file(dir + "/run/status.json").find("running") != std::string::npos;
-            },
-            60s, 1ms);
-    p.raw_ms.push_back(ms_since(t0));
-    if (!raw_ok) {
-      std::cerr << "raw runc run of " << dir << " failed: " << r.output
-                << read_file(dir + "/run/status.json") << "\n";
-      return false;
+    StatusWatch watch(dir + "/run");
+    settle();
+    const auto t0 = Clock::now();
+    const int rc = runc_run_detached(raw_root, dir + "/supervisor", raw_id, dir + "/raw.log");
+    p.raw_runc_ms.push_back(ms_since(t0));
+    const bool ok = rc == 0 && watch.wait_running(60s);
+    const double ms = ms_since(t0);
+    if (!ok) {
+      std::cerr << "raw runc run of " << dir << " failed (exit " << rc
+                << "): " << read_file(dir + "/raw.log") << read_file(dir + "/run/status.json")
+                << "\n";
     }
     run_command({"runc", "--root", raw_root, "delete", "-f", raw_id});
-    // 3. DELETE through the agent (its container is already gone): overlay, files and ID range
-    // freed.
-    assign(build + "-del", ws, cvm::v1::DELETE);
-    cvm::test::wait_until([&] { return phase_of(build + "-del") == cvm::v1::STOPPED; }, 60s);
+    if (!ok) return std::nullopt;
+    return ms;
+  };
+  const auto one = [&](Path& p, int i) -> bool {
+    const std::string ws = std::string(p.caching ? "on" : "off") + std::to_string(i);
+    std::optional<double> agent_ms;
+    std::optional<double> raw_ms;
+    if (i % 2 == 0) {
+      agent_ms = agent_launch(ws, p.caching, &p);
+      if (!agent_ms) return false;
+      raw_ms = raw_run(ws, p.caching, p);
+      agent_delete(ws);
+    } else {
+      // Raw first: on the bundles of an unmeasured launch of another workspace.
+      const std::string donor = ws + "-raw";
+      if (!agent_launch(donor, p.caching, nullptr)) return false;
+      raw_ms = raw_run(donor, p.caching, p);
+      agent_delete(donor);
+      if (!raw_ms) return false;
+      agent_ms = agent_launch(ws, p.caching, &p);
+      agent_delete(ws);
+    }
+    if (!agent_ms || !raw_ms) return false;
+    p.agent_ms.push_back(*agent_ms);
+    p.raw_ms.push_back(*raw_ms);
     return true;
   };
   for (int i = 0; i < iterations; ++i) {
     // Interleaved, so that both paths see the same machine load.
-    if (!one(off, i) || !one(on, i)) return 1;
+    if (paths != "on" && !one(off, i)) return 1;
+    if (paths != "off" && !one(on, i)) return 1;
   }
   // Idle again: nothing running, a few heartbeats later.
   std::this_thread::sleep_for(3s);
   const long rss_idle = rss_kib(agent.pid());
 
   const auto range = [](const std::vector<double>& v) {
+    if (v.empty()) return std::make_pair(0.0, 0.0);
     return std::make_pair(*std::min_element(v.begin(), v.end()),
                           *std::max_element(v.begin(), v.end()));
   };
   // Caching off (the default) under the labels scripts already parse.
   const double agent_median = median(off.agent_ms);
   const double raw_median = median(off.raw_ms);
-  std::printf("iterations                         %d (each path; interleaved)\n", iterations);
+  std::printf(
+      "iterations                         %d (each path; interleaved; agent first in even\n"
+      "                                   ones, raw first in odd ones)\n",
+      iterations);
   std::printf("Caching off (native unpack onto the workspace's ID range):\n");
   std::printf("assignment -> RUNNING (agent)      median %.1f ms  min %.1f  max %.1f\n",
               agent_median, range(off.agent_ms).first, range(off.agent_ms).second);
@@ -273,26 +486,37 @@ int main(int argc, char** argv) {
               range(off.raw_ms).first, range(off.raw_ms).second);
   std::printf("median ratio agent / raw           %.2f  (target <= 1.25)\n",
               agent_median / raw_median);
+  std::printf("  agent's own threads: on CPU %.1f ms, runnable waiting %.1f ms (medians)\n",
+              median(off.agent_cpu_ms), median(off.agent_wait_ms));
+  std::printf("  assignment -> PREPARING received median %.1f ms (delivery, ID range, in-flight)\n",
+              median(off.preparing_ms));
   std::printf(
       "  of which PREPARING -> STARTING   median %.1f ms (image unpack onto the ID range)\n",
       median(off.prepare_ms));
   std::printf("  of which STARTING -> RUNNING     median %.1f ms (runc + cvm-supervisor + runc)\n",
               median(off.start_ms));
+  std::printf("  raw: runc run exits after        median %.1f ms (then the supervisor's report)\n",
+              median(off.raw_runc_ms));
   const double on_agent = median(on.agent_ms);
   const double on_raw = median(on.raw_ms);
   std::printf("Caching on (node cache through an ID-mapped overlay; the first launch fills it):\n");
   std::printf(
       "caching on: agent assignment->RUNNING  median %.1f ms  min %.1f  max %.1f  "
       "(first %.1f)\n",
-      on_agent, range(on.agent_ms).first, range(on.agent_ms).second, on.agent_ms.front());
+      on_agent, range(on.agent_ms).first, range(on.agent_ms).second,
+      on.agent_ms.empty() ? 0.0 : on.agent_ms.front());
   std::printf("caching on: raw runc, same bundles     median %.1f ms  min %.1f  max %.1f\n", on_raw,
               range(on.raw_ms).first, range(on.raw_ms).second);
   std::printf("caching on: median ratio agent/raw     %.2f  (target <= 1.25)\n", on_agent / on_raw);
+  std::printf("caching on:   agent's own threads: on CPU %.1f ms, runnable waiting %.1f ms\n",
+              median(on.agent_cpu_ms), median(on.agent_wait_ms));
+  std::printf("caching on:   assignment -> PREPARING  median %.1f ms\n", median(on.preparing_ms));
   std::printf(
       "caching on:   PREPARING -> STARTING    median %.1f ms (cache lookup, ID-mapped "
       "overlay mount, specs)\n",
       median(on.prepare_ms));
   std::printf("caching on:   STARTING -> RUNNING      median %.1f ms\n", median(on.start_ms));
+  std::printf("caching on:   raw: runc run exits after median %.1f ms\n", median(on.raw_runc_ms));
   std::printf("agent RSS after start              %.1f MiB\n", rss_start / 1024.0);
   std::printf("agent RSS idle after the launches  %.1f MiB  (target <= 15 MiB)\n",
               rss_idle / 1024.0);

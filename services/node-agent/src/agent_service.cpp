@@ -406,9 +406,9 @@ void AgentService::handle_start(const cvm::v1::NodeAssignment& a, const bus::JsM
   const auto t_persisted = std::chrono::steady_clock::now();
   busy_.insert(req.workspace_id());
   const int64_t preparing_ms = clock_.now_unix_ms();
-  publish(a, cvm::v1::PREPARING);
-  spdlog::debug("build {}: ID range and in-flight record {:.2f} ms, PREPARING published {:.2f} ms",
-                req.build_id(), ms_since(t0, t_persisted), ms_since(t_persisted));
+  // The worker starts at once; PREPARING is published below while it works (an acknowledged
+  // publish, one round trip to the server, is not on the launch path). The events stay in order:
+  // STARTING and RUNNING are posted to this (single) io thread, so they run after this handler.
   boost::asio::post(worker_, [this, a, ids = *ids, msg, t0, preparing_ms] {
     auto result = launch(a, ids);
     const auto t_launched = std::chrono::steady_clock::now();
@@ -428,6 +428,9 @@ void AgentService::handle_start(const cvm::v1::NodeAssignment& a, const bus::JsM
     // that an idle agent stays small.
     ::malloc_trim(0);
   });
+  publish(a, cvm::v1::PREPARING);
+  spdlog::debug("build {}: ID range and in-flight record {:.2f} ms, PREPARING published {:.2f} ms",
+                req.build_id(), ms_since(t0, t_persisted), ms_since(t_persisted));
 }
 
 AgentService::LaunchResult AgentService::launch(const cvm::v1::NodeAssignment& a, IdRange ids) {
@@ -528,14 +531,18 @@ void AgentService::finish_start(const cvm::v1::NodeAssignment& a, IdRange ids, L
     heartbeat();  // report the freed capacity now
     return;
   }
+  // The record first: whoever sees RUNNING (a STOP right after it) finds where the workspace
+  // runs. The in-flight record goes after the publish: an agent killed in between adopts the
+  // running container on restart and publishes RUNNING again (the msg-id dedupes it); its
+  // removal (an unlink, a synchronous discard on some hosts) is not on the launch path.
   record_outcome(a, ids, outcome, phases);
+  publish(a, cvm::v1::RUNNING, cvm::v1::REASON_UNSPECIFIED, "", outcome.warnings);
   remove_inflight(req.workspace_id());
   meters_->launched.Increment();
   update_running_gauge();
   spdlog::info("build {}: workspace {} RUNNING as {} ({}, pid {}, uid base {})", req.build_id(),
                req.workspace_id(), container_id(req.workspace_id()),
                a.cvm() ? "CVM" : "plain container", outcome.pid, ids.base);
-  publish(a, cvm::v1::RUNNING, cvm::v1::REASON_UNSPECIFIED, "", outcome.warnings);
   (void)msg->ack();
   heartbeat();
 }
