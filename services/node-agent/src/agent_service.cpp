@@ -697,6 +697,8 @@ void AgentService::reconcile() {
       (void)launcher_->stop(ws_id);
       if (auto st = launcher_->remove(ws_id, true); !st) spdlog::error("{}", st.error().message);
       ids_->release(ws_id);
+      // Persisted before FAILED is published: whoever reacts to it finds the range free.
+      if (auto st = save_id_ranges(); !st) spdlog::error("{}", st.error().message);
     } else {
       keep.insert(ws_id);
     }

@@ -5,12 +5,14 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <system_error>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -351,8 +353,15 @@ void ImageTool::remove_unfinished_cache_entries() {
   for (fs::directory_iterator it(root, ec); !ec && it != fs::directory_iterator();
        it.increment(ec)) {
     if (it->path().filename().string().rfind(".tmp-", 0) == 0) {
-      std::error_code rm;
-      fs::remove_all(it->path(), rm);
+      // The cvm-unpack of a killed agent dies with it (PR_SET_PDEATHSIG), but may still be
+      // finishing a syscall while this walk runs: an entry it creates meanwhile makes the last
+      // rmdir fail (ENOTEMPTY). Walk again until the tree is gone (1 s at most).
+      for (int attempt = 0; attempt < 20; ++attempt) {
+        std::error_code rm;
+        fs::remove_all(it->path(), rm);
+        if (!fs::exists(it->path(), rm)) break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
     }
   }
 }
