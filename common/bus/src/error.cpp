@@ -55,4 +55,8 @@ Error nats_error(int status, std::string_view context, int js_code) {
   return Error{domain, status, js_code, std::move(message)};
 }
 
+bool is_slow_consumer(const Error& error) {
+  return error.domain == ErrorDomain::kNats && error.code == NATS_SLOW_CONSUMER;
+}
+
 }  // namespace cvm::bus

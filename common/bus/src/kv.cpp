@@ -52,6 +52,7 @@ struct KvWatch::Impl {
   std::shared_ptr<kvStore> kv;  // the watcher uses the store
   kvWatcher* watcher = nullptr;
   std::shared_ptr<WatchDelivery> delivery;
+  std::string keys;
   std::string name;
 
   std::atomic<bool> stopping{false};
@@ -69,11 +70,32 @@ struct KvWatch::Impl {
     {
       std::lock_guard lock(mu);
       if (stopping.exchange(true)) return;
+      // Wakes a kvWatcher_Next that is waiting on the other thread. Under the lock: run() may
+      // be replacing the watcher.
+      kvWatcher_Stop(watcher);
     }
     cv.notify_all();
-    // Wakes a kvWatcher_Next that is waiting on the other thread.
-    kvWatcher_Stop(watcher);
     if (thread.joinable()) thread.join();
+  }
+
+  // cnats gives up on an ordered consumer whose re-creation failed (e.g. it lost its connection
+  // meanwhile): it unsubscribes it and the watcher answers "invalid subscription" forever. A watch
+  // must not die silently, so a new one is made; it delivers the current values again, then
+  // nullopt (a resync). Called on the watch thread only. Returns false when stopping.
+  bool renew() {
+    std::lock_guard lock(mu);
+    if (stopping.load()) return false;
+    kvWatcher* fresh = nullptr;
+    const natsStatus s = kvStore_Watch(&fresh, kv.get(), keys.c_str(), nullptr);
+    if (s != NATS_OK) {
+      detail::report_error(*core, nats_error(s, "renew watch " + name));
+      return true;
+    }
+    kvWatcher_Destroy(watcher);
+    watcher = fresh;
+    detail::report_error(*core,
+                         make_error(ErrorDomain::kNats, "watch " + name + " renewed (resync)"));
+    return true;
   }
 
   void post(std::optional<KvEntry> entry) {
@@ -102,6 +124,13 @@ struct KvWatch::Impl {
       }
       if (s == NATS_TIMEOUT) continue;
       if (stopping.load()) break;
+      if (s == NATS_INVALID_SUBSCRIPTION) {
+        if (!renew()) break;
+        last_reported = NATS_OK;
+        std::unique_lock lock(mu);
+        cv.wait_for(lock, kRetryDelay, [&] { return stopping.load(); });
+        continue;
+      }
       if (s != last_reported) {
         detail::report_error(*core, nats_error(s, "watch " + name));
         last_reported = s;
@@ -207,6 +236,7 @@ Result<std::unique_ptr<KvWatch>> KeyValue::watch(
   impl->watcher = watcher;
   impl->delivery = std::make_shared<WatchDelivery>();
   impl->delivery->handler = std::move(handler);
+  impl->keys = keys;
   impl->name = impl_->bucket + "/" + keys;
   auto* raw_impl = impl.get();
   impl->thread = std::thread([raw_impl] { raw_impl->run(); });

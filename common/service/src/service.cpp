@@ -42,13 +42,16 @@ Status init_telemetry(std::string_view service, const CommonOptions& options,
 }
 
 Result<bus::ConnectionPtr> connect_bus(std::string_view service, const CommonOptions& options,
-                                       boost::asio::io_context& io, telemetry::Metrics& metrics) {
+                                       boost::asio::io_context& io, telemetry::Metrics& metrics,
+                                       std::function<void()> on_closed) {
   const std::string events = "cvm_nats_connection_events_total";
-  const std::string help = "NATS connection events: disconnected, reconnected, closed, error";
+  const std::string help =
+      "NATS connection events: disconnected, reconnected, closed, error, slow_consumer";
   auto& disconnected = metrics.counter(events, help, {{"event", "disconnected"}});
   auto& reconnected = metrics.counter(events, help, {{"event", "reconnected"}});
   auto& closed = metrics.counter(events, help, {{"event", "closed"}});
   auto& errors = metrics.counter(events, help, {{"event", "error"}});
+  auto& slow = metrics.counter(events, help, {{"event", "slow_consumer"}});
 
   bus::ConnectOptions co;
   co.url = options.nats_url;
@@ -63,12 +66,20 @@ Result<bus::ConnectionPtr> connect_bus(std::string_view service, const CommonOpt
     reconnected.Increment();
     spdlog::info("reconnected to NATS");
   };
-  co.on_closed = [&closed] {
+  co.on_closed = [&closed, on_closed = std::move(on_closed)] {
     closed.Increment();
     spdlog::info("NATS connection closed");
+    if (on_closed) on_closed();
   };
-  co.on_error = [&errors](const Error& e) {
+  co.on_error = [&errors, &slow](const Error& e) {
     errors.Increment();
+    // Messages were dropped (by cnats or, once it cut us, by the server): say so by name, since
+    // whoever relied on them must now count on redelivery.
+    if (bus::is_slow_consumer(e)) {
+      slow.Increment();
+      spdlog::error("NATS: slow consumer, messages were dropped: {}", e.message);
+      return;
+    }
     spdlog::error("NATS: {}", e.message);
   };
   return bus::Connection::connect(co, io.get_executor());

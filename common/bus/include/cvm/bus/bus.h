@@ -347,5 +347,8 @@ using ConnectionPtr = std::shared_ptr<Connection>;
 
 // Turns a natsStatus (and optional JetStream error code) into our Error. Exposed for tests.
 Error nats_error(int status, std::string_view context, int js_code = 0);
+// Whether an (asynchronous) error says messages were dropped because this client could not keep
+// up: cnats' own pending limits, reported through ConnectOptions::on_error.
+bool is_slow_consumer(const Error& error);
 
 }  // namespace cvm::bus
