@@ -41,6 +41,20 @@ bus::StreamConfig events_stream() {
   return c;
 }
 
+bus::StreamConfig dead_letters_stream() {
+  bus::StreamConfig c;
+  c.name = std::string(kStreamDeadLetters);
+  const std::string builds(wire::kStreamBuilds);
+  c.subjects = {"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES." + builds + ".*",
+                "$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED." + builds + ".*"};
+  c.retention = bus::Retention::kLimits;
+  // As long as CVM_EVENTS keeps the build's history. The request itself stays in CVM_BUILDS only
+  // while it is unacknowledged (a termed one is removed from the work queue): the advisory is the
+  // record of what was given up on, the scheduler's log and the FAILED event say why.
+  c.max_age = std::chrono::hours(24 * 14);
+  return c;
+}
+
 bus::KvConfig nodes_bucket() { return {.bucket = std::string(wire::kBucketNodes), .history = 1}; }
 bus::KvConfig settings_bucket() {
   return {.bucket = std::string(wire::kBucketSettings), .history = 5};

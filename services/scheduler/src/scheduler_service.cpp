@@ -54,6 +54,11 @@ struct SchedulerService::Meters {
                          {{"result", "failed"}})),
         retried(m.counter("cvm_scheduler_builds_retried_total",
                           "Build requests handed back for a later retry (bus or broker down)")),
+        given_up(m.counter("cvm_scheduler_builds_given_up_total",
+                           "Build requests terminated on their last delivery (dead letters)")),
+        moved(m.counter("cvm_scheduler_moved_no_room_total",
+                        "Recorded placements placed afresh: their node had no room left when "
+                        "the redelivery came")),
         conflicts(m.counter("cvm_scheduler_capacity_conflicts_total",
                             "Capacity holds lost to another replica (compare-and-set conflicts)")),
         from_record(m.counter("cvm_scheduler_finished_from_record_total",
@@ -79,6 +84,8 @@ struct SchedulerService::Meters {
   prometheus::Counter& scheduled;
   prometheus::Counter& failed;
   prometheus::Counter& retried;
+  prometheus::Counter& given_up;
+  prometheus::Counter& moved;
   prometheus::Counter& conflicts;
   prometheus::Counter& from_record;
   prometheus::Counter& placed_again;
@@ -107,6 +114,8 @@ SchedulerService::~SchedulerService() { stop(); }
 Status SchedulerService::start() {
   stopped_ = false;
   if (auto st = service::ensure_streams(*conn_); !st) return st;
+  // Where the server's advisories about requests given up on are kept (give_up).
+  if (auto st = conn_->ensure_stream(service::dead_letters_stream()); !st) return st;
   auto nodes = conn_->ensure_kv(service::nodes_bucket());
   if (!nodes) return nodes.error();
   auto settings = conn_->ensure_kv(service::settings_bucket());
@@ -306,7 +315,10 @@ void SchedulerService::handle_redelivered_start(const cvm::v1::BuildRequest& req
 struct SchedulerService::Placement {
   bus::JsMessagePtr msg;
   cvm::v1::BuildRequest req;
+  // The node the build moves off: lost, or (no_room) the recorded node that had no room left when
+  // a redelivery came to finish the placement there.
   std::string lost_node;
+  bool no_room = false;
   std::chrono::steady_clock::time_point started;
   EffectiveSettings settings;
   PlacementRequest preq;
@@ -326,6 +338,21 @@ struct SchedulerService::Placement {
   int publishes_left = 0;
   std::string publish_error;
 };
+
+// A placement moving off a node fails with NODE_LOST when that node was lost, else with `reason`.
+cvm::v1::Reason SchedulerService::moved_reason(const Placement& p, cvm::v1::Reason reason) {
+  return p.lost_node.empty() || p.no_room ? reason : cvm::v1::NODE_LOST;
+}
+
+std::string SchedulerService::moved_prefix(const Placement& p) {
+  if (p.lost_node.empty()) return "";
+  if (p.no_room) {
+    return "node " + p.lost_node +
+           " had no room left for it after a scheduler restart and it could not be placed "
+           "elsewhere: ";
+  }
+  return "node " + p.lost_node + " was lost and it could not be placed again: ";
+}
 
 void SchedulerService::place_and_dispatch(const cvm::v1::BuildRequest& req,
                                           const bus::JsMessagePtr& msg,
@@ -372,12 +399,8 @@ void SchedulerService::decide(const PlacementPtr& p) {
   meters_->decision.Observe(
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   if (!decision.ok()) {
-    const std::string prefix =
-        p->lost_node.empty()
-            ? ""
-            : "node " + p->lost_node + " was lost and it could not be placed again: ";
-    return fail_placement(p, p->lost_node.empty() ? decision.reason : cvm::v1::NODE_LOST,
-                          prefix + decision.message);
+    return fail_placement(p, moved_reason(*p, decision.reason),
+                          moved_prefix(*p) + decision.message);
   }
   p->candidates = std::move(decision.candidates);
   p->next = 0;
@@ -398,13 +421,9 @@ void SchedulerService::try_candidate(const PlacementPtr& p) {
     ++p->next;
   }
   if (p->next >= p->candidates.size()) {
-    const std::string prefix =
-        p->lost_node.empty()
-            ? ""
-            : "node " + p->lost_node + " was lost and it could not be placed again: ";
+    const std::string prefix = moved_prefix(*p);
     if (p->last_refusal) {
-      return fail_placement(p,
-                            p->lost_node.empty() ? p->last_refusal->reason() : cvm::v1::NODE_LOST,
+      return fail_placement(p, moved_reason(*p, p->last_refusal->reason()),
                             prefix + p->last_refusal->message());
     }
     if (p->contended && p->decisions < kMaxDecisions) {
@@ -421,9 +440,8 @@ void SchedulerService::try_candidate(const PlacementPtr& p) {
         done(p);
       });
     }
-    return fail_placement(
-        p, p->lost_node.empty() ? cvm::v1::INSUFFICIENT_CAPACITY : cvm::v1::NODE_LOST,
-        prefix + "no candidate node could take it");
+    return fail_placement(p, moved_reason(*p, cvm::v1::INSUFFICIENT_CAPACITY),
+                          prefix + "no candidate node could take it");
   }
   const std::string node_id = p->candidates[p->next++].node_id;
   PendingHold hold;
@@ -548,7 +566,10 @@ void SchedulerService::dispatch(const PlacementPtr& p) {
     }
     meters_->scheduled.Increment();
     ++counts_.scheduled;
-    if (!p->lost_node.empty()) {
+    if (p->no_room) {
+      meters_->moved.Increment();
+      ++counts_.moved_no_room;
+    } else if (!p->lost_node.empty()) {
       meters_->placed_again.Increment();
       ++counts_.placed_again;
     }
@@ -556,7 +577,7 @@ void SchedulerService::dispatch(const PlacementPtr& p) {
     done(p);
   };
   publish_assignment_async(p->assignment, !p->lost_node.empty(), one_done);
-  publish_scheduled_async(p->assignment, p->lost_node, one_done);
+  publish_scheduled_async(p->assignment, p->lost_node, p->no_room, one_done);
 }
 
 void SchedulerService::fail_placement(const PlacementPtr& p, cvm::v1::Reason reason,
@@ -611,10 +632,6 @@ void SchedulerService::done(const PlacementPtr& p) {
 void SchedulerService::finish_recorded(const cvm::v1::PlacementRecord& record,
                                        const bus::JsMessagePtr& msg) {
   const auto& a = record.assignment();
-  meters_->from_record.Increment();
-  ++counts_.finished_from_record;
-  spdlog::info("build {} was already placed on {}; finishing that placement",
-               a.request().build_id(), a.node_id());
   const bool again = !record.replaced_node_id().empty();
   // The assignment and SCHEDULED went out together: either may be missing. An event beyond
   // SCHEDULED means the node has the assignment, so nothing is sent again; SCHEDULED alone still
@@ -626,17 +643,81 @@ void SchedulerService::finish_recorded(const cvm::v1::PlacementRecord& record,
     if (!last) return retry_later(msg, "cannot read the build's events: " + last.error().message);
     phase = *last;
   }
-  if (!phase || *phase == cvm::v1::SCHEDULED) {
-    if (auto st = publish_assignment(a, again); !st) {
-      return retry_later(msg, "cannot publish the assignment: " + st.error().message);
-    }
+  if (phase && *phase != cvm::v1::SCHEDULED) {
+    meters_->from_record.Increment();
+    ++counts_.finished_from_record;
+    spdlog::info("build {} was already placed on {} and its node reported it",
+                 a.request().build_id(), a.node_id());
+    return ack(msg);
   }
-  if (!phase) {
-    if (auto st = publish_scheduled(a, record.replaced_node_id()); !st) {
-      return retry_later(msg, "cannot publish SCHEDULED: " + st.error().message);
+  // The assignment may go out now. The previous delivery's capacity hold may have expired by now
+  // (it lasts reservation_hold, as long as the ack wait that brought this redelivery) and the room
+  // been given to others: hold it again first, by compare-and-set like any placement. The hold is
+  // per build, so one still in place is found (kAlreadyHeld) and kept.
+  went_async_ = true;
+  auto p = std::make_shared<Placement>();
+  p->msg = msg;
+  p->req = a.request();
+  p->started = std::chrono::steady_clock::now();
+  p->node_id = a.node_id();
+  p->assignment = a;
+  p->settings = effective_settings(settings_ ? &*settings_ : nullptr);
+  p->preq = make_placement_request(p->req, p->settings);
+  p->amount = reservation_for(p->preq);
+  p->amount.gpus = 0;  // GPUs: the broker's lease, still held by the record's lease id
+  PendingHold hold;
+  hold.build_id = p->req.build_id();
+  hold.amount = p->amount;
+  hold.done = [this, p, phase, again, replaced = record.replaced_node_id()](HoldOutcome o) {
+    switch (o) {
+      case HoldOutcome::kError:
+        retry_later(p->msg, "cannot write the capacity hold on " + p->node_id);
+        return done(p);
+      case HoldOutcome::kNoRoom:
+        return move_recorded(p);
+      case HoldOutcome::kHeld:
+      case HoldOutcome::kAlreadyHeld:
+        break;
     }
+    meters_->from_record.Increment();
+    ++counts_.finished_from_record;
+    spdlog::info("build {} was already placed on {}; finishing that placement", p->req.build_id(),
+                 p->node_id);
+    if (auto st = publish_assignment(p->assignment, again); !st) {
+      retry_later(p->msg, "cannot publish the assignment: " + st.error().message);
+      return done(p);
+    }
+    if (!phase) {
+      if (auto st = publish_scheduled(p->assignment, replaced); !st) {
+        retry_later(p->msg, "cannot publish SCHEDULED: " + st.error().message);
+        return done(p);
+      }
+    }
+    ack(p->msg);
+    done(p);
+  };
+  request_hold(p->node_id, std::move(hold));
+}
+
+void SchedulerService::move_recorded(const PlacementPtr& p) {
+  // The recorded node filled up while the request waited for its redelivery. Sending the
+  // assignment there would put the node over capacity; place the build afresh instead, as after a
+  // lost node: another candidate, an assignment with its own msg-id (the first one's may be
+  // stored), the old record rewritten to name the new node (so a late look at it, by this
+  // scheduler or by the agent, sees where the build went) and a SCHEDULED that says why.
+  const std::string from = p->node_id;
+  spdlog::warn(
+      "build {}: recorded node {} has no room left (its capacity hold expired before "
+      "the redelivery); placing it afresh",
+      p->req.build_id(), from);
+  if (!p->assignment.lease_id().empty()) {
+    release_gpus(p->req.workspace_id(), p->assignment.lease_id());
   }
-  ack(msg);
+  p->lost_node = from;
+  p->no_room = true;
+  p->node_id.clear();
+  p->assignment.Clear();
+  decide(p);
 }
 
 Status SchedulerService::publish_assignment(const cvm::v1::NodeAssignment& a, bool placed_again) {
@@ -686,7 +767,7 @@ void SchedulerService::publish_assignment_async(const cvm::v1::NodeAssignment& a
 }
 
 void SchedulerService::publish_scheduled_async(const cvm::v1::NodeAssignment& a,
-                                               const std::string& lost_node,
+                                               const std::string& lost_node, bool no_room,
                                                std::function<void(Status)> then) {
   const auto& req = a.request();
   auto e =
@@ -697,7 +778,14 @@ void SchedulerService::publish_scheduled_async(const cvm::v1::NodeAssignment& a,
   bus::AsyncPublish opts;
   opts.msg_id = service::event_msg_id(e);
   opts.timeout = config_.bus_timeout;
-  if (!lost_node.empty()) {
+  if (no_room) {
+    e.set_reason(cvm::v1::INSUFFICIENT_CAPACITY);
+    e.set_message("node " + lost_node +
+                  " had no room left when a scheduler restart came to finish the placement there; "
+                  "placed again on " +
+                  a.node_id());
+    opts.msg_id += "." + a.node_id();
+  } else if (!lost_node.empty()) {
     e.set_reason(cvm::v1::NODE_LOST);
     e.set_message("node " + lost_node + " was lost before the workspace ran; placed again on " +
                   a.node_id());
@@ -868,7 +956,22 @@ void SchedulerService::fail(const cvm::v1::BuildRequest& req, cvm::v1::Reason re
   ack(msg);
 }
 
+GiveUp give_up_action(bool has_build, std::optional<cvm::v1::Phase> last_phase, bool has_record,
+                      bool place_again) {
+  if (!has_build) return GiveUp::kTermOnly;
+  if (last_phase && is_terminal_phase(*last_phase)) return GiveUp::kTermOnly;
+  // A recorded START may have had its assignment stored: the node may still run it and send the
+  // build's terminal event, so a FAILED here could be a second one. (A build placed again after a
+  // lost node has a record too, but the lost node runs nothing: it fails like any placement.)
+  if (has_record && !place_again) return GiveUp::kTermOnly;
+  return GiveUp::kFailAndTerm;
+}
+
 void SchedulerService::retry_later(const bus::JsMessagePtr& msg, const std::string& why) {
+  if (config_.max_deliver > 0 &&
+      msg->num_delivered() >= static_cast<uint64_t>(config_.max_deliver)) {
+    return give_up(msg, why);
+  }
   meters_->retried.Increment();
   spdlog::warn("will retry stream seq {} (delivery {}): {}", msg->stream_sequence(),
                msg->num_delivered(), why);
@@ -876,6 +979,59 @@ void SchedulerService::retry_later(const bus::JsMessagePtr& msg, const std::stri
     // Without the nak the ack wait expires and the server redelivers anyway.
     spdlog::warn("nak failed: {}", st.error().message);
   }
+}
+
+void SchedulerService::give_up(const bus::JsMessagePtr& msg, const std::string& why) {
+  // The server delivers no more after this one: a nak would leave the request in the work queue
+  // with no event at all, and the requester waiting forever. End the build with FAILED (when that
+  // cannot be a second terminal event) and term the message: the server's MSG_TERMINATED advisory
+  // lands in CVM_DEAD_LETTERS, which names the request's stream sequence.
+  meters_->given_up.Increment();
+  ++counts_.given_up;
+  const std::string message =
+      "gave up after " + std::to_string(msg->num_delivered()) + " deliveries: " + why;
+  std::optional<cvm::v1::BuildRequest> req;
+  if (!msg->header(std::string(kHeaderNodeLost))) {
+    const auto header_id = msg->header("Nats-Msg-Id");
+    const auto again_from = msg->header(std::string(kHeaderPlaceAgain));
+    auto decoded = decode_build_request(
+        msg->data(),
+        header_id && !again_from ? std::optional<std::string_view>(*header_id) : std::nullopt);
+    if (decoded.request) req = *decoded.request;
+  }
+  std::optional<cvm::v1::Phase> phase;
+  bool has_record = false;
+  if (req) {
+    // When a lookup fails, assume the safe side: no FAILED that could be a second terminal event.
+    auto last = last_phase(req->build_id());
+    auto record = find_record(req->build_id());
+    if (!last || !record) {
+      phase = cvm::v1::FAILED;
+    } else {
+      phase = *last;
+      has_record = record->has_value() && req->transition() == cvm::v1::START;
+    }
+  }
+  const bool again = msg->header(std::string(kHeaderPlaceAgain)).has_value();
+  if (give_up_action(req.has_value(), phase, has_record, again) == GiveUp::kFailAndTerm) {
+    auto e =
+        service::make_event(req->build_id(), req->workspace_id(), cvm::v1::FAILED, clock_, kSource);
+    const auto reason = again ? cvm::v1::NODE_LOST : cvm::v1::RUNTIME_ERROR;
+    e.set_reason(reason);
+    e.set_message(message);
+    if (auto ev = service::publish_event(*conn_, e); !ev) {
+      spdlog::error("build {}: cannot publish FAILED after the last delivery: {}", req->build_id(),
+                    ev.error().message);
+    } else {
+      meters_->failed.Increment();
+      meters_->failed_reason(reason).Increment();
+      ++counts_.failed;
+    }
+  }
+  spdlog::error("giving up on stream seq {} (build {}, delivery {} of {}): {}; dead-lettered",
+                msg->stream_sequence(), req ? req->build_id() : "-", msg->num_delivered(),
+                config_.max_deliver, why);
+  if (auto st = msg->term(); !st) spdlog::warn("term failed: {}", st.error().message);
 }
 
 void SchedulerService::ack(const bus::JsMessagePtr& msg) {

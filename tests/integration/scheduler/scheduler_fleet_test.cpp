@@ -13,6 +13,7 @@
 #include <boost/asio/io_context.hpp>
 
 #include "cvm/base/clock.h"
+#include "cvm/base/reasons.h"
 #include "cvm/base/wire.h"
 #include "cvm/bus/bus.h"
 #include "cvm/fleetsim/harness.h"
@@ -279,6 +280,166 @@ TEST_F(SchedulerFleet, RedeliveryAfterScheduledWithoutAssignmentSendsTheAssignme
   EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().finished_from_record; }), 1u);
   EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().scheduled; }), 0u)
       << "finishing from the record is not a new placement";
+}
+
+// Finding 6 (docs/reliability.md): a replica recorded the placement on node A and crashed before
+// sending the assignment. Its capacity hold lasts as long as the ack wait, so by the redelivery it
+// has expired and the room may have gone to other builds. The redelivery must hold the room again
+// (compare-and-set) before it sends the assignment: here A is full, so the build is placed afresh
+// on B (never over capacity on A) with one terminal event; `room_left` is the control where A still
+// has room and the build finishes there, holding it again.
+class ExpiredHoldRedelivery : public SchedulerFleet {
+ protected:
+  // The crashed replica's work: the record on `node`, the hold it wrote already expired, and
+  // (when `filler_cpu` > 0) a hold of another build that took the room meanwhile.
+  void crash_after_record(const cvm::v1::BuildRequest& req, const std::string& node,
+                          uint64_t filler_cpu) {
+    submit(req);
+    std::atomic<bool> got{false};
+    bus::ConsumerConfig cc;
+    cc.stream = std::string(wire::kStreamBuilds);
+    cc.durable = std::string(wire::kSchedulerDurable);
+    cc.filter_subject = std::string(wire::kBuildsSubmit);
+    cc.ack_wait = 30s;
+    cc.max_deliver = sched_config_.max_deliver;
+    auto placements = client_->ensure_kv(service::placements_bucket());
+    ASSERT_TRUE(placements.ok());
+    auto capacity = client_->ensure_kv(service::capacity_bucket());
+    ASSERT_TRUE(capacity.ok());
+    const int64_t now = clock_.now_unix_ms();
+    cvm::v1::CapacityLedger ledger;
+    ledger.set_node_id(node);
+    auto* own = ledger.add_holds();
+    own->set_build_id(req.build_id());
+    own->set_cpu_millicores(req.resources().cpu_millicores());
+    own->set_memory_bytes(req.resources().memory_bytes());
+    own->set_expires_unix_ms(now - 1000);
+    if (filler_cpu > 0) {
+      auto* other = ledger.add_holds();
+      other->set_build_id("filler");
+      other->set_cpu_millicores(filler_cpu);
+      other->set_memory_bytes(kGiB);
+      other->set_expires_unix_ms(now + 600'000);
+    }
+    ASSERT_TRUE(capacity->put(node, ledger.SerializeAsString()).ok());
+    {
+      auto consumer = client_->pull_consume(cc, [&](bus::JsMessagePtr m) {
+        if (got.exchange(true)) return;
+        cvm::v1::PlacementRecord rec;
+        auto* a = rec.mutable_assignment();
+        *a->mutable_request() = req;
+        a->set_node_id(node);
+        a->set_cvm(true);
+        ASSERT_TRUE(placements->create(node + "." + req.build_id(), rec.SerializeAsString()).ok());
+        // The crash, before the assignment was stored. The delay lets the new scheduler load the
+        // nodes and ledgers before the redelivery comes.
+        (void)m->nak(3s);
+      });
+      ASSERT_TRUE(consumer.ok());
+      ASSERT_TRUE(test::wait_until([&] { return got.load(); }, 10s));
+    }
+  }
+
+  void start_after_crash(const std::string& prefix) {
+    fleetsim::FleetConfig fleet;
+    fleet.nodes = 2;
+    fleet.profiles = {vm()};  // 4,000 mCPU, 8 GiB each
+    fleet.prefix = prefix;
+    ASSERT_TRUE(harness_->start_fleet(fleet).ok());
+    ASSERT_TRUE(harness_->start_broker().ok());
+    ASSERT_TRUE(harness_->start_schedulers(1, sched_config_).ok());
+    wait_for_nodes(2);
+  }
+};
+
+TEST_F(ExpiredHoldRedelivery, FullRecordedNodeGetsNoAssignmentBuildIsPlacedAfresh) {
+  auto req = request("crash3", 3000, kGiB);
+  ASSERT_NO_FATAL_FAILURE(crash_after_record(req, "h-1", 3000));  // h-1: 1,000 mCPU left
+  ASSERT_NO_FATAL_FAILURE(start_after_crash("h"));
+  auto e = wait_phase("crash3", {cvm::v1::RUNNING, cvm::v1::FAILED});
+  ASSERT_TRUE(e.has_value());
+  EXPECT_EQ(e->phase(), cvm::v1::RUNNING) << e->message();
+  EXPECT_EQ(e->node_id(), "h-0");
+  EXPECT_EQ(harness_->on_fleet([](auto& f) { return f.node_of_build("crash3"); }),
+            std::optional<std::string>("h-0"));
+  EXPECT_EQ(harness_->on_fleet([](auto& f) { return f.stats().over_capacity; }), 0u);
+  EXPECT_EQ(harness_->on_fleet([](auto& f) { return f.stats().launched_twice; }), 0u);
+  EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().moved_no_room; }), 1u);
+  EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().failed; }), 0u);
+  // Nothing was sent to h-1: its work subject holds no assignment.
+  auto on_h1 =
+      client_->last_message(std::string(wire::kStreamNodeWork), wire::node_work_subject("h-1"));
+  ASSERT_TRUE(on_h1.ok());
+  EXPECT_FALSE(on_h1->has_value()) << "an assignment went to the full node";
+  // The old record names the new node, so a late look at it sees where the build went.
+  auto placements = client_->ensure_kv(service::placements_bucket());
+  ASSERT_TRUE(placements.ok());
+  auto old = placements->get("h-1.crash3");
+  ASSERT_TRUE(old.ok() && old->has_value());
+  cvm::v1::PlacementRecord rec;
+  ASSERT_TRUE(rec.ParseFromString((*old)->value));
+  EXPECT_EQ(rec.assignment().node_id(), "h-0");
+  EXPECT_EQ(rec.replaced_node_id(), "h-1");
+  // One terminal event, and the SCHEDULED on h-0 says why it moved.
+  std::vector<cvm::v1::BuildEvent> events;
+  auto reader =
+      client_->read_stream(std::string(wire::kStreamEvents), wire::build_events_subject("crash3"));
+  ASSERT_TRUE(reader.ok());
+  for (;;) {
+    auto m = (*reader)->next(1s);
+    ASSERT_TRUE(m.ok());
+    if (!m->has_value()) break;
+    ASSERT_TRUE(events.emplace_back().ParseFromString((*m)->message.data));
+  }
+  int terminal = 0;
+  bool said_why = false;
+  for (const auto& ev : events) {
+    terminal += is_terminal_phase(ev.phase());
+    said_why |= ev.phase() == cvm::v1::SCHEDULED && ev.node_id() == "h-0" &&
+                ev.reason() == cvm::v1::INSUFFICIENT_CAPACITY;
+  }
+  EXPECT_EQ(terminal, 1);
+  EXPECT_TRUE(said_why);
+}
+
+TEST_F(ExpiredHoldRedelivery, RoomLeftOnRecordedNodeFinishesThereHoldingItAgain) {
+  auto req = request("crash4", 3000, kGiB);
+  ASSERT_NO_FATAL_FAILURE(crash_after_record(req, "g-1", 0));
+  ASSERT_NO_FATAL_FAILURE(start_after_crash("g"));
+  auto e = wait_phase("crash4", {cvm::v1::RUNNING, cvm::v1::FAILED});
+  ASSERT_TRUE(e.has_value());
+  EXPECT_EQ(e->phase(), cvm::v1::RUNNING) << e->message();
+  EXPECT_EQ(e->node_id(), "g-1");
+  EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().finished_from_record; }), 1u);
+  EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().moved_no_room; }), 0u);
+  // The hold is in force again on g-1 (written before the assignment went out).
+  auto capacity = client_->ensure_kv(service::capacity_bucket());
+  ASSERT_TRUE(capacity.ok());
+  auto entry = capacity->get("g-1");
+  ASSERT_TRUE(entry.ok() && entry->has_value());
+  cvm::v1::CapacityLedger ledger;
+  ASSERT_TRUE(ledger.ParseFromString((*entry)->value));
+  bool held = false;
+  for (const auto& h : ledger.holds()) {
+    held |= h.build_id() == "crash4" && h.expires_unix_ms() > clock_.now_unix_ms();
+  }
+  EXPECT_TRUE(held);
+}
+
+// The decision of the last delivery (finding 2): FAILED unless that could be a second terminal
+// event; the message is termed (dead-lettered) in every case.
+TEST(GiveUpAction, FailsOnlyWhenThatCannotBeASecondTerminalEvent) {
+  using scheduler::give_up_action;
+  using scheduler::GiveUp;
+  EXPECT_EQ(give_up_action(true, std::nullopt, false, false), GiveUp::kFailAndTerm);
+  EXPECT_EQ(give_up_action(true, cvm::v1::PENDING, false, false), GiveUp::kFailAndTerm);
+  EXPECT_EQ(give_up_action(false, std::nullopt, false, false), GiveUp::kTermOnly);  // a notice
+  EXPECT_EQ(give_up_action(true, cvm::v1::RUNNING, false, false), GiveUp::kTermOnly);
+  EXPECT_EQ(give_up_action(true, cvm::v1::FAILED, false, true), GiveUp::kTermOnly);
+  // Recorded: the assignment may be out, the node may end the build itself.
+  EXPECT_EQ(give_up_action(true, cvm::v1::SCHEDULED, true, false), GiveUp::kTermOnly);
+  // Placed again after a lost node: that node runs nothing, so FAILED is the one terminal event.
+  EXPECT_EQ(give_up_action(true, cvm::v1::SCHEDULED, true, true), GiveUp::kFailAndTerm);
 }
 
 // A build submitted again after it was decided (another msg-id, so the stream keeps both) is

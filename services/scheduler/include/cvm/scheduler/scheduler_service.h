@@ -50,6 +50,16 @@ namespace cvm::scheduler {
 inline constexpr std::string_view kHeaderNodeLost = "Cvm-Node-Lost";
 inline constexpr std::string_view kHeaderPlaceAgain = "Cvm-Place-Again-From";
 
+// What the last delivery of a request that failed once more does (pure; give_up does the I/O).
+// The server delivers no more after it, so the message is always termed (a dead letter); the build
+// gets FAILED unless that could be its second terminal event.
+enum class GiveUp : uint8_t { kTermOnly, kFailAndTerm };
+// has_build: the message names a build (not a node-lost notice, not unreadable); last_phase: the
+// build's newest event; has_record: a START whose placement was recorded (its assignment may be
+// out); place_again: a request to move a build off a lost node.
+GiveUp give_up_action(bool has_build, std::optional<cvm::v1::Phase> last_phase, bool has_record,
+                      bool place_again);
+
 struct SchedulerConfig {
   std::chrono::milliseconds node_ttl{kDefaultLivenessTtlMs};
   // How long a capacity hold counts on top of the node's own NodeStatus.allocated (the agent
@@ -91,6 +101,10 @@ class SchedulerService {
     uint64_t nodes_lost = 0;
     uint64_t finished_from_record = 0;
     uint64_t duplicates = 0;  // requests of builds decided already, dropped
+    uint64_t given_up = 0;    // requests termed on their last delivery
+    // Redelivered placements whose recorded node had no room left (their hold had expired), placed
+    // afresh.
+    uint64_t moved_no_room = 0;
   };
   [[nodiscard]] const Counts& counts() const { return counts_; }
   [[nodiscard]] size_t nodes() const { return index_.size(); }
@@ -149,18 +163,25 @@ class SchedulerService {
   void publish_assignment_async(const cvm::v1::NodeAssignment& a, bool placed_again,
                                 std::function<void(Status)> then);
   void publish_scheduled_async(const cvm::v1::NodeAssignment& a, const std::string& lost_node,
-                               std::function<void(Status)> then);
+                               bool no_room, std::function<void(Status)> then);
   // Wraps an asynchronous completion so that it does nothing once the service is gone.
   template <class Fn>
   auto guarded(Fn fn);
-  // Publishes the recorded assignment again (deduplicated) and its SCHEDULED event, then acks.
+  // Publishes the recorded assignment again (deduplicated) and its SCHEDULED event, then acks;
+  // holds capacity on the recorded node again first (the first hold may have expired), and when
+  // there is no room left places the build afresh (move_recorded).
   void finish_recorded(const cvm::v1::PlacementRecord& record, const bus::JsMessagePtr& msg);
+  void move_recorded(const PlacementPtr& p);
+  static cvm::v1::Reason moved_reason(const Placement& p, cvm::v1::Reason reason);
+  static std::string moved_prefix(const Placement& p);
   Status publish_assignment(const cvm::v1::NodeAssignment& a, bool placed_again);
   Status publish_scheduled(const cvm::v1::NodeAssignment& a, const std::string& lost_node);
   // Publishes the terminal FAILED event and acks; naks for a retry if the event cannot be sent.
   void fail(const cvm::v1::BuildRequest& req, cvm::v1::Reason reason, const std::string& message,
             const bus::JsMessagePtr& msg);
+  // Naks for a later retry; on the last delivery (max_deliver) gives up instead.
   void retry_later(const bus::JsMessagePtr& msg, const std::string& why);
+  void give_up(const bus::JsMessagePtr& msg, const std::string& why);
   void ack(const bus::JsMessagePtr& msg);
   bool already_handled(const std::string& build_id);
   Result<std::optional<cvm::v1::Phase>> last_phase(const std::string& build_id);
