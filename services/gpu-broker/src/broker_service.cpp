@@ -414,6 +414,24 @@ cvm::v1::GpuReleaseReply BrokerService::release(const cvm::v1::GpuReleaseRequest
   for (const auto& [key, entry] : leases_) {
     if (matches(entry.lease) && !targets.contains(key)) targets[key] = entry.revision;
   }
+  if (targets.empty()) {
+    // Nothing in this replica's view: the lease may have been granted by another replica a
+    // moment ago, before our watch caught up (seen in CI). Read the ledger itself rather than
+    // answer "released 0" and leave the lease until the reconcile finds the workspace gone.
+    // Only releases that find nothing pay for the scan.
+    if (auto keys = leases_kv_->keys(); keys) {
+      for (const auto& key : *keys) {
+        auto cur = leases_kv_->get(key);
+        if (!cur || !cur->has_value()) continue;
+        cvm::v1::GpuLease lease;
+        if (lease.ParseFromString((*cur)->value) && matches(lease)) {
+          targets[key] = (*cur)->revision;
+        }
+      }
+    } else {
+      out.set_message("cannot list leases: " + keys.error().message);
+    }
+  }
   uint32_t released = 0;
   for (const auto& [key, revision] : targets) {
     auto st = erase_lease(key, revision);
