@@ -45,6 +45,14 @@ uint64_t memory_of(const cvm::v1::Resources& r) {
 }
 }  // namespace
 
+bool build_still_ours(const cvm::v1::WorkspaceRecord* current, uint64_t current_revision,
+                      uint64_t expected_revision, const std::string& node_id,
+                      const std::string& build_id) {
+  if (current == nullptr || current->node_id() == node_id) return true;
+  if (current->build_id() == build_id) return false;  // this very build runs (or ran) elsewhere
+  return current_revision == expected_revision;
+}
+
 struct AgentService::Meters {
   explicit Meters(telemetry::Metrics& m)
       : assignments(
@@ -263,17 +271,94 @@ void AgentService::load_workspaces() {
     if (!r.ParseFromString((*e)->value) || r.node_id() != config_.node_id) continue;
     Workspace ws;
     ws.record = r;
+    ws.revision = (*e)->revision;
     ws.cpu_millicores = cpu_of(r.resources());
     ws.memory_bytes = memory_of(r.resources());
     workspaces_[r.workspace_id()] = std::move(ws);
   }
 }
 
-void AgentService::put_workspace(const Workspace& ws) {
-  if (auto rev = workspaces_kv_->put(ws.record.workspace_id(), ws.record.SerializeAsString());
-      !rev) {
-    spdlog::warn("cannot record workspace {}: {}", ws.record.workspace_id(), rev.error().message);
+Status AgentService::put_workspace(Workspace& ws) {
+  const auto& key = ws.record.workspace_id();
+  const std::string value = ws.record.SerializeAsString();
+  uint64_t expected = ws.revision;
+  // Two tries at most: the second only over a record that still names this node.
+  for (int attempt = 0;; ++attempt) {
+    auto rev = expected == 0 ? workspaces_kv_->create(key, value)
+                             : workspaces_kv_->update(key, value, expected);
+    if (rev) {
+      ws.revision = *rev;
+      return {};
+    }
+    if (!rev.error().is_conflict() || attempt > 0) {
+      spdlog::warn("cannot record workspace {}: {}", key, rev.error().message);
+      return rev.error();
+    }
+    auto now = read_record(key);
+    if (!now) {
+      spdlog::warn("cannot record workspace {}: {}", key, now.error().message);
+      return now.error();
+    }
+    if (!build_still_ours(now->record ? &*now->record : nullptr, now->revision, ws.revision,
+                          config_.node_id, ws.record.build_id())) {
+      spdlog::warn(
+          "workspace {}: stale write refused (revision {} expected, {} now, by node {} for build "
+          "{}); it is no longer this node's",
+          key, ws.revision, now->revision, now->record->node_id(), now->record->build_id());
+      return make_error(ErrorDomain::kConflict,
+                        "workspace " + key + " belongs to node " + now->record->node_id() + " now");
+    }
+    expected = now->revision;
   }
+}
+
+Result<AgentService::KvRecord> AgentService::read_record(const std::string& workspace_id) {
+  auto e = workspaces_kv_->get(workspace_id);
+  if (!e) return e.error();
+  KvRecord out;
+  if (!e->has_value()) return out;
+  out.revision = (*e)->revision;
+  cvm::v1::WorkspaceRecord r;
+  // An unreadable record names no node: it cannot show that the build moved.
+  if (r.ParseFromString((*e)->value)) out.record = std::move(r);
+  return out;
+}
+
+bool AgentService::still_ours(const cvm::v1::NodeAssignment& a, uint64_t expected_revision) {
+  auto now = read_record(a.request().workspace_id());
+  if (!now) return true;
+  return build_still_ours(now->record ? &*now->record : nullptr, now->revision, expected_revision,
+                          config_.node_id, a.request().build_id());
+}
+
+void AgentService::give_up_moved(const cvm::v1::NodeAssignment& a, const bus::JsMessagePtr& msg) {
+  const std::string ws_id = a.request().workspace_id();
+  spdlog::warn(
+      "build {}: workspace {} was placed on another node while this agent was away; removing "
+      "what it started here and publishing nothing",
+      a.request().build_id(), ws_id);
+  busy_.insert(ws_id);
+  boost::asio::post(worker_, [this, a, msg, ws_id] {
+    (void)launcher_->stop(ws_id);
+    Status removed = launcher_->remove(ws_id, true);
+    boost::asio::post(io_, [this, a, msg, ws_id, removed] {
+      if (!removed) spdlog::error("{}", removed.error().message);
+      busy_.erase(ws_id);
+      ids_->release(ws_id);
+      if (auto st = save_id_ranges(); !st) spdlog::error("{}", st.error().message);
+      if (!a.lease_id().empty()) {
+        cvm::v1::WorkspaceRecord r;
+        r.set_workspace_id(ws_id);
+        r.set_lease_id(a.lease_id());
+        release_gpus(r);
+      }
+      workspaces_.erase(ws_id);
+      remove_inflight(ws_id);
+      if (msg) (void)msg->ack();
+      update_running_gauge();
+      heartbeat();
+    });
+  });
 }
 
 cvm::v1::NodeStatus AgentService::node_status() const {
@@ -394,6 +479,24 @@ void AgentService::handle_start(const cvm::v1::NodeAssignment& a, const bus::JsM
     }
   }
   const auto t0 = std::chrono::steady_clock::now();
+  // The revision every later write of this launch compares against (finding 3).
+  auto current = read_record(req.workspace_id());
+  if (!current) {
+    // Without the record the agent cannot tell whether the build is still its own.
+    spdlog::warn("build {}: cannot read workspace {}: {}; retrying later", req.build_id(),
+                 req.workspace_id(), current.error().message);
+    (void)msg->nak(std::chrono::seconds(2));
+    return;
+  }
+  const uint64_t expected = current->revision;
+  if (!build_still_ours(current->record ? &*current->record : nullptr, expected, expected,
+                        config_.node_id, req.build_id())) {
+    // A redelivery to a node that came back after the build was placed elsewhere.
+    spdlog::warn("build {}: runs on node {} now; not launching it here", req.build_id(),
+                 current->record->node_id());
+    (void)msg->ack();
+    return;
+  }
   auto ids = ids_->allocate(req.workspace_id());
   if (!ids) {
     publish(a, cvm::v1::FAILED, cvm::v1::INSUFFICIENT_CAPACITY, ids.error().message);
@@ -409,15 +512,15 @@ void AgentService::handle_start(const cvm::v1::NodeAssignment& a, const bus::JsM
   // The worker starts at once; PREPARING is published below while it works (an acknowledged
   // publish, one round trip to the server, is not on the launch path). The events stay in order:
   // STARTING and RUNNING are posted to this (single) io thread, so they run after this handler.
-  boost::asio::post(worker_, [this, a, ids = *ids, msg, t0, preparing_ms] {
-    auto result = launch(a, ids);
+  boost::asio::post(worker_, [this, a, ids = *ids, msg, t0, preparing_ms, expected] {
+    auto result = launch(a, ids, expected);
     const auto t_launched = std::chrono::steady_clock::now();
-    boost::asio::post(io_, [this, a, ids, msg, t0, t_launched, preparing_ms,
+    boost::asio::post(io_, [this, a, ids, msg, t0, t_launched, preparing_ms, expected,
                             result = std::move(result)]() mutable {
       meters_->launch_seconds.Observe(
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       const auto t_io = std::chrono::steady_clock::now();
-      finish_start(a, ids, std::move(result), preparing_ms, msg);
+      finish_start(a, ids, std::move(result), preparing_ms, expected, msg);
       spdlog::debug(
           "build {}: received -> launched {:.1f} ms, to the io thread {:.2f} ms, "
           "recorded and published {:.2f} ms",
@@ -433,8 +536,10 @@ void AgentService::handle_start(const cvm::v1::NodeAssignment& a, const bus::JsM
                 req.build_id(), ms_since(t0, t_persisted), ms_since(t_persisted));
 }
 
-AgentService::LaunchResult AgentService::launch(const cvm::v1::NodeAssignment& a, IdRange ids) {
+AgentService::LaunchResult AgentService::launch(const cvm::v1::NodeAssignment& a, IdRange ids,
+                                                uint64_t expected_revision) {
   const auto& req = a.request();
+  LaunchResult out;
   LaunchRequest r;
   r.workspace_id = req.workspace_id();
   r.build_id = req.build_id();
@@ -448,8 +553,15 @@ AgentService::LaunchResult AgentService::launch(const cvm::v1::NodeAssignment& a
   r.fuse = req.options().fuse();
   for (const auto& g : a.gpus()) r.gpus.push_back(AssignedGpu{g.minor(), g.uuid()});
   r.ids = ids;
-  LaunchResult out;
+  r.may_start = [&] { return !out.withdrawn; };
   out.outcome = launcher_->launch(r, [&](const std::string& rootfs_note) {
+    // Right before the runtime (finding 3): the agent may have been frozen, or its unpack slow,
+    // past the node's TTL since the assignment came. One KV read, on this worker thread.
+    // Withdrawn, the launcher starts nothing and removes the bundle.
+    if (!still_ours(a, expected_revision)) {
+      out.withdrawn = true;
+      return;
+    }
     out.starting_ms = clock_.now_unix_ms();
     // Which rootfs path was taken (ID-mapped overlay of the node cache, or an unpack). Published
     // by the io thread while this one calls the runtime: the acknowledged publish is off the
@@ -458,6 +570,7 @@ AgentService::LaunchResult AgentService::launch(const cvm::v1::NodeAssignment& a
       publish(a, cvm::v1::STARTING, cvm::v1::REASON_UNSPECIFIED, rootfs_note);
     });
   });
+  if (out.withdrawn) return out;  // finish_start removes the rest (give_up_moved)
   if (!runtime_info_.sysbox()) {
     out.outcome.warnings.push_back(
         "sysbox-runc is not installed on " + config_.node_id +
@@ -466,11 +579,13 @@ AgentService::LaunchResult AgentService::launch(const cvm::v1::NodeAssignment& a
   return out;
 }
 
-void AgentService::record_outcome(const cvm::v1::NodeAssignment& a, IdRange ids,
-                                  const LaunchOutcome& outcome,
-                                  const std::vector<std::pair<cvm::v1::Phase, int64_t>>& phases) {
+Status AgentService::record_outcome(const cvm::v1::NodeAssignment& a, IdRange ids,
+                                    const LaunchOutcome& outcome,
+                                    const std::vector<std::pair<cvm::v1::Phase, int64_t>>& phases,
+                                    uint64_t expected_revision) {
   const auto& req = a.request();
   Workspace ws;
+  ws.revision = expected_revision;
   auto& r = ws.record;
   r.set_workspace_id(req.workspace_id());
   r.set_node_id(config_.node_id);
@@ -500,15 +615,19 @@ void AgentService::record_outcome(const cvm::v1::NodeAssignment& a, IdRange ids,
   }
   ws.cpu_millicores = cpu_of(req.resources());
   ws.memory_bytes = memory_of(req.resources());
+  if (auto st = put_workspace(ws); !st && st.error().is_conflict()) return st;
+  // Written, or not for another reason (KV unreachable): the outcome is this node's either way.
   workspaces_[req.workspace_id()] = ws;
-  put_workspace(ws);
+  return {};
 }
 
 void AgentService::finish_start(const cvm::v1::NodeAssignment& a, IdRange ids, LaunchResult result,
-                                int64_t preparing_ms, const bus::JsMessagePtr& msg) {
+                                int64_t preparing_ms, uint64_t expected_revision,
+                                const bus::JsMessagePtr& msg) {
   const auto& req = a.request();
   const auto& outcome = result.outcome;
   busy_.erase(req.workspace_id());
+  if (result.withdrawn) return give_up_moved(a, msg);
   std::vector<std::pair<cvm::v1::Phase, int64_t>> phases = {{cvm::v1::PREPARING, preparing_ms}};
   if (result.starting_ms != 0) phases.emplace_back(cvm::v1::STARTING, result.starting_ms);
   phases.emplace_back(outcome.ok ? cvm::v1::RUNNING : cvm::v1::FAILED, clock_.now_unix_ms());
@@ -522,7 +641,9 @@ void AgentService::finish_start(const cvm::v1::NodeAssignment& a, IdRange ids, L
       r.set_lease_id(a.lease_id());
       release_gpus(r);
     }
-    record_outcome(a, ids, outcome, phases);
+    if (auto st = record_outcome(a, ids, outcome, phases, expected_revision); !st) {
+      return give_up_moved(a, msg);
+    }
     remove_inflight(req.workspace_id());
     spdlog::warn("build {} FAILED {}: {}", req.build_id(), cvm::v1::Reason_Name(outcome.reason),
                  outcome.message);
@@ -535,7 +656,9 @@ void AgentService::finish_start(const cvm::v1::NodeAssignment& a, IdRange ids, L
   // runs. The in-flight record goes after the publish: an agent killed in between adopts the
   // running container on restart and publishes RUNNING again (the msg-id dedupes it); its
   // removal (an unlink, a synchronous discard on some hosts) is not on the launch path.
-  record_outcome(a, ids, outcome, phases);
+  if (auto st = record_outcome(a, ids, outcome, phases, expected_revision); !st) {
+    return give_up_moved(a, msg);  // refused by revision: the build runs elsewhere
+  }
   publish(a, cvm::v1::RUNNING, cvm::v1::REASON_UNSPECIFIED, "", outcome.warnings);
   remove_inflight(req.workspace_id());
   meters_->launched.Increment();
@@ -597,7 +720,7 @@ void AgentService::handle_stop(const cvm::v1::NodeAssignment& a, const bus::JsMe
         auto* t2 = r.add_phase_times();
         t2->set_phase(cvm::v1::STOPPED);
         t2->set_unix_ms(clock_.now_unix_ms());
-        put_workspace(it->second);
+        (void)put_workspace(it->second);  // a refusal is logged: the record is another node's
       }
       meters_->stopped.Increment();
       update_running_gauge();
@@ -672,6 +795,33 @@ void AgentService::reconcile() {
   // 1. Launches a killed agent left unfinished: adopt what got to RUNNING, fail the rest.
   for (auto& [ws_id, a] : read_inflight()) {
     const auto& req = a.request();
+    // Finding 4: the scheduler may have placed the build on another node while this agent was
+    // away. Then nothing of it is this node's to settle: clean up and say nothing.
+    uint64_t expected = 0;
+    if (auto now = read_record(ws_id); now) {
+      expected = now->revision;
+      if (!build_still_ours(now->record ? &*now->record : nullptr, expected, expected,
+                            config_.node_id, req.build_id())) {
+        spdlog::warn(
+            "reconcile: build {} of workspace {} runs on node {} now; removing what this "
+            "node started for it, publishing nothing",
+            req.build_id(), ws_id, now->record->node_id());
+        (void)launcher_->stop(ws_id);
+        if (auto st = launcher_->remove(ws_id, true); !st) spdlog::error("{}", st.error().message);
+        ids_->release(ws_id);
+        if (!a.lease_id().empty()) {
+          cvm::v1::WorkspaceRecord r;
+          r.set_workspace_id(ws_id);
+          r.set_lease_id(a.lease_id());
+          release_gpus(r);
+        }
+        workspaces_.erase(ws_id);
+        remove_inflight(ws_id);
+        continue;
+      }
+    } else if (auto it = workspaces_.find(ws_id); it != workspaces_.end()) {
+      expected = it->second.revision;  // KV unreadable: the compare-and-set still guards
+    }
     auto ids = ids_->find(ws_id);
     LaunchOutcome outcome;
     int pid = running(ws_id);
@@ -704,7 +854,18 @@ void AgentService::reconcile() {
     }
     std::vector<std::pair<cvm::v1::Phase, int64_t>> phases = {
         {outcome.ok ? cvm::v1::RUNNING : cvm::v1::FAILED, clock_.now_unix_ms()}};
-    record_outcome(a, ids.value_or(IdRange{}), outcome, phases);
+    if (auto st = record_outcome(a, ids.value_or(IdRange{}), outcome, phases, expected); !st) {
+      // Moved between the read above and this write.
+      spdlog::warn("reconcile: build {} of workspace {} moved to another node; publishing nothing",
+                   req.build_id(), ws_id);
+      (void)launcher_->stop(ws_id);
+      (void)launcher_->remove(ws_id, true);
+      ids_->release(ws_id);
+      keep.erase(ws_id);
+      workspaces_.erase(ws_id);
+      remove_inflight(ws_id);
+      continue;
+    }
     remove_inflight(ws_id);
     spdlog::warn("reconcile: build {} of workspace {} {} after a restart", req.build_id(), ws_id,
                  outcome.ok ? "is RUNNING" : "FAILED");
@@ -740,7 +901,7 @@ void AgentService::reconcile() {
     auto* t = r.add_phase_times();
     t->set_phase(cvm::v1::FAILED);
     t->set_unix_ms(r.updated_unix_ms());
-    put_workspace(ws);
+    (void)put_workspace(ws);
     keep.insert(ws_id);  // its files and range stay for a later START or DELETE
     meters_->lost.Increment();
     spdlog::warn("reconcile: workspace {} lost: {}", ws_id, r.message());

@@ -426,6 +426,9 @@ LaunchOutcome WorkspaceLauncher::launch_plain(const LaunchRequest& r, const Unpa
     return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, st.error().message, std::move(out));
   }
   if (on_starting) on_starting(out.rootfs_note);
+  if (r.may_start && !r.may_start()) {
+    return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, "launch withdrawn", std::move(out));
+  }
   const std::string log = dir + "/runc.log";
   Status started = runtime_.run_detached(id, image.bundle, log);
   if (!started) {
@@ -523,6 +526,10 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootf
 
   const auto t_specs = Clock::now();
   if (on_starting) on_starting(out.rootfs_note);
+  if (r.may_start && !r.may_start()) {
+    (void)take_image();
+    return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, "launch withdrawn", std::move(out));
+  }
   const auto t_run = Clock::now();
   const std::string log = dir + "/runc.log";
   // The supervisor's pid from runc's --pid-file: no `runc state` on the launch path. Whether it

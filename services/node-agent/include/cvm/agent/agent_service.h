@@ -10,6 +10,14 @@
 // orphan containers, bundles and ID ranges, and marks workspaces whose container is gone as lost.
 // It does not wait for the assignment's redelivery (ack wait 120 s); when that comes, the record
 // of the same build answers it without a second launch.
+//
+// Ownership (findings 3 and 4 of docs/reliability.md): a node gone past the scheduler's node TTL
+// (dead or frozen) may have its build placed on another node. The agent therefore writes its
+// workspace records only by compare-and-set, from the revision it read when the assignment arrived
+// (or last wrote), and checks that the build is still its own before the runtime starts, before
+// each record it writes and before it settles an unfinished launch after a restart. A build that
+// moved is given up silently: what this agent started for it (container, bundle, ID range, GPU
+// lease, in-flight record) is removed and no event is published.
 
 #include <chrono>
 #include <map>
@@ -35,6 +43,16 @@
 #include "cvm/v1/node.pb.h"
 
 namespace cvm::agent {
+
+// Whether a build assigned to `node_id` still belongs there, given the workspace's record in KV
+// now (`current`, nullptr when there is none) at revision `current_revision`, and the revision the
+// agent expected (read when the assignment arrived, or its own last write). A record of another
+// node for the same build means the build moved; a record of another node for another build is
+// the workspace's past when it is the one the agent saw (the workspace moves here), and a newer
+// placement elsewhere when it is not. Pure; unit-tested.
+bool build_still_ours(const cvm::v1::WorkspaceRecord* current, uint64_t current_revision,
+                      uint64_t expected_revision, const std::string& node_id,
+                      const std::string& build_id);
 
 struct AgentConfig {
   std::string node_id;
@@ -71,6 +89,7 @@ class AgentService {
   struct Meters;
   struct Workspace {
     cvm::v1::WorkspaceRecord record;
+    uint64_t revision = 0;  // of `record` in KV as this agent last read or wrote it; 0: none
     uint64_t cpu_millicores = 0;
     uint64_t memory_bytes = 0;
   };
@@ -78,17 +97,36 @@ class AgentService {
   struct LaunchResult {
     LaunchOutcome outcome;
     int64_t starting_ms = 0;  // when STARTING was published (0: never)
+    bool withdrawn = false;   // the build moved to another node: nothing of it runs here
+  };
+  // The workspace's record in KV now; `record` empty when there is none (or it was deleted).
+  struct KvRecord {
+    std::optional<cvm::v1::WorkspaceRecord> record;
+    uint64_t revision = 0;
   };
 
   void on_work(const bus::JsMessagePtr& msg);
   void handle_start(const cvm::v1::NodeAssignment& a, const bus::JsMessagePtr& msg);
   void handle_stop(const cvm::v1::NodeAssignment& a, const bus::JsMessagePtr& msg, bool remove);
-  LaunchResult launch(const cvm::v1::NodeAssignment& a, IdRange ids);  // on the worker thread
+  // On the worker thread; withdrawn (nothing started) when the build moved, checked right before
+  // the runtime.
+  LaunchResult launch(const cvm::v1::NodeAssignment& a, IdRange ids, uint64_t expected_revision);
   void finish_start(const cvm::v1::NodeAssignment& a, IdRange ids, LaunchResult result,
-                    int64_t preparing_ms, const bus::JsMessagePtr& msg);
-  // The outcome of a launch, into workspaces_ and KV (with the phases it went through).
-  void record_outcome(const cvm::v1::NodeAssignment& a, IdRange ids, const LaunchOutcome& outcome,
-                      const std::vector<std::pair<cvm::v1::Phase, int64_t>>& phases);
+                    int64_t preparing_ms, uint64_t expected_revision, const bus::JsMessagePtr& msg);
+  // The outcome of a launch, into workspaces_ and KV (with the phases it went through), by
+  // compare-and-set from `expected_revision`. kConflict: the build moved to another node, nothing
+  // was written.
+  Status record_outcome(const cvm::v1::NodeAssignment& a, IdRange ids, const LaunchOutcome& outcome,
+                        const std::vector<std::pair<cvm::v1::Phase, int64_t>>& phases,
+                        uint64_t expected_revision);
+  Result<KvRecord> read_record(const std::string& workspace_id);
+  // build_still_ours() against KV now. A read that fails counts as ours: the compare-and-set of
+  // the record still refuses a stale write.
+  bool still_ours(const cvm::v1::NodeAssignment& a, uint64_t expected_revision);
+  // The build moved to another node while this agent launched it: remove what the agent started
+  // (on the worker thread), free its ID range and GPU lease, drop its in-flight record, ack the
+  // assignment (if any) and publish nothing.
+  void give_up_moved(const cvm::v1::NodeAssignment& a, const bus::JsMessagePtr& msg);
 
   // Restart recovery (see the top of this file); runs in start() before work is consumed.
   void reconcile();
@@ -105,7 +143,11 @@ class AgentService {
   Status save_id_ranges();
   Status load_id_ranges();
   void load_workspaces();
-  void put_workspace(const Workspace& ws);
+  // Writes ws.record by compare-and-set from ws.revision (create when 0) and keeps the new
+  // revision. On a conflict the current record decides: still this node's (the scheduler marked
+  // it LOST while the agent was away) -> written over that revision; another node's -> refused
+  // (kConflict), the workspace is no longer this node's.
+  Status put_workspace(Workspace& ws);
   void release_gpus(const cvm::v1::WorkspaceRecord& record);
 
   std::string workspace_dir(const std::string& workspace_id) const;

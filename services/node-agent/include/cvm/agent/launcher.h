@@ -63,6 +63,9 @@ struct LaunchRequest {
   bool fuse = false;
   std::vector<AssignedGpu> gpus;
   IdRange ids;
+  // Asked right after on_starting, before the runtime is called; false withdraws the launch (it
+  // fails, leaving nothing). The node agent's check that the build is still its own.
+  std::function<bool()> may_start;
 };
 
 struct LaunchOutcome {
