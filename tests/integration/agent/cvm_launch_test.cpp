@@ -25,6 +25,7 @@
 #include "cvm/agent/runtime.h"
 #include "cvm/agent/supervisor_spec.h"
 #include "cvm/test/files.h"
+#include "cvm/test/wait.h"
 
 namespace cvm::agent {
 namespace {
@@ -438,11 +439,19 @@ TEST_F(CvmLaunchTest, SbinInitIsPid1AndTmpFilesAreWarned) {
   auto r = request("init", "systemd-like");
   const auto out = launch(r);
   ASSERT_TRUE(out.ok) << out.message << logs(r.workspace_id);
-  const int inner = find_inner_host_pid("/proc", out.pid);
-  ASSERT_GT(inner, 0);
-  EXPECT_EQ(read_file("/proc/" + std::to_string(inner) + "/cmdline"),
-            std::string("/bin/sh\0/sbin/init\0", 19))
-      << "PID 1 is the image's /sbin/init (a script, so the kernel runs it with /bin/sh)";
+  // RUNNING may be reported while the inner init is still exec'ing (its cmdline reads empty for
+  // a moment: seen in CI), so look until it settles.
+  const std::string expected("/bin/sh\0/sbin/init\0", 19);
+  std::string cmdline;
+  EXPECT_TRUE(cvm::test::wait_until(
+      [&] {
+        const int inner = find_inner_host_pid("/proc", out.pid);
+        cmdline = inner > 0 ? read_file("/proc/" + std::to_string(inner) + "/cmdline") : "";
+        return cmdline == expected;
+      },
+      std::chrono::seconds(5)))
+      << "PID 1 is the image's /sbin/init (a script, so the kernel runs it with /bin/sh); saw "
+      << cmdline;
   ASSERT_EQ(out.warnings.size(), 1u);
   EXPECT_NE(out.warnings[0].find("/tmp/leftover"), std::string::npos) << out.warnings[0];
 
