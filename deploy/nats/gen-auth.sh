@@ -106,6 +106,8 @@ all_kv_write() { local b; for b in "${BUCKETS[@]}"; do kv_write "$b"; echo -n ",
 scheduler_pub() {
   echo -n "$COMMON, "
   for s in "${STREAMS[@]}"; do stream_own "$s"; echo -n ", "; done
+  # The dead-letter stream of CVM_BUILDS' advisories, made at scheduler start (the server fills it).
+  stream_own CVM_DEAD_LETTERS; echo -n ", "
   all_kv_read; all_kv_write
   # Its durable pull consumer on CVM_BUILDS: made, fetched from, acknowledged.
   q '$JS.API.CONSUMER.CREATE.CVM_BUILDS.scheduler.>'; echo -n ", "
