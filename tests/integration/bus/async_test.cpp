@@ -18,16 +18,9 @@ class BusAsync : public BusFixture {
     if (HasFatalFailure()) return;
     conn_ = connect();
     ASSERT_TRUE(conn_);
-    StreamConfig sc;
-    sc.name = "ASYNC";
-    sc.subjects = {"async.>"};
-    ASSERT_TRUE(conn_->ensure_stream(sc).ok());
-    KvConfig kc;
-    kc.bucket = "ledger";
-    kc.history = 5;
-    auto kv = conn_->ensure_kv(kc);
-    ASSERT_TRUE(kv.ok()) << kv.error().message;
-    kv_.emplace(std::move(*kv));
+    make_stream(conn_, "ASYNC", "async.>");
+    if (HasFatalFailure()) return;
+    make_kv(conn_, "ledger", kv_);
   }
   void TearDown() override {
     kv_.reset();

@@ -8,6 +8,7 @@
 #include <condition_variable>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -86,6 +87,36 @@ class BusFixture : public ::testing::Test {
   ConnectionPtr connect() { return connect(options()); }
 
   [[nodiscard]] bool on_io_thread() const { return std::this_thread::get_id() == io_thread_id_; }
+
+  // Options whose error callback records each error and notes one that arrived off the executor
+  // (every callback of the adapter must run on it).
+  ConnectOptions recording_errors(Collector<Error>& errors, std::atomic<bool>& off_executor) const {
+    auto o = options();
+    o.on_error = [this, &errors, &off_executor](const Error& e) {
+      if (!on_io_thread()) off_executor = true;
+      errors.add(e);
+    };
+    return o;
+  }
+
+  // A stream or bucket the test needs; a failure fails the test (check HasFatalFailure()).
+  static void make_stream(const ConnectionPtr& conn, const std::string& name,
+                          const std::string& subjects) {
+    StreamConfig config;
+    config.name = name;
+    config.subjects = {subjects};
+    auto s = conn->ensure_stream(config);
+    ASSERT_TRUE(s.ok()) << s.error().message;
+  }
+  static void make_kv(const ConnectionPtr& conn, const std::string& bucket,
+                      std::optional<KeyValue>& out, int history = 5) {
+    KvConfig config;
+    config.bucket = bucket;
+    config.history = history;
+    auto kv = conn->ensure_kv(config);
+    ASSERT_TRUE(kv.ok()) << kv.error().message;
+    out.emplace(std::move(*kv));
+  }
 
   // Declared first: destroyed last, after everything that may post to it.
   boost::asio::io_context io_;

@@ -14,11 +14,7 @@ class BusJetStream : public BusFixture {
     if (HasFatalFailure()) return;
     conn_ = connect();
     ASSERT_TRUE(conn_);
-    StreamConfig config;
-    config.name = "WORK";
-    config.subjects = {"work.>"};
-    auto s = conn_->ensure_stream(config);
-    ASSERT_TRUE(s.ok()) << s.error().message;
+    make_stream(conn_, "WORK", "work.>");
   }
   void TearDown() override {
     conn_.reset();

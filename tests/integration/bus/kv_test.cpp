@@ -12,12 +12,7 @@ class BusKv : public BusFixture {
     if (HasFatalFailure()) return;
     conn_ = connect();
     ASSERT_TRUE(conn_);
-    KvConfig config;
-    config.bucket = "nodes";
-    config.history = 5;
-    auto kv = conn_->ensure_kv(config);
-    ASSERT_TRUE(kv.ok()) << kv.error().message;
-    kv_.emplace(std::move(*kv));
+    make_kv(conn_, "nodes", kv_);
   }
   void TearDown() override {
     kv_.reset();

@@ -25,10 +25,8 @@ TEST_F(BusReconnect, RecoversAfterServerRestartOnSamePort) {
   auto conn = connect(o);
   ASSERT_TRUE(conn);
 
-  StreamConfig stream;
-  stream.name = "JOBS";
-  stream.subjects = {"jobs.>"};
-  ASSERT_TRUE(conn->ensure_stream(stream).ok());
+  make_stream(conn, "JOBS", "jobs.>");
+  ASSERT_FALSE(HasFatalFailure());
   auto kv = conn->ensure_kv(KvConfig{.bucket = "state"});
   ASSERT_TRUE(kv.ok()) << kv.error().message;
   ASSERT_TRUE(kv->put("k", "before").ok());
@@ -77,17 +75,10 @@ TEST_F(BusReconnect, RecoversAfterServerRestartOnSamePort) {
 TEST_F(BusReconnect, ConsumerSurvivesServerShutdownAndStopsPromptly) {
   Collector<Error> errors;
   std::atomic<bool> off_executor{false};
-  auto o = options();
-  o.on_error = [&](const Error& e) {
-    if (!on_io_thread()) off_executor = true;
-    errors.add(e);
-  };
-  auto conn = connect(o);
+  auto conn = connect(recording_errors(errors, off_executor));
   ASSERT_TRUE(conn);
-  StreamConfig stream;
-  stream.name = "JOBS";
-  stream.subjects = {"jobs.>"};
-  ASSERT_TRUE(conn->ensure_stream(stream).ok());
+  make_stream(conn, "JOBS", "jobs.>");
+  ASSERT_FALSE(HasFatalFailure());
   ConsumerConfig cc;
   cc.stream = "JOBS";
   cc.durable = "jobs";
@@ -119,17 +110,10 @@ namespace {
 TEST_F(BusReconnect, ConsumerRestoresDeletedDurable) {
   Collector<Error> errors;
   std::atomic<bool> off_executor{false};
-  auto o = options();
-  o.on_error = [&](const Error& e) {
-    if (!on_io_thread()) off_executor = true;
-    errors.add(e);
-  };
-  auto conn = connect(o);
+  auto conn = connect(recording_errors(errors, off_executor));
   ASSERT_TRUE(conn);
-  StreamConfig stream;
-  stream.name = "JOBS";
-  stream.subjects = {"jobs.>"};
-  ASSERT_TRUE(conn->ensure_stream(stream).ok());
+  make_stream(conn, "JOBS", "jobs.>");
+  ASSERT_FALSE(HasFatalFailure());
   ConsumerConfig cc;
   cc.stream = "JOBS";
   cc.durable = "doomed";
