@@ -25,6 +25,7 @@
 #include "cvm/service/streams.h"
 #include "cvm/telemetry/metrics.h"
 #include "cvm/test/nats_server.h"
+#include "cvm/test/run_on.h"
 #include "cvm/test/wait.h"
 #include "cvm/v1/gpu.pb.h"
 #include "dgx_fixture.h"
@@ -55,10 +56,7 @@ struct Loop {
   }
   template <class F>
   auto on(F f) -> decltype(f()) {
-    std::packaged_task<decltype(f())()> task(std::move(f));
-    auto fut = task.get_future();
-    boost::asio::post(io, [&task] { task(); });
-    return fut.get();
+    return cvm::test::run_on(io, std::move(f));
   }
 };
 

@@ -28,7 +28,9 @@
 #include "cvm/service/events.h"
 #include "cvm/service/streams.h"
 #include "cvm/telemetry/metrics.h"
+#include "cvm/test/atomic_clock.h"
 #include "cvm/test/nats_server.h"
+#include "cvm/test/run_on.h"
 #include "cvm/test/wait.h"
 #include "cvm/v1/gpu.pb.h"
 #include "cvm/v1/settings.pb.h"
@@ -41,16 +43,6 @@ using namespace std::chrono_literals;
 using broker::fixture::dgx;
 using broker::fixture::gpu_uuid;
 
-// The test advances time from its own thread while the brokers read it on theirs.
-class AtomicClock final : public Clock {
- public:
-  [[nodiscard]] int64_t now_unix_ms() const override { return now_.load(); }
-  void advance(std::chrono::milliseconds d) { now_ += d.count(); }
-
- private:
-  std::atomic<int64_t> now_{1'700'000'000'000};
-};
-
 // One broker replica: its own io thread, connection and metrics registry.
 struct Replica {
   boost::asio::io_context io;
@@ -62,10 +54,7 @@ struct Replica {
   // Runs f on the replica's io thread (where the service lives) and returns its result.
   template <class F>
   auto on(F f) -> decltype(f()) {
-    std::packaged_task<decltype(f())()> task(std::move(f));
-    auto fut = task.get_future();
-    boost::asio::post(io, [&task] { task(); });
-    return fut.get();
+    return cvm::test::run_on(io, std::move(f));
   }
 };
 
@@ -183,7 +172,7 @@ class Broker : public ::testing::Test {
   }
 
   test::NatsServer nats_;
-  AtomicClock clock_;
+  test::AtomicClock clock_;
   boost::asio::io_context client_io_;
   std::thread client_thread_;
   bus::ConnectionPtr client_;

@@ -24,6 +24,8 @@
 #include "cvm/agent/gpu/nvml.h"
 #include "cvm/base/clock.h"
 #include "cvm/broker/allocator.h"
+#include "cvm/test/atomic_clock.h"
+#include "cvm/test/wait.h"
 
 namespace cvm::agent::gpu {
 namespace {
@@ -33,24 +35,7 @@ using namespace std::chrono_literals;
 
 constexpr uint64_t kGiB = 1ULL << 30;
 
-// Polls without a fixed sleep as synchronization: returns as soon as pred holds.
-bool wait_for(const std::function<bool()>& pred, std::chrono::milliseconds timeout = 10s) {
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(5ms);
-  }
-  return pred();
-}
-
-class AtomicClock final : public Clock {
- public:
-  [[nodiscard]] int64_t now_unix_ms() const override { return now_.load(); }
-  void advance(std::chrono::milliseconds d) { now_ += d.count(); }
-
- private:
-  std::atomic<int64_t> now_{1'700'000'000'000};
-};
+using cvm::test::wait_until;
 
 // ---- pure parsers -------------------------------------------------------------------------------
 
@@ -483,7 +468,7 @@ TEST_F(FakeNvml, LoadsByItsSonameThroughTheLibraryPath) {
 
 TEST_F(FakeNvml, MonitorReportsXidEccAndLostGpus) {
   configure(dgx_config());
-  AtomicClock clock;
+  cvm::test::AtomicClock clock;
   GpuMonitor monitor({.roots = tree_.roots(), .nvml_library = CVM_FAKE_NVML_PATH, .poll = 20ms},
                      clock);
   monitor.start();
@@ -500,7 +485,7 @@ TEST_F(FakeNvml, MonitorReportsXidEccAndLostGpus) {
   const int64_t t1 = clock.now_unix_ms();
   event("xid GPU-1002 13");  // an application's fault: not a health event
   event("xid GPU-1002 79");
-  ASSERT_TRUE(wait_for([&] { return monitor.events_seen() >= 1; }));
+  ASSERT_TRUE(wait_until([&] { return monitor.events_seen() >= 1; }));
   auto g = gpu("GPU-1002");
   EXPECT_TRUE(g.healthy());
   EXPECT_EQ(g.last_xid(), 79u);
@@ -509,18 +494,18 @@ TEST_F(FakeNvml, MonitorReportsXidEccAndLostGpus) {
   EXPECT_EQ(gpu("GPU-1003").last_health_event_unix_ms(), 0);
 
   event("dbe GPU-1004");
-  ASSERT_TRUE(wait_for([&] { return monitor.events_seen() >= 2; }));
+  ASSERT_TRUE(wait_until([&] { return monitor.events_seen() >= 2; }));
   EXPECT_EQ(gpu("GPU-1004").health_reason(), "double-bit ECC error");
 
   event("ecc GPU-1005 3");
-  ASSERT_TRUE(wait_for([&] { return gpu("GPU-1005").ecc_uncorrected_errors() == 3; }));
+  ASSERT_TRUE(wait_until([&] { return gpu("GPU-1005").ecc_uncorrected_errors() == 3; }));
   EXPECT_EQ(gpu("GPU-1005").health_reason(), "3 new uncorrectable ECC errors (3 in total)");
 
   event("lost GPU-1006");
-  ASSERT_TRUE(wait_for([&] { return !gpu("GPU-1006").healthy(); }));
+  ASSERT_TRUE(wait_until([&] { return !gpu("GPU-1006").healthy(); }));
   EXPECT_EQ(gpu("GPU-1006").health_reason(), "not answering: GPU is lost");
   event("found GPU-1006");
-  ASSERT_TRUE(wait_for([&] { return gpu("GPU-1006").healthy(); }));
+  ASSERT_TRUE(wait_until([&] { return gpu("GPU-1006").healthy(); }));
   EXPECT_GT(gpu("GPU-1006").last_health_event_unix_ms(), 0);
   monitor.stop();
 }
@@ -529,12 +514,12 @@ TEST_F(FakeNvml, MonitorWithoutEventSetsStillPolls) {
   auto cfg = dgx_config();
   cfg["no_events"] = true;
   configure(cfg);
-  AtomicClock clock;
+  cvm::test::AtomicClock clock;
   GpuMonitor monitor({.roots = tree_.roots(), .nvml_library = CVM_FAKE_NVML_PATH, .poll = 20ms},
                      clock);
   monitor.start();
   event("lost GPU-1001");
-  ASSERT_TRUE(wait_for([&] {
+  ASSERT_TRUE(wait_until([&] {
     for (const auto& g : monitor.snapshot()) {
       if (g.uuid() == "GPU-1001") return !g.healthy();
     }
@@ -543,7 +528,7 @@ TEST_F(FakeNvml, MonitorWithoutEventSetsStillPolls) {
 }
 
 TEST(Monitor, WithoutNvmlTheNodeSimplyHasNoGpus) {
-  AtomicClock clock;
+  cvm::test::AtomicClock clock;
   GpuMonitor monitor({.roots = {"/nonexistent/proc", "/nonexistent/sys"},
                       .nvml_library = "/nonexistent/libnvidia-ml.so.1"},
                      clock);
