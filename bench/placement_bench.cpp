@@ -22,31 +22,13 @@
 
 namespace {
 
-using cvm::bench::kGiB;
-using cvm::bench::kNow;
-using cvm::bench::make_fleet;
-using cvm::scheduler::NodeIndex;
-using cvm::scheduler::PlacementOptions;
-using cvm::scheduler::PlacementRequest;
-using cvm::scheduler::Sampling;
-using cvm::scheduler::Search;
+using namespace cvm::bench;  // NOLINT(google-build-using-namespace): the bench's own names
 
 const NodeIndex& fleet(int n) {
   static std::map<int, std::unique_ptr<NodeIndex>> fleets;
   auto& f = fleets[n];
   if (!f) f = make_fleet(n);
   return *f;
-}
-
-// Every CVM filter on: live, runtime ready, SELinux, Caching -> shiftfs, Auto-load -> headers,
-// cpu, memory.
-PlacementRequest cached_cvm() {
-  PlacementRequest r;
-  r.cpu_millicores = 2000;
-  r.memory_bytes = 4 * kGiB;
-  r.caching = true;
-  r.auto_load_shiftfs = true;
-  return r;
 }
 
 // Every GPU filter on (GPUs exclude Caching): live, runtime ready, SELinux, bare metal, free

@@ -10,7 +10,12 @@
 
 namespace cvm::bench {
 
+// The names every placement bench uses (`using namespace cvm::bench;` brings them in).
 using cvm::scheduler::NodeIndex;
+using cvm::scheduler::PlacementOptions;
+using cvm::scheduler::PlacementRequest;
+using cvm::scheduler::Sampling;
+using cvm::scheduler::Search;
 
 constexpr int64_t kNow = 1'700'000'000'000;
 constexpr uint64_t kGiB = 1ULL << 30;
@@ -60,6 +65,17 @@ inline std::unique_ptr<NodeIndex> make_fleet(int n, uint64_t seed = 42) {
     }
   }
   return index;
+}
+
+// Every CVM filter on: live, runtime ready, SELinux, Caching -> shiftfs, Auto-load -> headers,
+// cpu, memory.
+inline PlacementRequest cached_cvm() {
+  PlacementRequest r;
+  r.cpu_millicores = 2000;
+  r.memory_bytes = 4 * kGiB;
+  r.caching = true;
+  r.auto_load_shiftfs = true;
+  return r;
 }
 
 }  // namespace cvm::bench

@@ -21,28 +21,13 @@
 
 namespace {
 
-using cvm::bench::kGiB;
-using cvm::bench::kNow;
-using cvm::scheduler::NodeIndex;
-using cvm::scheduler::PlacementOptions;
-using cvm::scheduler::PlacementRequest;
-using cvm::scheduler::Sampling;
-using cvm::scheduler::Search;
-
-PlacementRequest request() {
-  PlacementRequest r;
-  r.cpu_millicores = 2000;
-  r.memory_bytes = 4 * kGiB;
-  r.caching = true;
-  r.auto_load_shiftfs = true;
-  return r;
-}
+using namespace cvm::bench;  // NOLINT(google-build-using-namespace): the bench's own names
 
 void fill(benchmark::State& state, Sampling sampling, uint32_t percent, Search search,
           bool reference = true) {
   const int n = static_cast<int>(state.range(0));
   auto index = cvm::bench::make_fleet(n);
-  const auto req = request();
+  const auto req = cached_cvm();  // every CVM filter on
   const auto amount = cvm::scheduler::reservation_for(req);
   PlacementOptions o;
   o.now_unix_ms = kNow;

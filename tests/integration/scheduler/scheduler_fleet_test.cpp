@@ -1,7 +1,9 @@
 // Scheduler replicas, the GPU broker and simulated node agents (tools/fleet-sim) over a real
 // nats-server: capacity safety with three replicas, exactly one terminal event per request,
 // redelivery after a crash, NODE_LOST, and settings read from KV cvm_settings.
+#include <atomic>
 #include <chrono>
+#include <functional>
 #include <optional>
 #include <set>
 #include <string>
@@ -104,6 +106,67 @@ class SchedulerFleet : public ::testing::Test {
     return test::wait_build_phase(*client_, build, phases, timeout);
   }
 
+  // A replica that crashed: it takes the first delivery of `req` from the durable "scheduler"
+  // consumer, does `work` (what it got done before the crash), then naks it with `redeliver_after`
+  // (the server hands it to the next replica; the delay keeps this consumer, about to stop, from
+  // fetching it again).
+  void crash_on_first_delivery(const cvm::v1::BuildRequest& req, const std::function<void()>& work,
+                               std::chrono::milliseconds redeliver_after) {
+    submit(req);
+    std::atomic<bool> got{false};
+    bus::ConsumerConfig cc;
+    cc.stream = std::string(wire::kStreamBuilds);
+    cc.durable = std::string(wire::kSchedulerDurable);
+    cc.filter_subject = std::string(wire::kBuildsSubmit);
+    cc.ack_wait = 30s;
+    cc.max_deliver = sched_config_.max_deliver;
+    auto consumer = client_->pull_consume(cc, [&](bus::JsMessagePtr m) {
+      if (got.exchange(true)) return;
+      work();
+      (void)m->nak(redeliver_after);
+    });
+    ASSERT_TRUE(consumer.ok());
+    ASSERT_TRUE(test::wait_until([&] { return got.load(); }, 10s));
+  }
+
+  // The placement record the crashed replica wrote: `req` on `node`.
+  void record_placement(const cvm::v1::BuildRequest& req, const std::string& node) {
+    auto placements = client_->ensure_kv(service::placements_bucket());
+    ASSERT_TRUE(placements.ok());
+    cvm::v1::PlacementRecord rec;
+    auto* a = rec.mutable_assignment();
+    *a->mutable_request() = req;
+    a->set_node_id(node);
+    a->set_cvm(true);
+    ASSERT_TRUE(placements->create(node + "." + req.build_id(), rec.SerializeAsString()).ok());
+  }
+
+  // After the crash: two nodes `<prefix>-0` and `<prefix>-1`, the broker and one new replica.
+  void start_after_crash(const std::string& prefix) {
+    fleetsim::FleetConfig fleet;
+    fleet.nodes = 2;
+    fleet.profiles = {vm()};  // 4,000 mCPU, 8 GiB each
+    fleet.prefix = prefix;
+    ASSERT_TRUE(harness_->start_fleet(fleet).ok());
+    ASSERT_TRUE(harness_->start_broker().ok());
+    ASSERT_TRUE(harness_->start_schedulers(1, sched_config_).ok());
+    wait_for_nodes(2);
+  }
+
+  // The build runs on `node` (its event says so, and the simulated node ran it).
+  void expect_running_on(const std::string& build, const std::string& node) {
+    auto e = wait_phase(build, {cvm::v1::RUNNING, cvm::v1::FAILED});
+    ASSERT_TRUE(e.has_value()) << build << " never ran nor failed";
+    EXPECT_EQ(e->phase(), cvm::v1::RUNNING) << e->message();
+    EXPECT_EQ(e->node_id(), node);
+    EXPECT_EQ(harness_->on_fleet([&](auto& f) { return f.node_of_build(build); }),
+              std::optional<std::string>(node));
+  }
+
+  uint64_t finished_from_record() {
+    return harness_->on_scheduler(0, [](auto& s) { return s.counts().finished_from_record; });
+  }
+
   void put_settings(const cvm::v1::InfrastructureSettings& s) {
     auto kv = client_->ensure_kv(service::settings_bucket());
     ASSERT_TRUE(kv.ok());
@@ -169,54 +232,27 @@ TEST_F(SchedulerFleet, ThreeReplicasThousandRequestsNoNodeOverCapacityOneTermina
 // choose B: the assignment's msg-id would drop a second assignment, and SCHEDULED must name the
 // node that really got the work.
 TEST_F(SchedulerFleet, RedeliveryAfterACrashFinishesOnTheRecordedNode) {
-  fleetsim::FleetConfig fleet;
-  fleet.nodes = 2;
-  fleet.profiles = {vm()};
-  fleet.prefix = "n";
-
-  // The crashed replica: take the first delivery as the durable "scheduler" and do what it did.
+  // The crashed replica recorded n-1 (binpack on two empty equal nodes would pick n-0) and sent
+  // the assignment there.
   auto req = request("crash1");
-  submit(req);
-  std::atomic<bool> got{false};
-  bus::ConsumerConfig cc;
-  cc.stream = std::string(wire::kStreamBuilds);
-  cc.durable = std::string(wire::kSchedulerDurable);
-  cc.filter_subject = std::string(wire::kBuildsSubmit);
-  cc.ack_wait = 30s;
-  cc.max_deliver = sched_config_.max_deliver;
-  auto placements = client_->ensure_kv(service::placements_bucket());
-  ASSERT_TRUE(placements.ok());
-  {
-    auto consumer = client_->pull_consume(cc, [&](bus::JsMessagePtr m) {
-      if (got.exchange(true)) return;
-      cvm::v1::PlacementRecord rec;
-      auto* a = rec.mutable_assignment();
-      *a->mutable_request() = req;
-      a->set_node_id("n-1");  // binpack on two empty equal nodes would pick n-0
-      a->set_cvm(true);
-      ASSERT_TRUE(placements->create("n-1.crash1", rec.SerializeAsString()).ok());
-      ASSERT_TRUE(
-          client_->js_publish(wire::node_work_subject("n-1"), a->SerializeAsString(), "crash1")
-              .ok());
-      // The crash: the server hands it to the next replica (the delay keeps this loop, which is
-      // about to stop, from fetching it again).
-      (void)m->nak(500ms);
-    });
-    ASSERT_TRUE(consumer.ok());
-    ASSERT_TRUE(test::wait_until([&] { return got.load(); }, 10s));
-  }
+  ASSERT_NO_FATAL_FAILURE(crash_on_first_delivery(
+      req,
+      [&] {
+        ASSERT_NO_FATAL_FAILURE(record_placement(req, "n-1"));
+        cvm::v1::NodeAssignment a;
+        *a.mutable_request() = req;
+        a.set_node_id("n-1");
+        a.set_cvm(true);
+        ASSERT_TRUE(
+            client_->js_publish(wire::node_work_subject("n-1"), a.SerializeAsString(), "crash1")
+                .ok());
+      },
+      500ms));
   // The simulated agents subscribe now, so what they run comes from the redelivery (the real
   // agent's durable consumer would have the first, stored assignment; the sim sees the republish).
-  ASSERT_TRUE(harness_->start_fleet(fleet).ok());
-  ASSERT_TRUE(harness_->start_broker().ok());
-  ASSERT_TRUE(harness_->start_schedulers(1, sched_config_).ok());
-  auto e = wait_phase("crash1", {cvm::v1::RUNNING, cvm::v1::FAILED});
-  ASSERT_TRUE(e.has_value());
-  EXPECT_EQ(e->phase(), cvm::v1::RUNNING) << e->message();
-  EXPECT_EQ(e->node_id(), "n-1");
-  EXPECT_EQ(harness_->on_fleet([](auto& f) { return f.node_of_build("crash1"); }),
-            std::optional<std::string>("n-1"));
-  EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().finished_from_record; }), 1u);
+  ASSERT_NO_FATAL_FAILURE(start_after_crash("n"));
+  expect_running_on("crash1", "n-1");
+  EXPECT_EQ(finished_from_record(), 1u);
   // A control: a fresh request on the same fleet goes to the node binpack prefers.
   submit(request("fresh1"));
   auto f = wait_phase("fresh1", {cvm::v1::RUNNING, cvm::v1::FAILED});
@@ -229,55 +265,27 @@ TEST_F(SchedulerFleet, RedeliveryAfterACrashFinishesOnTheRecordedNode) {
 // stranded: the redelivery finds the record before it looks at events and sends the assignment
 // (and no second SCHEDULED).
 TEST_F(SchedulerFleet, RedeliveryAfterScheduledWithoutAssignmentSendsTheAssignment) {
-  fleetsim::FleetConfig fleet;
-  fleet.nodes = 2;
-  fleet.profiles = {vm()};
-  fleet.prefix = "s";
-
+  // The crashed replica recorded s-1 (binpack would pick s-0) and stored SCHEDULED, then crashed
+  // before the assignment was stored.
   auto req = request("crash2");
-  submit(req);
-  std::atomic<bool> got{false};
-  bus::ConsumerConfig cc;
-  cc.stream = std::string(wire::kStreamBuilds);
-  cc.durable = std::string(wire::kSchedulerDurable);
-  cc.filter_subject = std::string(wire::kBuildsSubmit);
-  cc.ack_wait = 30s;
-  cc.max_deliver = sched_config_.max_deliver;
-  auto placements = client_->ensure_kv(service::placements_bucket());
-  ASSERT_TRUE(placements.ok());
-  {
-    auto consumer = client_->pull_consume(cc, [&](bus::JsMessagePtr m) {
-      if (got.exchange(true)) return;
-      cvm::v1::PlacementRecord rec;
-      auto* a = rec.mutable_assignment();
-      *a->mutable_request() = req;
-      a->set_node_id("s-1");  // binpack on two empty equal nodes would pick s-0
-      a->set_cvm(true);
-      ASSERT_TRUE(placements->create("s-1.crash2", rec.SerializeAsString()).ok());
-      cvm::v1::BuildEvent e;
-      e.set_build_id("crash2");
-      e.set_workspace_id(req.workspace_id());
-      e.set_phase(cvm::v1::SCHEDULED);
-      e.set_node_id("s-1");
-      ASSERT_TRUE(client_
-                      ->js_publish(wire::build_events_subject("crash2"), e.SerializeAsString(),
-                                   "crash2.SCHEDULED")
-                      .ok());
-      (void)m->nak(500ms);  // the crash, before the assignment was stored
-    });
-    ASSERT_TRUE(consumer.ok());
-    ASSERT_TRUE(test::wait_until([&] { return got.load(); }, 10s));
-  }
-  ASSERT_TRUE(harness_->start_fleet(fleet).ok());
-  ASSERT_TRUE(harness_->start_broker().ok());
-  ASSERT_TRUE(harness_->start_schedulers(1, sched_config_).ok());
-  auto e = wait_phase("crash2", {cvm::v1::RUNNING, cvm::v1::FAILED});
-  ASSERT_TRUE(e.has_value()) << "the assignment never reached the node";
-  EXPECT_EQ(e->phase(), cvm::v1::RUNNING) << e->message();
-  EXPECT_EQ(e->node_id(), "s-1");
-  EXPECT_EQ(harness_->on_fleet([](auto& f) { return f.node_of_build("crash2"); }),
-            std::optional<std::string>("s-1"));
-  EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().finished_from_record; }), 1u);
+  ASSERT_NO_FATAL_FAILURE(crash_on_first_delivery(
+      req,
+      [&] {
+        ASSERT_NO_FATAL_FAILURE(record_placement(req, "s-1"));
+        cvm::v1::BuildEvent e;
+        e.set_build_id("crash2");
+        e.set_workspace_id(req.workspace_id());
+        e.set_phase(cvm::v1::SCHEDULED);
+        e.set_node_id("s-1");
+        ASSERT_TRUE(client_
+                        ->js_publish(wire::build_events_subject("crash2"), e.SerializeAsString(),
+                                     "crash2.SCHEDULED")
+                        .ok());
+      },
+      500ms));
+  ASSERT_NO_FATAL_FAILURE(start_after_crash("s"));
+  expect_running_on("crash2", "s-1");
+  EXPECT_EQ(finished_from_record(), 1u);
   EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().scheduled; }), 0u)
       << "finishing from the record is not a new placement";
 }
@@ -294,16 +302,6 @@ class ExpiredHoldRedelivery : public SchedulerFleet {
   // (when `filler_cpu` > 0) a hold of another build that took the room meanwhile.
   void crash_after_record(const cvm::v1::BuildRequest& req, const std::string& node,
                           uint64_t filler_cpu) {
-    submit(req);
-    std::atomic<bool> got{false};
-    bus::ConsumerConfig cc;
-    cc.stream = std::string(wire::kStreamBuilds);
-    cc.durable = std::string(wire::kSchedulerDurable);
-    cc.filter_subject = std::string(wire::kBuildsSubmit);
-    cc.ack_wait = 30s;
-    cc.max_deliver = sched_config_.max_deliver;
-    auto placements = client_->ensure_kv(service::placements_bucket());
-    ASSERT_TRUE(placements.ok());
     auto capacity = client_->ensure_kv(service::capacity_bucket());
     ASSERT_TRUE(capacity.ok());
     const int64_t now = clock_.now_unix_ms();
@@ -322,33 +320,10 @@ class ExpiredHoldRedelivery : public SchedulerFleet {
       other->set_expires_unix_ms(now + 600'000);
     }
     ASSERT_TRUE(capacity->put(node, ledger.SerializeAsString()).ok());
-    {
-      auto consumer = client_->pull_consume(cc, [&](bus::JsMessagePtr m) {
-        if (got.exchange(true)) return;
-        cvm::v1::PlacementRecord rec;
-        auto* a = rec.mutable_assignment();
-        *a->mutable_request() = req;
-        a->set_node_id(node);
-        a->set_cvm(true);
-        ASSERT_TRUE(placements->create(node + "." + req.build_id(), rec.SerializeAsString()).ok());
-        // The crash, before the assignment was stored. The delay lets the new scheduler load the
-        // nodes and ledgers before the redelivery comes.
-        (void)m->nak(3s);
-      });
-      ASSERT_TRUE(consumer.ok());
-      ASSERT_TRUE(test::wait_until([&] { return got.load(); }, 10s));
-    }
-  }
-
-  void start_after_crash(const std::string& prefix) {
-    fleetsim::FleetConfig fleet;
-    fleet.nodes = 2;
-    fleet.profiles = {vm()};  // 4,000 mCPU, 8 GiB each
-    fleet.prefix = prefix;
-    ASSERT_TRUE(harness_->start_fleet(fleet).ok());
-    ASSERT_TRUE(harness_->start_broker().ok());
-    ASSERT_TRUE(harness_->start_schedulers(1, sched_config_).ok());
-    wait_for_nodes(2);
+    // The crash comes before the assignment was stored. The delay lets the new scheduler load
+    // the nodes and ledgers before the redelivery comes.
+    ASSERT_NO_FATAL_FAILURE(crash_on_first_delivery(
+        req, [&] { record_placement(req, node); }, 3s));
   }
 };
 
@@ -356,12 +331,7 @@ TEST_F(ExpiredHoldRedelivery, FullRecordedNodeGetsNoAssignmentBuildIsPlacedAfres
   auto req = request("crash3", 3000, kGiB);
   ASSERT_NO_FATAL_FAILURE(crash_after_record(req, "h-1", 3000));  // h-1: 1,000 mCPU left
   ASSERT_NO_FATAL_FAILURE(start_after_crash("h"));
-  auto e = wait_phase("crash3", {cvm::v1::RUNNING, cvm::v1::FAILED});
-  ASSERT_TRUE(e.has_value());
-  EXPECT_EQ(e->phase(), cvm::v1::RUNNING) << e->message();
-  EXPECT_EQ(e->node_id(), "h-0");
-  EXPECT_EQ(harness_->on_fleet([](auto& f) { return f.node_of_build("crash3"); }),
-            std::optional<std::string>("h-0"));
+  expect_running_on("crash3", "h-0");
   EXPECT_EQ(harness_->on_fleet([](auto& f) { return f.stats().over_capacity; }), 0u);
   EXPECT_EQ(harness_->on_fleet([](auto& f) { return f.stats().launched_twice; }), 0u);
   EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().moved_no_room; }), 1u);
@@ -406,11 +376,8 @@ TEST_F(ExpiredHoldRedelivery, RoomLeftOnRecordedNodeFinishesThereHoldingItAgain)
   auto req = request("crash4", 3000, kGiB);
   ASSERT_NO_FATAL_FAILURE(crash_after_record(req, "g-1", 0));
   ASSERT_NO_FATAL_FAILURE(start_after_crash("g"));
-  auto e = wait_phase("crash4", {cvm::v1::RUNNING, cvm::v1::FAILED});
-  ASSERT_TRUE(e.has_value());
-  EXPECT_EQ(e->phase(), cvm::v1::RUNNING) << e->message();
-  EXPECT_EQ(e->node_id(), "g-1");
-  EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().finished_from_record; }), 1u);
+  expect_running_on("crash4", "g-1");
+  EXPECT_EQ(finished_from_record(), 1u);
   EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().moved_no_room; }), 0u);
   // The hold is in force again on g-1 (written before the assignment went out).
   auto capacity = client_->ensure_kv(service::capacity_bucket());

@@ -30,6 +30,36 @@ constexpr int64_t kNow = 1'700'000'000'000;
 constexpr uint64_t kGiB = 1ULL << 30;
 constexpr uint64_t kMiB = 1ULL << 20;
 
+// A ready node without GPUs: `cpu` millicores and `memory` bytes, `used_cpu` and `used_memory` of
+// them allocated, last heartbeat at `heartbeat`.
+cvm::v1::NodeStatus plain_node(const std::string& id, uint64_t cpu, uint64_t memory,
+                               uint64_t used_cpu = 0, uint64_t used_memory = 0,
+                               int64_t heartbeat = kNow) {
+  cvm::v1::NodeStatus s;
+  s.set_node_id(id);
+  s.set_heartbeat_unix_ms(heartbeat);
+  s.mutable_runtime()->set_ready(true);
+  s.mutable_capacity()->set_cpu_millicores(cpu);
+  s.mutable_capacity()->set_memory_bytes(memory);
+  s.mutable_allocated()->set_cpu_millicores(used_cpu);
+  s.mutable_allocated()->set_memory_bytes(used_memory);
+  return s;
+}
+
+// A plain container (no CVM rules) of the default size.
+PlacementRequest plain_request() {
+  PlacementRequest r;
+  r.cvm = false;
+  return r;
+}
+
+PlacementOptions at_now(Search search) {
+  PlacementOptions o;
+  o.now_unix_ms = kNow;
+  o.search = search;
+  return o;
+}
+
 // The model: what the index was told, kept independently of it.
 struct Model {
   std::map<std::string, cvm::v1::NodeStatus> nodes;
@@ -401,20 +431,11 @@ TEST(IndexSearch, AgreesOnALargerFleet) { run_life(99, 3000, 3, 60); }
 TEST(IndexSearch, AutoUsesTheIndexOnLargeFleets) {
   NodeIndex index;
   for (size_t i = 0; i < kIndexMinNodes; ++i) {
-    cvm::v1::NodeStatus s;
-    s.set_node_id("n" + std::to_string(i));
-    s.set_heartbeat_unix_ms(kNow);
-    s.mutable_runtime()->set_ready(true);
-    s.mutable_capacity()->set_cpu_millicores(16'000);
-    s.mutable_capacity()->set_memory_bytes(64 * kGiB);
-    s.mutable_allocated()->set_cpu_millicores(i % 16 * 1000);
-    s.mutable_allocated()->set_memory_bytes(i % 16 * 4 * kGiB);
-    index.upsert(s);
+    index.upsert(
+        plain_node("n" + std::to_string(i), 16'000, 64 * kGiB, i % 16 * 1000, i % 16 * 4 * kGiB));
   }
-  PlacementRequest r;
-  r.cvm = false;
-  PlacementOptions o;
-  o.now_unix_ms = kNow;
+  const auto r = plain_request();
+  auto o = at_now(Search::kAuto);
   const auto d = place(index, r, o);
   ASSERT_TRUE(d.ok());
   EXPECT_EQ(d.stats.nodes, kIndexMinNodes);
@@ -435,19 +456,11 @@ TEST(IndexSearch, AutoUsesTheIndexOnLargeFleets) {
 TEST(IndexSearch, SpreadOverIdenticalNodesTakesTheSmallestIdInOneStep) {
   NodeIndex index;
   for (int i = 0; i < 2000; ++i) {
-    cvm::v1::NodeStatus s;
-    s.set_node_id("n" + std::to_string(1000 + (i * 7919) % 2000));  // inserted out of order
-    s.set_heartbeat_unix_ms(kNow);
-    s.mutable_runtime()->set_ready(true);
-    s.mutable_capacity()->set_cpu_millicores(16'000);
-    s.mutable_capacity()->set_memory_bytes(64 * kGiB);
-    index.upsert(s);
+    // Inserted out of order.
+    index.upsert(plain_node("n" + std::to_string(1000 + (i * 7919) % 2000), 16'000, 64 * kGiB));
   }
-  PlacementRequest r;
-  r.cvm = false;
-  PlacementOptions o;
-  o.now_unix_ms = kNow;
-  o.search = Search::kIndex;
+  const auto r = plain_request();
+  auto o = at_now(Search::kIndex);
   for (auto strategy : {cvm::v1::SPREAD, cvm::v1::BINPACK}) {
     o.strategy = strategy;
     const auto d = place(index, r, o);
@@ -461,23 +474,13 @@ TEST(IndexSearch, SpreadOverIdenticalNodesTakesTheSmallestIdInOneStep) {
 TEST(IndexSearch, NeverChoosesADeadOrFullNode) {
   NodeIndex index;
   auto node = [&](const std::string& id, int64_t heartbeat, uint64_t used_cpu) {
-    cvm::v1::NodeStatus s;
-    s.set_node_id(id);
-    s.set_heartbeat_unix_ms(heartbeat);
-    s.mutable_runtime()->set_ready(true);
-    s.mutable_capacity()->set_cpu_millicores(16'000);
-    s.mutable_capacity()->set_memory_bytes(64 * kGiB);
-    s.mutable_allocated()->set_cpu_millicores(used_cpu);
-    index.upsert(s);
+    index.upsert(plain_node(id, 16'000, 64 * kGiB, used_cpu, 0, heartbeat));
   };
   for (int i = 0; i < 500; ++i) node("dead" + std::to_string(i), kNow - 16'000, 15'000);
   for (int i = 0; i < 500; ++i) node("full" + std::to_string(i), kNow, 15'500);
   node("ok", kNow, 0);
-  PlacementRequest r;
-  r.cvm = false;
-  PlacementOptions o;
-  o.now_unix_ms = kNow;
-  o.search = Search::kIndex;
+  const auto r = plain_request();
+  auto o = at_now(Search::kIndex);
   o.max_candidates = 3;
   const auto d = place(index, r, o);
   ASSERT_TRUE(d.ok());
@@ -528,26 +531,16 @@ namespace {
 TEST(IndexSearch, CapacityChangeWithinAShapeBucketKeepsTheNodeReachable) {
   NodeIndex index;
   auto node = [&](const std::string& id, uint64_t cpu, uint64_t used_cpu) {
-    cvm::v1::NodeStatus s;
-    s.set_node_id(id);
-    s.set_heartbeat_unix_ms(kNow);
-    s.mutable_runtime()->set_ready(true);
-    s.mutable_capacity()->set_cpu_millicores(cpu);
-    s.mutable_capacity()->set_memory_bytes(64 * kGiB);
-    s.mutable_allocated()->set_cpu_millicores(used_cpu);
-    s.mutable_allocated()->set_memory_bytes(32 * kGiB);  // on a cell's lower edge
-    index.upsert(s);
+    // Half the memory used: on a cell's lower edge.
+    index.upsert(plain_node(id, cpu, 64 * kGiB, used_cpu, 32 * kGiB));
   };
   node("a", 17'000, 8'500);  // half free
   node("a", 17'500, 8'750);  // still half free, same bucket: 8,750 millicores free now
   node("z", 64'000, 0);      // fits too, but emptier
-  PlacementRequest r;
-  r.cvm = false;
+  auto r = plain_request();
   r.cpu_millicores = 8'750;
   r.memory_bytes = kGiB;
-  PlacementOptions o;
-  o.now_unix_ms = kNow;
-  o.search = Search::kScan;
+  auto o = at_now(Search::kScan);
   ASSERT_EQ(place(index, r, o).best().node_id, "a");
   o.search = Search::kIndex;
   EXPECT_EQ(place(index, r, o).best().node_id, "a");
@@ -563,22 +556,12 @@ namespace {
 TEST(IndexSearch, DeadNodesAreParkedAndComeBack) {
   NodeIndex index;
   auto node = [&](const std::string& id, int64_t heartbeat, uint64_t used_cpu) {
-    cvm::v1::NodeStatus s;
-    s.set_node_id(id);
-    s.set_heartbeat_unix_ms(heartbeat);
-    s.mutable_runtime()->set_ready(true);
-    s.mutable_capacity()->set_cpu_millicores(16'000);
-    s.mutable_capacity()->set_memory_bytes(64 * kGiB);
-    s.mutable_allocated()->set_cpu_millicores(used_cpu);
-    index.upsert(s);
+    index.upsert(plain_node(id, 16'000, 64 * kGiB, used_cpu, 0, heartbeat));
   };
   node("old", kNow - 20'000, 12'000);  // the fuller one: bin-packing's first look
   node("fresh", kNow, 0);
-  PlacementRequest r;
-  r.cvm = false;
-  PlacementOptions o;
-  o.now_unix_ms = kNow;
-  o.search = Search::kIndex;
+  const auto r = plain_request();
+  const auto o = at_now(Search::kIndex);
   auto d = place(index, r, o);
   EXPECT_EQ(d.best().node_id, "fresh");
   EXPECT_EQ(d.stats.evaluated, 2u);
