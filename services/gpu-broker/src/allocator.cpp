@@ -41,6 +41,17 @@ NodeGpuInventory inventory_from(const cvm::v1::NodeStatus& status) {
   return inv;
 }
 
+bool same_devices(const NodeGpuInventory& a, const NodeGpuInventory& b) {
+  if (a.node_id != b.node_id || a.bare_metal != b.bare_metal || a.gpus.size() != b.gpus.size()) {
+    return false;
+  }
+  for (size_t i = 0; i < a.gpus.size(); ++i) {
+    // GpuDevice has no map fields, so equal messages serialize to equal bytes.
+    if (a.gpus[i].SerializeAsString() != b.gpus[i].SerializeAsString()) return false;
+  }
+  return true;
+}
+
 void GpuLeases::add(std::string_view gpu_uuid, std::string_view workspace_id) {
   by_uuid_.insert_or_assign(std::string(gpu_uuid), std::string(workspace_id));
 }

@@ -568,6 +568,15 @@ void BrokerService::on_node(const std::optional<bus::KvEntry>& entry) {
   auto inv = inventory_from(status);
   inv.node_id = id;
   const auto old = inventory_.find(id);
+  // Most writes are heartbeats that change nothing the broker keeps (5,000 nodes heartbeat every
+  // few seconds, and again after each launch): no devices before or now, or the same devices,
+  // leave the health notices and gauges as they are (the periodic refresh covers quarantines that
+  // end with time).
+  if (old == inventory_.end() && inv.gpus.empty()) return;
+  if (old != inventory_.end() && same_devices(old->second, inv)) {
+    old->second.heartbeat_unix_ms = inv.heartbeat_unix_ms;
+    return;
+  }
   if (leases_synced_) notify_health(old == inventory_.end() ? nullptr : &old->second, inv);
   if (inv.gpus.empty()) {
     inventory_.erase(id);

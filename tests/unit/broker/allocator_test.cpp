@@ -190,6 +190,32 @@ TEST(Inventory, FromNodeStatus) {
   EXPECT_FALSE(inventory_from(s).bare_metal);
 }
 
+TEST(Inventory, SameDevicesIgnoresTheHeartbeatOnly) {
+  cvm::v1::NodeStatus s;
+  s.set_node_id("n9");
+  s.mutable_host()->set_bare_metal(true);
+  *s.add_gpus() = gpu("GPU-0", 0, kGiB);
+  *s.add_gpus() = gpu("GPU-1", 1, kGiB);
+  const auto before = inventory_from(s);
+  s.set_heartbeat_unix_ms(12345);
+  EXPECT_TRUE(same_devices(before, inventory_from(s)));
+  auto changed = s;
+  changed.mutable_gpus(1)->set_healthy(false);
+  EXPECT_FALSE(same_devices(before, inventory_from(changed)));
+  changed = s;
+  changed.mutable_gpus(0)->set_last_health_event_unix_ms(7);
+  EXPECT_FALSE(same_devices(before, inventory_from(changed)));
+  changed = s;
+  changed.mutable_host()->set_bare_metal(false);
+  EXPECT_FALSE(same_devices(before, inventory_from(changed)));
+  changed = s;
+  changed.mutable_gpus()->RemoveLast();
+  EXPECT_FALSE(same_devices(before, inventory_from(changed)));
+  changed = s;
+  changed.set_node_id("n8");
+  EXPECT_FALSE(same_devices(before, inventory_from(changed)));
+}
+
 TEST(Leases, AddRemoveHolder) {
   GpuLeases l;
   EXPECT_FALSE(l.contains("GPU-0"));

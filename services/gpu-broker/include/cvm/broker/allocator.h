@@ -33,6 +33,9 @@ struct NodeGpuInventory {
   int64_t heartbeat_unix_ms = 0;
 };
 NodeGpuInventory inventory_from(const cvm::v1::NodeStatus& status);
+// The same devices, reported the same way (the heartbeat aside): nothing the broker decides or
+// counts can differ between the two.
+[[nodiscard]] bool same_devices(const NodeGpuInventory& a, const NodeGpuInventory& b);
 
 // Who holds which GPU of a node right now: gpu uuid -> workspace id.
 class GpuLeases {
