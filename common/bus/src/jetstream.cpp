@@ -68,6 +68,11 @@ struct JsMessage::Impl {
   detail::MsgHandle msg;
   uint64_t stream_sequence = 0;
   uint64_t num_delivered = 0;
+  int64_t stored_unix_ns = 0;
+  // Taken on the fetching thread, before the hand-off to the executor.
+  int64_t fetched_unix_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                std::chrono::system_clock::now().time_since_epoch())
+                                .count();
   // cnats' ack state and header cache are not thread safe.
   mutable std::mutex mu;
 
@@ -77,6 +82,7 @@ struct JsMessage::Impl {
       detail::MetaDataHandle meta(raw);
       stream_sequence = meta->Sequence.Stream;
       num_delivered = meta->NumDelivered;
+      stored_unix_ns = meta->Timestamp;
     }
   }
 };
@@ -106,6 +112,8 @@ std::optional<std::string> JsMessage::header(const std::string& key) const {
 
 uint64_t JsMessage::stream_sequence() const { return impl_->stream_sequence; }
 uint64_t JsMessage::num_delivered() const { return impl_->num_delivered; }
+int64_t JsMessage::stored_unix_ns() const { return impl_->stored_unix_ns; }
+int64_t JsMessage::fetched_unix_ns() const { return impl_->fetched_unix_ns; }
 
 Status JsMessage::ack() {
   std::lock_guard lock(impl_->mu);

@@ -1,6 +1,7 @@
 #include "cvm/scheduler/scheduler_service.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <random>
 #include <string>
 #include <utility>
@@ -31,6 +32,12 @@ std::string record_key(std::string_view node_id, std::string_view build_id) {
 // Reservation ids in the NodeIndex for the holds read from a node's ledger.
 std::string ledger_reservation(std::string_view node_id) {
   return "ledger/" + std::string(node_id);
+}
+
+int64_t unix_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
 }
 
 bool is_kv_delete(const bus::Message& m) {
@@ -337,6 +344,7 @@ struct SchedulerService::Placement {
   cvm::v1::NodeAssignment assignment;
   int publishes_left = 0;
   std::string publish_error;
+  int64_t t_executing = 0, t_held = 0, t_looked_up = 0, t_recorded = 0;  // unix ns (trace_stages)
 };
 
 // A placement moving off a node fails with NODE_LOST when that node was lost, else with `reason`.
@@ -363,6 +371,7 @@ void SchedulerService::place_and_dispatch(const cvm::v1::BuildRequest& req,
   p->req = req;
   p->lost_node = lost_node;
   p->started = std::chrono::steady_clock::now();
+  if (config_.trace_stages) p->t_executing = unix_ns();
   if (check_duplicate) {
     p->lookup_pending = true;
     conn_->last_message_async(std::string(wire::kStreamEvents),
@@ -372,6 +381,7 @@ void SchedulerService::place_and_dispatch(const cvm::v1::BuildRequest& req,
                                 // Nats-Msg-Id, so a repeated step cannot publish a second copy of
                                 // the same phase.
                                 p->lookup_pending = false;
+                                p->t_looked_up = unix_ns();
                                 p->duplicate = last.ok() && last->has_value();
                                 if (auto fn = std::exchange(p->after_lookup, nullptr)) fn();
                               }));
@@ -468,6 +478,7 @@ void SchedulerService::on_held(const PlacementPtr& p, const std::string& node_id
       break;
   }
   p->node_id = node_id;
+  if (config_.trace_stages) p->t_held = unix_ns();
   const bool ours = outcome == HoldOutcome::kHeld;
   when_looked_up(p, [this, p, ours] {
     if (p->duplicate) {
@@ -548,6 +559,7 @@ void SchedulerService::write_record(const PlacementPtr& p) {
           // went, and the lost node's next sweep skips it.
           (void)placements_->put(record_key(p->lost_node, p->req.build_id()), bytes);
         }
+        if (config_.trace_stages) p->t_recorded = unix_ns();
         dispatch(p);
       }),
       config_.bus_timeout);
@@ -566,6 +578,10 @@ void SchedulerService::dispatch(const PlacementPtr& p) {
     }
     meters_->scheduled.Increment();
     ++counts_.scheduled;
+    if (config_.trace_stages && p->msg->num_delivered() == 1 && p->lost_node.empty()) {
+      stages_.push_back({p->msg->stored_unix_ns(), p->msg->fetched_unix_ns(), p->t_executing,
+                         p->t_held, std::max(p->t_looked_up, p->t_held), p->t_recorded, unix_ns()});
+    }
     if (p->no_room) {
       meters_->moved.Increment();
       ++counts_.moved_no_room;
@@ -1354,6 +1370,57 @@ void SchedulerService::sweep() {
       liveness_.rearm(lost.node_id);  // the next sweep tries again
     }
   }
+}
+
+}  // namespace cvm::scheduler
+
+namespace cvm::scheduler {
+
+std::string SchedulerService::stage_report() const {
+  if (stages_.empty()) return "no stages traced\n";
+  struct Stage {
+    const char* name;
+    int64_t StageSample::*from;
+    int64_t StageSample::*to;
+  };
+  const Stage stages[] = {
+      {"stored->fetched", &StageSample::stored, &StageSample::fetched},
+      {"fetched->executor", &StageSample::fetched, &StageSample::executing},
+      {"decide+capacity hold", &StageSample::executing, &StageSample::held},
+      {"wait for dup lookup", &StageSample::held, &StageSample::looked_up},
+      {"gpus+record", &StageSample::looked_up, &StageSample::recorded},
+      {"assignment+SCHEDULED", &StageSample::recorded, &StageSample::published},
+      {"total (stored->acked)", &StageSample::stored, &StageSample::published},
+  };
+  auto us = [](const StageSample& s, const Stage& st) {
+    return static_cast<double>(s.*st.to - s.*st.from) / 1000.0;
+  };
+  std::vector<const StageSample*> by_total;
+  for (const auto& s : stages_) by_total.push_back(&s);
+  std::sort(by_total.begin(), by_total.end(),
+            [](auto* a, auto* b) { return a->published - a->stored < b->published - b->stored; });
+  const size_t slow_from = by_total.size() - std::max<size_t>(1, by_total.size() / 100);
+  std::string out;
+  char line[200];
+  std::snprintf(line, sizeof line, "%-24s %9s %9s %9s %9s  %s\n", "stage (us)", "p50", "p90", "p99",
+                "max", "mean over slowest 1%");
+  out += line;
+  for (const auto& st : stages) {
+    std::vector<double> v;
+    v.reserve(stages_.size());
+    for (const auto& s : stages_) v.push_back(us(s, st));
+    std::sort(v.begin(), v.end());
+    auto at = [&](double q) {
+      return v[std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size() - 1)))];
+    };
+    double slow = 0;
+    for (size_t i = slow_from; i < by_total.size(); ++i) slow += us(*by_total[i], st);
+    slow /= static_cast<double>(by_total.size() - slow_from);
+    std::snprintf(line, sizeof line, "%-24s %9.0f %9.0f %9.0f %9.0f  %9.0f\n", st.name, at(0.5),
+                  at(0.9), at(0.99), v.back(), slow);
+    out += line;
+  }
+  return out;
 }
 
 }  // namespace cvm::scheduler

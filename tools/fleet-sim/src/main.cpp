@@ -8,6 +8,7 @@
 #include <iostream>
 #include <string>
 #include <thread>
+#include <utility>
 
 #include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
@@ -41,6 +42,7 @@ int main(int argc, char** argv) {
   int64_t launch_ms = fleet.launch_delay.count();
   int64_t heartbeat_ms = fleet.heartbeat_interval.count();
   std::string log_level = "warn";
+  bool stages = false;
   app.add_option("--nats-url", url)->capture_default_str();
   app.add_option("--nodes", fleet.nodes, "simulated nodes")->capture_default_str();
   app.add_option("--prefix", fleet.prefix, "node id prefix")->capture_default_str();
@@ -74,6 +76,8 @@ int main(int argc, char** argv) {
   app.add_flag("--register-only", register_only,
                "register and heartbeat the nodes until SIGINT/SIGTERM, no load");
   app.add_option("--log-level", log_level)->capture_default_str();
+  app.add_flag("--stages", stages,
+               "in-process schedulers: print where each placement's time went, by stage");
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(spdlog::level::from_str(log_level));
   fleet.launch_delay = std::chrono::milliseconds(launch_ms);
@@ -105,6 +109,7 @@ int main(int argc, char** argv) {
   sc.sampling = sampling == "log2"      ? cvm::scheduler::Sampling::kLog2
                 : sampling == "percent" ? cvm::scheduler::Sampling::kPercent
                                         : cvm::scheduler::Sampling::kNone;
+  sc.trace_stages = stages;
   if (auto st = harness.start_schedulers(schedulers, sc); !st) {
     std::cerr << "scheduler: " << st.error().message << "\n";
     return 1;
@@ -165,6 +170,14 @@ int main(int argc, char** argv) {
       static_cast<unsigned long>(stats.launched_twice),
       static_cast<unsigned long>(stats.duplicate_launches),
       static_cast<unsigned long>(stats.heartbeats));
+  if (stages) {
+    for (size_t i = 0; i < harness.schedulers(); ++i) {
+      const auto [report, conflicts] = harness.on_scheduler(
+          i, [](auto& s) { return std::pair(s.stage_report(), s.counts().cas_conflicts); });
+      std::printf("scheduler replica %zu stages (capacity compare-and-set conflicts: %lu):\n%s", i,
+                  static_cast<unsigned long>(conflicts), report.c_str());
+    }
+  }
   int rc = stats.over_capacity == 0 && stats.launched_twice == 0 && report->undecided == 0 ? 0 : 3;
   if (audit) {
     std::vector<std::string> ids;

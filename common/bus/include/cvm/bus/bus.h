@@ -136,6 +136,10 @@ class JsMessage {
   [[nodiscard]] std::optional<std::string> header(const std::string& key) const;
   [[nodiscard]] uint64_t stream_sequence() const;
   [[nodiscard]] uint64_t num_delivered() const;  // 1 on first delivery
+  // When the server stored it, and when this process fetched it (wall clock, ns since the epoch;
+  // 0 when unknown): for latency breakdowns, on one machine.
+  [[nodiscard]] int64_t stored_unix_ns() const;
+  [[nodiscard]] int64_t fetched_unix_ns() const;
 
   Status ack();  // synchronous: returns once the server confirmed
   Status nak(std::chrono::milliseconds delay = std::chrono::milliseconds{0});

@@ -78,6 +78,9 @@ struct SchedulerConfig {
   std::chrono::milliseconds bus_timeout{5000};  // for each asynchronous JetStream step
   Sampling sampling = Sampling::kNone;
   uint32_t sample_percent = 100;
+  // Keeps per-stage times of every placement for stage_report() (the fleet simulator's
+  // --stages): where submit->SCHEDULED goes. Off in the service (it grows with every request).
+  bool trace_stages = false;
 };
 
 class SchedulerService {
@@ -108,6 +111,10 @@ class SchedulerService {
   };
   [[nodiscard]] const Counts& counts() const { return counts_; }
   [[nodiscard]] size_t nodes() const { return index_.size(); }
+  // With trace_stages: percentiles of each stage of a placement (stored in CVM_BUILDS -> fetched
+  // -> on the executor -> capacity held -> duplicate lookup in -> recorded -> assignment and
+  // SCHEDULED acknowledged), and the mean of each stage over the slowest 1%.
+  [[nodiscard]] std::string stage_report() const;
 
  private:
   struct Meters;
@@ -233,6 +240,11 @@ class SchedulerService {
   std::unique_ptr<bus::KvWatch> capacity_watch_;
   std::unique_ptr<bus::PullConsumer> consumer_;
   boost::asio::steady_timer sweep_timer_;
+  struct StageSample {
+    int64_t stored = 0, fetched = 0, executing = 0, held = 0, looked_up = 0, recorded = 0,
+            published = 0;  // unix ns
+  };
+  std::vector<StageSample> stages_;
   bool nodes_loaded_ = false;
   bool stopped_ = false;
   uint64_t decisions_ = 0;
