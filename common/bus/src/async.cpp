@@ -3,6 +3,8 @@
 // are posted to the connection's executor, like every other callback of the adapter.
 
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -23,13 +25,22 @@ constexpr int kNoMessageFound = 10037;
 // One request_async waiting for its reply. Its timer lives on the executor.
 struct PendingRequest {
   explicit PendingRequest(const Executor& ex) : timer(ex) {}
+  // On the executor only: the reply, the timeout or the send failure, whichever comes first.
+  void finish(Result<Message> result) {
+    if (finished) return;
+    finished = true;
+    timer.cancel();
+    done(std::move(result));
+  }
   ReplyHandler done;
   boost::asio::steady_timer timer;
+  bool finished = false;
 };
 
 }  // namespace
 
 struct AsyncOps {
+  uint64_t id = 0;  // its key in live_ops()
   Executor executor;
   natsConnection* nc = nullptr;
   std::mutex mu;
@@ -44,6 +55,7 @@ struct AsyncOps {
   std::string inbox_base;  // "<prefix>.<nuid>."
   uint64_t next_request = 0;
   std::unordered_map<uint64_t, std::shared_ptr<PendingRequest>> requests;
+  bool closed = false;  // destroy_async_ops ran: nothing answers the requests left
 
   template <class Fn, class R>
   void post(Fn done, R result) {
@@ -55,8 +67,35 @@ struct AsyncOps {
 
 namespace {
 
+// cnats calls on_pub_ack and on_reply on its own threads, and one call may still be running (or
+// about to start, its message already dequeued) when the connection is closed and destroyed:
+// natsConnection_Close does not wait for a subscription's callback in flight, and neither does
+// jsCtx_Destroy for the context's reply subscription (the "double free" once seen at the end of
+// a 3-replica fleet-sim run fits a callback that used AsyncOps after ~Core deleted it). So the
+// closure handed to cnats is a key, not a pointer: a callback looks its AsyncOps up here and holds
+// it while it runs; destroy_async_ops takes the key out first, and a late callback finds nothing
+// and only frees its message.
+std::mutex& live_ops_mu() {
+  static std::mutex mu;
+  return mu;
+}
+std::unordered_map<uint64_t, std::weak_ptr<AsyncOps>>& live_ops() {
+  static std::unordered_map<uint64_t, std::weak_ptr<AsyncOps>> ops;
+  return ops;
+}
+void* ops_key(uint64_t id) { return reinterpret_cast<void*>(static_cast<uintptr_t>(id)); }
+std::shared_ptr<AsyncOps> find_ops(void* closure) {
+  std::lock_guard lock(live_ops_mu());
+  const auto it = live_ops().find(static_cast<uint64_t>(reinterpret_cast<uintptr_t>(closure)));
+  return it == live_ops().end() ? nullptr : it->second.lock();
+}
+
 void on_pub_ack(jsCtx* /*js*/, natsMsg* msg, jsPubAck* pa, jsPubAckErr* pae, void* closure) {
-  auto* ops = static_cast<AsyncOps*>(closure);
+  const auto ops = find_ops(closure);
+  if (!ops) {
+    natsMsg_Destroy(msg);  // the connection is gone; the handler owns the message
+    return;
+  }
   PubAckHandler done;
   {
     std::lock_guard lock(ops->mu);
@@ -83,8 +122,9 @@ void on_pub_ack(jsCtx* /*js*/, natsMsg* msg, jsPubAck* pa, jsPubAckErr* pae, voi
 }
 
 void on_reply(natsConnection* /*nc*/, natsSubscription* /*sub*/, natsMsg* msg, void* closure) {
-  auto* ops = static_cast<AsyncOps*>(closure);
   MsgHandle owned(msg);
+  const auto ops = find_ops(closure);
+  if (!ops) return;  // the connection is gone
   const std::string_view subject(natsMsg_GetSubject(msg));
   const auto dot = subject.rfind('.');
   uint64_t id = 0;
@@ -104,8 +144,7 @@ void on_reply(natsConnection* /*nc*/, natsSubscription* /*sub*/, natsMsg* msg, v
                                ? Result<Message>(nats_error(NATS_NO_RESPONDERS, "request"))
                                : Result<Message>(copy_message(msg));
   boost::asio::post(ops->executor, [pending, result = std::move(result)]() mutable {
-    pending->timer.cancel();
-    pending->done(std::move(result));
+    pending->finish(std::move(result));
   });
 }
 
@@ -159,27 +198,48 @@ Headers parse_headers(std::string_view block) {
 }
 
 void destroy_async_ops(Core& core) {
-  AsyncOps* ops = nullptr;
+  std::shared_ptr<AsyncOps> ops;
   {
     std::lock_guard lock(core.async_mu_);
     ops = std::exchange(core.async_, nullptr);
   }
   if (ops == nullptr) return;
+  {
+    std::lock_guard lock(live_ops_mu());
+    live_ops().erase(ops->id);
+  }
   if (ops->inbox != nullptr) natsSubscription_Destroy(ops->inbox);
   if (ops->js != nullptr) jsCtx_Destroy(ops->js);
-  delete ops;
+  // What waits for an answer is dropped here, on the destroying thread, not on a cnats thread by a
+  // late callback (a request's timer belongs to the executor, which may be gone by then).
+  std::unordered_map<natsMsg*, PubAckHandler> pubs;
+  std::unordered_map<uint64_t, std::shared_ptr<PendingRequest>> requests;
+  {
+    std::lock_guard lock(ops->mu);
+    ops->closed = true;
+    pubs.swap(ops->pubs);
+    requests.swap(ops->requests);
+  }
+  // ops is freed here, or by the last callback still holding it.
 }
 
-AsyncOps& Core::async_ops() {
+std::shared_ptr<AsyncOps> Core::async_ops() {
   std::lock_guard lock(async_mu_);
-  if (async_ != nullptr) return *async_;
-  auto* ops = new AsyncOps();
+  if (async_ != nullptr) return async_;
+  auto ops = std::make_shared<AsyncOps>();
+  {
+    static uint64_t next_id = 0;
+    std::lock_guard live(live_ops_mu());
+    ops->id = ++next_id;
+    live_ops().emplace(ops->id, ops);
+  }
+  void* const key = ops_key(ops->id);
   ops->executor = executor;
   ops->nc = nc;
   jsOptions jo;
   jsOptions_Init(&jo);
   jo.PublishAsync.AckHandler = on_pub_ack;
-  jo.PublishAsync.AckHandlerClosure = ops;
+  jo.PublishAsync.AckHandlerClosure = key;
   jo.PublishAsync.MaxPending = 8192;
   natsStatus s = natsConnection_JetStream(&ops->js, nc, &jo);
   if (s != NATS_OK) ops->js_status = nats_error(s, "create asynchronous JetStream context");
@@ -194,10 +254,10 @@ AsyncOps& Core::async_ops() {
   }
   ops->inbox_base =
       (inbox_prefix.empty() ? std::string("_INBOX") : inbox_prefix) + "." + token + ".";
-  s = natsConnection_Subscribe(&ops->inbox, nc, (ops->inbox_base + "*").c_str(), on_reply, ops);
+  s = natsConnection_Subscribe(&ops->inbox, nc, (ops->inbox_base + "*").c_str(), on_reply, key);
   if (s != NATS_OK) ops->inbox_status = nats_error(s, "subscribe to the reply inbox");
   async_ = ops;
-  return *ops;
+  return ops;
 }
 
 }  // namespace detail
@@ -209,7 +269,8 @@ namespace {
 
 void publish_async(Core& core, const std::string& subject, std::string_view data,
                    const AsyncPublish& options, PubAckHandler done) {
-  auto& ops = core.async_ops();
+  const auto ops_ptr = core.async_ops();
+  auto& ops = *ops_ptr;
   if (!ops.js_status.ok()) return ops.post(std::move(done), Result<PubAck>(ops.js_status.error()));
   auto msg = make_msg(subject, data, options.headers);
   if (!msg) return ops.post(std::move(done), Result<PubAck>(msg.error()));
@@ -261,7 +322,8 @@ void Connection::js_publish_async(const std::string& subject, std::string_view d
 
 void Connection::request_async(const std::string& subject, std::string_view data,
                                std::chrono::milliseconds timeout, ReplyHandler done) {
-  auto& ops = impl_->core->async_ops();
+  const auto ops_ptr = impl_->core->async_ops();
+  auto& ops = *ops_ptr;
   if (!ops.inbox_status.ok()) {
     return ops.post(std::move(done), Result<Message>(ops.inbox_status.error()));
   }
@@ -274,14 +336,16 @@ void Connection::request_async(const std::string& subject, std::string_view data
     ops.requests[id] = pending;
   }
   pending->timer.expires_after(timeout);
-  auto* ops_ptr = &ops;
-  pending->timer.async_wait([ops_ptr, id, pending](const boost::system::error_code& ec) {
+  // Weak: a timer can fire after the connection (and its AsyncOps) went away.
+  pending->timer.async_wait([weak = std::weak_ptr<detail::AsyncOps>(ops_ptr), id,
+                             pending](const boost::system::error_code& ec) {
     if (ec) return;  // the reply came first
-    {
-      std::lock_guard lock(ops_ptr->mu);
-      if (ops_ptr->requests.erase(id) == 0) return;  // the reply is on its way
+    if (const auto live = weak.lock()) {
+      std::lock_guard lock(live->mu);
+      // Not there: the reply is on its way, unless the connection went away.
+      if (live->requests.erase(id) == 0 && !live->closed) return;
     }
-    pending->done(Result<Message>(nats_error(NATS_TIMEOUT, "request")));
+    pending->finish(Result<Message>(nats_error(NATS_TIMEOUT, "request")));
   });
   const std::string reply = ops.inbox_base + std::to_string(id);
   const natsStatus s = natsConnection_PublishRequest(
@@ -292,8 +356,7 @@ void Connection::request_async(const std::string& subject, std::string_view data
     if (ops.requests.erase(id) == 0) return;
   }
   boost::asio::post(ops.executor, [pending, err = nats_error(s, "request to " + subject)] {
-    pending->timer.cancel();
-    pending->done(Result<Message>(err));
+    pending->finish(Result<Message>(err));
   });
 }
 

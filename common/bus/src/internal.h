@@ -103,14 +103,15 @@ class Core {
   jsCtx* js = nullptr;
   std::unique_ptr<ConnCallbacks> callbacks;
   std::string inbox_prefix;  // as configured for this connection ("" for cnats' "_INBOX")
-  // Made on first use (async.cpp); freed after the connection is destroyed.
-  AsyncOps& async_ops();
+  // Made on first use (async.cpp); released after the connection is destroyed, and freed once no
+  // cnats callback still uses it (see destroy_async_ops).
+  std::shared_ptr<AsyncOps> async_ops();
 
  private:
   std::mutex close_mu_;
   bool close_called_ = false;
   std::mutex async_mu_;
-  AsyncOps* async_ = nullptr;
+  std::shared_ptr<AsyncOps> async_;
   friend void destroy_async_ops(Core& core);
 };
 

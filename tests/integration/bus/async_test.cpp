@@ -2,6 +2,8 @@
 // compare-and-set without waiting, request-reply and the stream message-get, each completing on
 // the executor; and the fire-and-forget ack.
 
+#include <atomic>
+#include <memory>
 #include <set>
 #include <string>
 #include <utility>
@@ -206,6 +208,35 @@ TEST_F(BusAsync, RequestAsyncRepliesTimesOutAndReportsNoResponders) {
   ASSERT_TRUE(timed_out.has_value());
   ASSERT_FALSE(timed_out->ok());
   EXPECT_EQ(timed_out->error().domain, ErrorDomain::kTimeout) << timed_out->error().message;
+}
+
+// A request still waiting when its connection is destroyed: its timer fires later on the executor,
+// which outlives the connection, and must neither touch the connection's freed state (a
+// heap-use-after-free under ASan before) nor answer twice. Publishes in flight at that moment are
+// never answered, and their late acks (if any) are dropped without touching freed state either.
+TEST_F(BusAsync, RequestInFlightWhenTheConnectionGoesAwayTimesOutOnce) {
+  auto responder = connect();
+  ASSERT_TRUE(responder);
+  auto silent = responder->subscribe("svc.silent", "", [](Message) {});
+  ASSERT_TRUE(silent.ok());
+  ASSERT_TRUE(responder->flush().ok());
+
+  auto doomed = connect();
+  ASSERT_TRUE(doomed);
+  Collector<std::string> answers;
+  doomed->request_async("svc.silent", "x", 100ms, [&](Result<Message> r) {
+    answers.add(r.ok() ? "reply" : r.error().message);
+  });
+  auto acks = std::make_shared<std::atomic<int>>(0);
+  for (int i = 0; i < 50; ++i) {
+    doomed->js_publish_async("async.late", "x", {}, [acks](Result<PubAck>) { ++*acks; });
+  }
+  doomed.reset();  // the last reference: ~Core closes the connection and releases its async state
+  ASSERT_TRUE(answers.wait_for(1, 5s)) << "the request never timed out";
+  std::this_thread::sleep_for(300ms);  // time for a second answer, were there one
+  ASSERT_EQ(answers.items().size(), 1u);
+  EXPECT_NE(answers.items().front(), "reply");
+  EXPECT_LE(acks->load(), 50);
 }
 
 TEST_F(BusAsync, AckAsyncRemovesTheMessageFromTheConsumer) {
