@@ -346,12 +346,7 @@ void AgentService::give_up_moved(const cvm::v1::NodeAssignment& a, const bus::Js
       busy_.erase(ws_id);
       ids_->release(ws_id);
       if (auto st = save_id_ranges(); !st) spdlog::error("{}", st.error().message);
-      if (!a.lease_id().empty()) {
-        cvm::v1::WorkspaceRecord r;
-        r.set_workspace_id(ws_id);
-        r.set_lease_id(a.lease_id());
-        release_gpus(r);
-      }
+      release_lease(ws_id, a.lease_id());
       workspaces_.erase(ws_id);
       remove_inflight(ws_id);
       if (msg) (void)msg->ack();
@@ -359,6 +354,14 @@ void AgentService::give_up_moved(const cvm::v1::NodeAssignment& a, const bus::Js
       heartbeat();
     });
   });
+}
+
+void AgentService::release_lease(const std::string& workspace_id, const std::string& lease_id) {
+  if (lease_id.empty()) return;
+  cvm::v1::WorkspaceRecord r;
+  r.set_workspace_id(workspace_id);
+  r.set_lease_id(lease_id);
+  release_gpus(r);
 }
 
 cvm::v1::NodeStatus AgentService::node_status() const {
@@ -635,12 +638,7 @@ void AgentService::finish_start(const cvm::v1::NodeAssignment& a, IdRange ids, L
     meters_->failed.Increment();
     ids_->release(req.workspace_id());
     if (auto st = save_id_ranges(); !st) spdlog::error("{}", st.error().message);
-    if (!a.lease_id().empty()) {
-      cvm::v1::WorkspaceRecord r;
-      r.set_workspace_id(req.workspace_id());
-      r.set_lease_id(a.lease_id());
-      release_gpus(r);
-    }
+    release_lease(req.workspace_id(), a.lease_id());
     if (auto st = record_outcome(a, ids, outcome, phases, expected_revision); !st) {
       return give_up_moved(a, msg);
     }
@@ -809,12 +807,7 @@ void AgentService::reconcile() {
         (void)launcher_->stop(ws_id);
         if (auto st = launcher_->remove(ws_id, true); !st) spdlog::error("{}", st.error().message);
         ids_->release(ws_id);
-        if (!a.lease_id().empty()) {
-          cvm::v1::WorkspaceRecord r;
-          r.set_workspace_id(ws_id);
-          r.set_lease_id(a.lease_id());
-          release_gpus(r);
-        }
+        release_lease(ws_id, a.lease_id());
         workspaces_.erase(ws_id);
         remove_inflight(ws_id);
         continue;

@@ -35,4 +35,16 @@ std::string_view trim(std::string_view s) {
   return s.substr(first, last - first + 1);
 }
 
+std::vector<std::string_view> trimmed_lines(std::string_view text) {
+  std::vector<std::string_view> out;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t end = text.find('\n', pos);
+    if (end == std::string_view::npos) end = text.size();
+    out.push_back(trim(text.substr(pos, end - pos)));
+    pos = end + 1;
+  }
+  return out;
+}
+
 }  // namespace cvm::agent::detail

@@ -17,12 +17,7 @@ namespace fs = std::filesystem;
 
 // KEY=value or KEY="value" from os-release text.
 std::string os_release_value(std::string_view text, std::string_view key) {
-  size_t pos = 0;
-  while (pos < text.size()) {
-    size_t end = text.find('\n', pos);
-    if (end == std::string_view::npos) end = text.size();
-    std::string_view line = detail::trim(text.substr(pos, end - pos));
-    pos = end + 1;
+  for (std::string_view line : detail::trimmed_lines(text)) {
     if (line.size() <= key.size() || line.substr(0, key.size()) != key || line[key.size()] != '=') {
       continue;
     }

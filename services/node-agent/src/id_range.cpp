@@ -39,12 +39,7 @@ Status validate_pool(IdPool pool, uint32_t width) {
 
 Result<IdPool> parse_subid_pool(std::string_view content, std::string_view owner) {
   std::optional<IdPool> best;
-  size_t pos = 0;
-  while (pos < content.size()) {
-    size_t end = content.find('\n', pos);
-    if (end == std::string_view::npos) end = content.size();
-    const std::string_view line = detail::trim(content.substr(pos, end - pos));
-    pos = end + 1;
+  for (const std::string_view line : detail::trimmed_lines(content)) {
     if (line.empty() || line.front() == '#') continue;
     const size_t c1 = line.find(':');
     if (c1 == std::string_view::npos || line.substr(0, c1) != owner) continue;

@@ -4,7 +4,6 @@
 #include <archive.h>
 #include <archive_entry.h>
 #include <fcntl.h>
-#include <openssl/evp.h>
 #include <sched.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -17,35 +16,16 @@
 #include <vector>
 
 #include "cvm/agent/layer_unpack.h"
+#include "sha256.h"
 
 namespace cvm::agent {
 namespace {
 
 namespace fs = std::filesystem;
 
-struct EvpDeleter {
-  void operator()(EVP_MD_CTX* c) const { EVP_MD_CTX_free(c); }
-};
-using EvpCtx = std::unique_ptr<EVP_MD_CTX, EvpDeleter>;
-
-EvpCtx new_sha256() {
-  EvpCtx ctx(EVP_MD_CTX_new());
-  if (ctx && EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1) ctx.reset();
-  return ctx;
-}
-
-std::string finish_sha256(EVP_MD_CTX* ctx) {
-  static constexpr char kDigits[] = "0123456789abcdef";
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_DigestFinal_ex(ctx, md, &len);
-  std::string out = "sha256:";
-  for (unsigned int i = 0; i < len; ++i) {
-    out += kDigits[md[i] >> 4];
-    out += kDigits[md[i] & 0xf];
-  }
-  return out;
-}
+using detail::EvpCtx;
+using detail::finish_sha256;
+using detail::new_sha256;
 
 // The blob as libarchive reads it, hashed on the way: one pass over the bytes for both.
 struct HashingReader {

@@ -1,7 +1,6 @@
 #include "cvm/agent/layer_unpack.h"
 
 #include <fcntl.h>
-#include <openssl/evp.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -14,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "file_util.h"
+#include "sha256.h"
 
 namespace cvm::agent {
 namespace {
@@ -45,34 +45,9 @@ std::vector<std::string> strings_of(const json& j, const char* key) {
   return out;
 }
 
-std::string hex(const unsigned char* bytes, size_t n) {
-  static constexpr char kDigits[] = "0123456789abcdef";
-  std::string out;
-  out.reserve(n * 2);
-  for (size_t i = 0; i < n; ++i) {
-    out += kDigits[bytes[i] >> 4];
-    out += kDigits[bytes[i] & 0xf];
-  }
-  return out;
-}
-
-struct EvpDeleter {
-  void operator()(EVP_MD_CTX* c) const { EVP_MD_CTX_free(c); }
-};
-using EvpCtx = std::unique_ptr<EVP_MD_CTX, EvpDeleter>;
-
-EvpCtx new_sha256() {
-  EvpCtx ctx(EVP_MD_CTX_new());
-  if (ctx && EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1) ctx.reset();
-  return ctx;
-}
-
-std::string finish_sha256(EVP_MD_CTX* ctx) {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_DigestFinal_ex(ctx, md, &len);
-  return "sha256:" + hex(md, len);
-}
+using detail::EvpCtx;
+using detail::finish_sha256;
+using detail::new_sha256;
 
 }  // namespace
 

@@ -21,31 +21,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// Closes a descriptor once, whatever path leaves the function.
-class Fd {
- public:
-  Fd() = default;
-  explicit Fd(int fd) : fd_(fd) {}
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  Fd(Fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-  Fd& operator=(Fd&& other) noexcept {
-    if (this != &other) {
-      reset();
-      fd_ = std::exchange(other.fd_, -1);
-    }
-    return *this;
-  }
-  ~Fd() { reset(); }
-  void reset() {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-  }
-  [[nodiscard]] int get() const { return fd_; }
-
- private:
-  int fd_ = -1;
-};
+using detail::Fd;
 
 class SpawnActions {
  public:
@@ -247,12 +223,7 @@ Result<ProcessResult> run_tool(const std::vector<std::string>& argv,
 
 std::string tool_error_text(std::string_view output) {
   std::string out;
-  size_t pos = 0;
-  while (pos < output.size()) {
-    size_t end = output.find('\n', pos);
-    if (end == std::string_view::npos) end = output.size();
-    std::string_view line = detail::trim(output.substr(pos, end - pos));
-    pos = end + 1;
+  for (std::string_view line : detail::trimmed_lines(output)) {
     // umoci marks its errors with a cross: "   ⨯ tag is not found: x".
     constexpr std::string_view kCross = "\u2A2F";
     if (line.substr(0, kCross.size()) == kCross) line = detail::trim(line.substr(kCross.size()));

@@ -112,24 +112,36 @@ std::vector<std::string> RuncRuntime::command(std::initializer_list<std::string>
   return argv;
 }
 
-Status RuncRuntime::create(const std::string& id, const std::string& bundle,
-                           const std::string& log_file) {
+Status RuncRuntime::run_logged(std::initializer_list<std::string> args, const std::string& what,
+                               const std::string& id, const std::string& log,
+                               bool delete_on_failure) {
   // The container's init inherits runc's stdout/stderr and outlives runc: they must be a file,
   // never our capture pipes. runc's own error lands there too, so it is read back from the file.
-  const std::string log = log_file.empty() ? detail::join_path(bundle, "container.log") : log_file;
   const uint64_t offset = file_size(log);
   ProcessOptions options;
   options.timeout = options_.timeout;
   options.stdout_file = log;
   options.stderr_file = log;
-  auto result = run_process(command({"create", "--bundle", bundle, id}), options);
+  auto result = run_process(command(args), options);
   if (!result) return result.error();
   if (result->success()) return {};
+  // runc run destroys what it made on failure; a forced delete covers a half-made leftover.
+  if (delete_on_failure) (void)remove(id, true);
   const std::string why = tool_error_text(read_from(log, offset));
   return make_error(ErrorDomain::kTool,
-                    "runc create " + id + ": exit " + std::to_string(result->exit_code) +
+                    "runc " + what + " " + id + ": exit " + std::to_string(result->exit_code) +
                         (why.empty() ? "" : ": " + why),
                     result->exit_code);
+}
+
+std::string RuncRuntime::log_path(const std::string& bundle, const std::string& log_file) {
+  return log_file.empty() ? detail::join_path(bundle, "container.log") : log_file;
+}
+
+Status RuncRuntime::create(const std::string& id, const std::string& bundle,
+                           const std::string& log_file) {
+  return run_logged({"create", "--bundle", bundle, id}, "create", id, log_path(bundle, log_file),
+                    false);
 }
 
 Status RuncRuntime::start(const std::string& id) {
@@ -157,23 +169,12 @@ bool RuncRuntime::maybe_exists(const std::string& id) {
 
 Result<int> RuncRuntime::run_detached_pid(const std::string& id, const std::string& bundle,
                                           const std::string& log_file) {
-  const std::string log = log_file.empty() ? detail::join_path(bundle, "container.log") : log_file;
+  const std::string log = log_path(bundle, log_file);
   const std::string pid_file = log + ".pid";
-  const uint64_t offset = file_size(log);
-  ProcessOptions options;
-  options.timeout = options_.timeout;
-  options.stdout_file = log;
-  options.stderr_file = log;
-  auto result = run_process(
-      command({"run", "--detach", "--pid-file", pid_file, "--bundle", bundle, id}), options);
-  if (!result) return result.error();
-  if (!result->success()) {
-    (void)remove(id, true);
-    const std::string why = tool_error_text(read_from(log, offset));
-    return make_error(ErrorDomain::kTool,
-                      "runc run " + id + ": exit " + std::to_string(result->exit_code) +
-                          (why.empty() ? "" : ": " + why),
-                      result->exit_code);
+  if (auto st = run_logged({"run", "--detach", "--pid-file", pid_file, "--bundle", bundle, id},
+                           "run", id, log, true);
+      !st) {
+    return st.error();
   }
   int pid = 0;
   std::ifstream(pid_file) >> pid;
@@ -186,23 +187,9 @@ Result<int> RuncRuntime::run_detached_pid(const std::string& id, const std::stri
 Status RuncRuntime::run_detached(const std::string& id, const std::string& bundle,
                                  const std::string& log_file) {
   // One `runc run --detach` instead of create + start: one runtime process fewer on the launch
-  // path. stdio goes to the log file for the same reason as in create().
-  const std::string log = log_file.empty() ? detail::join_path(bundle, "container.log") : log_file;
-  const uint64_t offset = file_size(log);
-  ProcessOptions options;
-  options.timeout = options_.timeout;
-  options.stdout_file = log;
-  options.stderr_file = log;
-  auto result = run_process(command({"run", "--detach", "--bundle", bundle, id}), options);
-  if (!result) return result.error();
-  if (result->success()) return {};
-  // runc run destroys what it made on failure; a forced delete covers a half-made leftover.
-  (void)remove(id, true);
-  const std::string why = tool_error_text(read_from(log, offset));
-  return make_error(ErrorDomain::kTool,
-                    "runc run " + id + ": exit " + std::to_string(result->exit_code) +
-                        (why.empty() ? "" : ": " + why),
-                    result->exit_code);
+  // path.
+  return run_logged({"run", "--detach", "--bundle", bundle, id}, "run", id,
+                    log_path(bundle, log_file), true);
 }
 
 Result<ContainerState> RuncRuntime::state(const std::string& id) {

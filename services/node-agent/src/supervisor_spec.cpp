@@ -54,12 +54,7 @@ std::vector<std::string> supervisor_capabilities() {
 
 Result<std::vector<std::string>> parse_ldd_output(std::string_view output) {
   std::vector<std::string> out;
-  size_t pos = 0;
-  while (pos < output.size()) {
-    size_t end = output.find('\n', pos);
-    if (end == std::string_view::npos) end = output.size();
-    std::string_view line = detail::trim(output.substr(pos, end - pos));
-    pos = end + 1;
+  for (std::string_view line : detail::trimmed_lines(output)) {
     if (line.empty()) continue;
     std::string_view path;
     if (const size_t arrow = line.find("=>"); arrow != std::string_view::npos) {

@@ -127,6 +127,8 @@ class AgentService {
   // (on the worker thread), free its ID range and GPU lease, drop its in-flight record, ack the
   // assignment (if any) and publish nothing.
   void give_up_moved(const cvm::v1::NodeAssignment& a, const bus::JsMessagePtr& msg);
+  // Gives a GPU lease back to the broker (empty: none).
+  void release_lease(const std::string& workspace_id, const std::string& lease_id);
 
   // Restart recovery (see the top of this file); runs in start() before work is consumed.
   void reconcile();

@@ -76,6 +76,12 @@ class RuncRuntime final : public OciRuntime {
 
  private:
   [[nodiscard]] std::vector<std::string> command(std::initializer_list<std::string> args) const;
+  // `runc <args>` with stdio appended to `log`; on failure the error carries what runc wrote
+  // there ("runc <what> <id>: exit N: ..."); with `delete_on_failure` a half-made container
+  // is deleted first.
+  Status run_logged(std::initializer_list<std::string> args, const std::string& what,
+                    const std::string& id, const std::string& log, bool delete_on_failure);
+  static std::string log_path(const std::string& bundle, const std::string& log_file);
   RuncOptions options_;
 };
 
