@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <functional>
 #include <future>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -103,6 +104,9 @@ struct SupervisorStatus {
 class WorkspaceLauncher {
  public:
   WorkspaceLauncher(LauncherConfig config, OciRuntime& runtime, ImageTool& images);
+  ~WorkspaceLauncher();
+  WorkspaceLauncher(const WorkspaceLauncher&) = delete;
+  WorkspaceLauncher& operator=(const WorkspaceLauncher&) = delete;
 
   // Finds the shared libraries of the supervisor and the inner runtime (ldd). CVM launches fail
   // until this has succeeded; the error says why (for the node status).
@@ -153,6 +157,12 @@ class WorkspaceLauncher {
   std::vector<std::string> files_;  // bound into every supervising container
   bool prepared_ = false;
   std::optional<IdmapSupport> idmap_;
+  // wait_ready's inotify instance, kept for the launcher's life: closing one that had a watch
+  // waits for the kernel's fsnotify SRCU grace period (fsnotify_destroy_group; 8-20 ms measured
+  // on this project's hosts), which would sit between the supervisor's report and RUNNING. Each
+  // wait adds a watch and removes it again (inotify_rm_watch does not wait). One wait at a time.
+  std::mutex watch_mu_;
+  int watch_fd_ = -1;
 };
 
 // Removes a directory tree, first detaching anything mounted below it (a workspace's overlay),
