@@ -43,7 +43,33 @@ uint64_t cpu_of(const cvm::v1::Resources& r) {
 uint64_t memory_of(const cvm::v1::Resources& r) {
   return r.memory_bytes() == 0 ? (512ULL << 20) : r.memory_bytes();
 }
+
+// The ownership read of a START is sent when the assignment arrives, and the rootfs is prepared
+// meanwhile. Right before the runtime, a read older than this is made again: a build can only move
+// after its node missed heartbeats for the scheduler's node TTL (seconds), so an answer this
+// fresh still holds; an older one (a slow unpack, an agent frozen in between) is not trusted.
+constexpr auto kOwnershipFresh = std::chrono::milliseconds(250);
 }  // namespace
+
+void AgentService::Ownership::set(State s, uint64_t rev,
+                                  std::chrono::steady_clock::time_point sent) {
+  {
+    std::lock_guard lock(mu_);
+    state_ = s;
+    revision_ = rev;
+    sent_ = sent;
+  }
+  cv_.notify_all();
+}
+
+AgentService::Ownership::State AgentService::Ownership::wait(
+    uint64_t& rev, std::chrono::steady_clock::time_point& sent) {
+  std::unique_lock lock(mu_);
+  cv_.wait(lock, [this] { return state_ != State::kPending; });
+  rev = revision_;
+  sent = sent_;
+  return state_;
+}
 
 bool build_still_ours(const cvm::v1::WorkspaceRecord* current, uint64_t current_revision,
                       uint64_t expected_revision, const std::string& node_id,
@@ -331,25 +357,37 @@ bool AgentService::still_ours(const cvm::v1::NodeAssignment& a, uint64_t expecte
                           config_.node_id, a.request().build_id());
 }
 
-void AgentService::give_up_moved(const cvm::v1::NodeAssignment& a, const bus::JsMessagePtr& msg) {
+void AgentService::give_up_moved(const cvm::v1::NodeAssignment& a, const bus::JsMessagePtr& msg,
+                                 bool retry) {
   const std::string ws_id = a.request().workspace_id();
-  spdlog::warn(
-      "build {}: workspace {} was placed on another node while this agent was away; removing "
-      "what it started here and publishing nothing",
-      a.request().build_id(), ws_id);
+  if (retry) {
+    spdlog::warn(
+        "build {}: cannot tell from KV whether workspace {} is still this node's; nothing "
+        "started, retrying later",
+        a.request().build_id(), ws_id);
+  } else {
+    spdlog::warn(
+        "build {}: workspace {} was placed on another node while this agent was away; removing "
+        "what it started here and publishing nothing",
+        a.request().build_id(), ws_id);
+  }
   busy_.insert(ws_id);
-  boost::asio::post(worker_, [this, a, msg, ws_id] {
+  boost::asio::post(worker_, [this, a, msg, ws_id, retry] {
     (void)launcher_->stop(ws_id);
     Status removed = launcher_->remove(ws_id, true);
-    boost::asio::post(io_, [this, a, msg, ws_id, removed] {
+    boost::asio::post(io_, [this, a, msg, ws_id, removed, retry] {
       if (!removed) spdlog::error("{}", removed.error().message);
       busy_.erase(ws_id);
-      ids_->release(ws_id);
-      if (auto st = save_id_ranges(); !st) spdlog::error("{}", st.error().message);
-      release_lease(ws_id, a.lease_id());
-      workspaces_.erase(ws_id);
+      // Retried: a workspace known here keeps its record and range (as before the assignment).
+      const bool forget = !retry || !workspaces_.contains(ws_id);
+      if (forget) {
+        ids_->release(ws_id);
+        if (auto st = save_id_ranges(); !st) spdlog::error("{}", st.error().message);
+      }
+      if (!retry) release_lease(ws_id, a.lease_id());
+      if (!retry) workspaces_.erase(ws_id);
       remove_inflight(ws_id);
-      if (msg) (void)msg->ack();
+      if (msg) (void)(retry ? msg->nak(std::chrono::seconds(2)) : msg->ack());
       update_running_gauge();
       heartbeat();
     });
@@ -411,9 +449,9 @@ void AgentService::schedule_heartbeat() {
   });
 }
 
-void AgentService::publish(const cvm::v1::NodeAssignment& a, cvm::v1::Phase phase,
-                           cvm::v1::Reason reason, const std::string& message,
-                           const std::vector<std::string>& warnings) {
+cvm::v1::BuildEvent AgentService::event(const cvm::v1::NodeAssignment& a, cvm::v1::Phase phase,
+                                        cvm::v1::Reason reason, const std::string& message,
+                                        const std::vector<std::string>& warnings) const {
   auto e = service::make_event(a.request().build_id(), a.request().workspace_id(), phase, clock_,
                                kSource);
   e.set_node_id(config_.node_id);
@@ -421,10 +459,31 @@ void AgentService::publish(const cvm::v1::NodeAssignment& a, cvm::v1::Phase phas
   e.set_message(message);
   for (const auto& w : warnings) e.add_warnings(w);
   for (const auto& g : a.gpus()) e.add_gpu_uuids(g.uuid());
+  return e;
+}
+
+void AgentService::publish(const cvm::v1::NodeAssignment& a, cvm::v1::Phase phase,
+                           cvm::v1::Reason reason, const std::string& message,
+                           const std::vector<std::string>& warnings) {
+  const auto e = event(a, phase, reason, message, warnings);
   if (auto ack = service::publish_event(*conn_, e); !ack) {
     spdlog::warn("cannot publish {} for build {}: {}", phase_name(phase), e.build_id(),
                  ack.error().message);
   }
+}
+
+void AgentService::publish_async(const cvm::v1::NodeAssignment& a, cvm::v1::Phase phase,
+                                 const std::string& message) {
+  const auto e = event(a, phase, cvm::v1::REASON_UNSPECIFIED, message);
+  bus::AsyncPublish options;
+  options.msg_id = service::event_msg_id(e);
+  conn_->js_publish_async(wire::build_events_subject(e.build_id()), e.SerializeAsString(), options,
+                          [phase, build = e.build_id()](Result<bus::PubAck> ack) {
+                            if (!ack) {
+                              spdlog::warn("cannot publish {} for build {}: {}", phase_name(phase),
+                                           build, ack.error().message);
+                            }
+                          });
 }
 
 void AgentService::on_work(const bus::JsMessagePtr& msg) {
@@ -482,27 +541,18 @@ void AgentService::handle_start(const cvm::v1::NodeAssignment& a, const bus::JsM
     }
   }
   const auto t0 = std::chrono::steady_clock::now();
-  // The revision every later write of this launch compares against (finding 3).
-  auto current = read_record(req.workspace_id());
-  if (!current) {
-    // Without the record the agent cannot tell whether the build is still its own.
-    spdlog::warn("build {}: cannot read workspace {}: {}; retrying later", req.build_id(),
-                 req.workspace_id(), current.error().message);
-    (void)msg->nak(std::chrono::seconds(2));
-    return;
-  }
-  const uint64_t expected = current->revision;
-  if (!build_still_ours(current->record ? &*current->record : nullptr, expected, expected,
-                        config_.node_id, req.build_id())) {
-    // A redelivery to a node that came back after the build was placed elsewhere.
-    spdlog::warn("build {}: runs on node {} now; not launching it here", req.build_id(),
-                 current->record->node_id());
-    (void)msg->ack();
-    return;
-  }
   auto ids = ids_->allocate(req.workspace_id());
   if (!ids) {
-    publish(a, cvm::v1::FAILED, cvm::v1::INSUFFICIENT_CAPACITY, ids.error().message);
+    // Out of ranges: FAILED, unless the build is not this node's to answer (finding 3).
+    auto current = read_record(req.workspace_id());
+    if (!current) {
+      (void)msg->nak(std::chrono::seconds(2));
+      return;
+    }
+    if (build_still_ours(current->record ? &*current->record : nullptr, current->revision,
+                         current->revision, config_.node_id, req.build_id())) {
+      publish(a, cvm::v1::FAILED, cvm::v1::INSUFFICIENT_CAPACITY, ids.error().message);
+    }
     (void)msg->ack();
     return;
   }
@@ -512,37 +562,59 @@ void AgentService::handle_start(const cvm::v1::NodeAssignment& a, const bus::JsM
   const auto t_persisted = std::chrono::steady_clock::now();
   busy_.insert(req.workspace_id());
   const int64_t preparing_ms = clock_.now_unix_ms();
-  // The worker starts at once; PREPARING is published below while it works (an acknowledged
-  // publish, one round trip to the server, is not on the launch path). The events stay in order:
-  // STARTING and RUNNING are posted to this (single) io thread, so they run after this handler.
-  boost::asio::post(worker_, [this, a, ids = *ids, msg, t0, preparing_ms, expected] {
-    auto result = launch(a, ids, expected);
+  auto ownership = std::make_shared<Ownership>();
+  // The worker starts at once and prepares the rootfs while this thread reads whose the build is
+  // (finding 3): the read is not on the launch path, and nothing starts before its answer (the
+  // worker waits for it right before the runtime). The events stay in order: PREPARING is handed
+  // to the connection before the answer is, STARTING and RUNNING (the worker's) after it.
+  boost::asio::post(worker_, [this, a, ids = *ids, msg, t0, preparing_ms, ownership] {
+    auto result = launch(a, ids, ownership, preparing_ms, t0);
     const auto t_launched = std::chrono::steady_clock::now();
-    boost::asio::post(io_, [this, a, ids, msg, t0, t_launched, preparing_ms, expected,
+    boost::asio::post(io_, [this, a, ids, msg, t0, t_launched, preparing_ms,
                             result = std::move(result)]() mutable {
-      meters_->launch_seconds.Observe(
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       const auto t_io = std::chrono::steady_clock::now();
-      finish_start(a, ids, std::move(result), preparing_ms, expected, msg);
+      finish_start(a, ids, std::move(result), preparing_ms, msg);
       spdlog::debug(
-          "build {}: received -> launched {:.1f} ms, to the io thread {:.2f} ms, "
-          "recorded and published {:.2f} ms",
+          "build {}: received -> launched {:.1f} ms, to the io thread {:.2f} ms, bookkeeping "
+          "{:.2f} ms",
           a.request().build_id(), ms_since(t0, t_launched), ms_since(t_launched, t_io),
           ms_since(t_io));
     });
-    // Off the critical path (RUNNING is the io thread's now): give the unpack's buffers back, so
-    // that an idle agent stays small.
+    // Off the critical path (RUNNING is out): give the unpack's buffers back, so that an idle
+    // agent stays small.
     ::malloc_trim(0);
   });
-  publish(a, cvm::v1::PREPARING);
-  spdlog::debug("build {}: ID range and in-flight record {:.2f} ms, PREPARING published {:.2f} ms",
-                req.build_id(), ms_since(t0, t_persisted), ms_since(t_persisted));
+  const auto t_read = std::chrono::steady_clock::now();
+  auto current = read_record(req.workspace_id());
+  using O = Ownership::State;
+  if (!current) {
+    // Without the record the agent cannot tell whether the build is still its own.
+    spdlog::warn("build {}: cannot read workspace {}: {}; retrying later", req.build_id(),
+                 req.workspace_id(), current.error().message);
+    ownership->set(O::kUnreadable, 0, t_read);
+    return;
+  }
+  if (!build_still_ours(current->record ? &*current->record : nullptr, current->revision,
+                        current->revision, config_.node_id, req.build_id())) {
+    // A redelivery to a node that came back after the build was placed elsewhere.
+    spdlog::warn("build {}: runs on node {} now; not launching it here", req.build_id(),
+                 current->record->node_id());
+    ownership->set(O::kMoved, current->revision, t_read);
+    return;
+  }
+  publish_async(a, cvm::v1::PREPARING);
+  ownership->set(O::kOurs, current->revision, t_read);
+  spdlog::debug("build {}: ID range and in-flight record {:.2f} ms, ownership read {:.2f} ms",
+                req.build_id(), ms_since(t0, t_persisted), ms_since(t_read));
 }
 
 AgentService::LaunchResult AgentService::launch(const cvm::v1::NodeAssignment& a, IdRange ids,
-                                                uint64_t expected_revision) {
+                                                const std::shared_ptr<Ownership>& ownership,
+                                                int64_t preparing_ms,
+                                                std::chrono::steady_clock::time_point t0) {
   const auto& req = a.request();
   LaunchResult out;
+  out.received = t0;
   LaunchRequest r;
   r.workspace_id = req.workspace_id();
   r.build_id = req.build_id();
@@ -558,34 +630,66 @@ AgentService::LaunchResult AgentService::launch(const cvm::v1::NodeAssignment& a
   r.ids = ids;
   r.may_start = [&] { return !out.withdrawn; };
   out.outcome = launcher_->launch(r, [&](const std::string& rootfs_note) {
-    // Right before the runtime (finding 3): the agent may have been frozen, or its unpack slow,
-    // past the node's TTL since the assignment came. One KV read, on this worker thread.
-    // Withdrawn, the launcher starts nothing and removes the bundle.
-    if (!still_ours(a, expected_revision)) {
+    // Right before the runtime (finding 3): the answer of the read sent when the assignment came,
+    // or, when that is not fresh (a slow unpack, an agent frozen past the node's TTL since), a new
+    // read on this thread. Withdrawn, the launcher starts nothing and removes the bundle.
+    std::chrono::steady_clock::time_point sent;
+    const auto state = ownership->wait(out.revision, sent);
+    if (state != Ownership::State::kOurs) {
+      out.withdrawn = true;
+      out.retry = state == Ownership::State::kUnreadable;
+      return;
+    }
+    if (std::chrono::steady_clock::now() - sent > kOwnershipFresh && !still_ours(a, out.revision)) {
       out.withdrawn = true;
       return;
     }
     out.starting_ms = clock_.now_unix_ms();
-    // Which rootfs path was taken (ID-mapped overlay of the node cache, or an unpack). Published
-    // by the io thread while this one calls the runtime: the acknowledged publish is off the
-    // launch path, and RUNNING/FAILED (posted there later) still come after it.
-    boost::asio::post(io_, [this, a, rootfs_note] {
-      publish(a, cvm::v1::STARTING, cvm::v1::REASON_UNSPECIFIED, rootfs_note);
-    });
+    // Which rootfs path was taken (ID-mapped overlay of the node cache, or an unpack). Not
+    // awaited: RUNNING or FAILED, handed to the connection later, still come after it.
+    publish_async(a, cvm::v1::STARTING, rootfs_note);
   });
+  if (!out.withdrawn && out.starting_ms == 0) {
+    // Failed before the runtime: only a build that is still this node's gets FAILED from here.
+    std::chrono::steady_clock::time_point sent;
+    if (const auto state = ownership->wait(out.revision, sent); state != Ownership::State::kOurs) {
+      out.withdrawn = true;
+      out.retry = state == Ownership::State::kUnreadable;
+    }
+  }
   if (out.withdrawn) return out;  // finish_start removes the rest (give_up_moved)
   if (!runtime_info_.sysbox()) {
     out.outcome.warnings.push_back(
         "sysbox-runc is not installed on " + config_.node_id +
         ": the workspace runs under runc with a user namespace and an exclusive ID range");
   }
+  if (!out.outcome.ok) return out;  // the io thread records and publishes FAILED
+  // RUNNING from this thread, without a hop to the io thread: the record first, by
+  // compare-and-set (whoever sees RUNNING, a STOP right after it, finds where the workspace runs;
+  // a build that moved meanwhile is refused and given up), then the acknowledged event. The io
+  // thread does the bookkeeping after it, and removes the in-flight record: an agent killed
+  // before that adopts the running container on restart (RUNNING deduped by its msg-id).
+  const std::vector<std::pair<cvm::v1::Phase, int64_t>> phases = {
+      {cvm::v1::PREPARING, preparing_ms},
+      {cvm::v1::STARTING, out.starting_ms},
+      {cvm::v1::RUNNING, clock_.now_unix_ms()}};
+  Workspace ws = outcome_record(a, ids, out.outcome, phases, out.revision);
+  if (auto st = put_workspace(ws); !st && st.error().is_conflict()) {
+    out.withdrawn = true;  // refused by revision: the build runs elsewhere
+    return out;
+  }
+  // Written, or not for another reason (KV unreachable): the outcome is this node's either way.
+  publish(a, cvm::v1::RUNNING, cvm::v1::REASON_UNSPECIFIED, "", out.outcome.warnings);
+  meters_->launch_seconds.Observe(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  out.recorded = std::move(ws);
   return out;
 }
 
-Status AgentService::record_outcome(const cvm::v1::NodeAssignment& a, IdRange ids,
-                                    const LaunchOutcome& outcome,
-                                    const std::vector<std::pair<cvm::v1::Phase, int64_t>>& phases,
-                                    uint64_t expected_revision) {
+AgentService::Workspace AgentService::outcome_record(
+    const cvm::v1::NodeAssignment& a, IdRange ids, const LaunchOutcome& outcome,
+    const std::vector<std::pair<cvm::v1::Phase, int64_t>>& phases,
+    uint64_t expected_revision) const {
   const auto& req = a.request();
   Workspace ws;
   ws.revision = expected_revision;
@@ -618,54 +722,57 @@ Status AgentService::record_outcome(const cvm::v1::NodeAssignment& a, IdRange id
   }
   ws.cpu_millicores = cpu_of(req.resources());
   ws.memory_bytes = memory_of(req.resources());
+  return ws;
+}
+
+Status AgentService::record_outcome(const cvm::v1::NodeAssignment& a, IdRange ids,
+                                    const LaunchOutcome& outcome,
+                                    const std::vector<std::pair<cvm::v1::Phase, int64_t>>& phases,
+                                    uint64_t expected_revision) {
+  Workspace ws = outcome_record(a, ids, outcome, phases, expected_revision);
   if (auto st = put_workspace(ws); !st && st.error().is_conflict()) return st;
   // Written, or not for another reason (KV unreachable): the outcome is this node's either way.
-  workspaces_[req.workspace_id()] = ws;
+  workspaces_[a.request().workspace_id()] = ws;
   return {};
 }
 
 void AgentService::finish_start(const cvm::v1::NodeAssignment& a, IdRange ids, LaunchResult result,
-                                int64_t preparing_ms, uint64_t expected_revision,
-                                const bus::JsMessagePtr& msg) {
+                                int64_t preparing_ms, const bus::JsMessagePtr& msg) {
   const auto& req = a.request();
   const auto& outcome = result.outcome;
   busy_.erase(req.workspace_id());
-  if (result.withdrawn) return give_up_moved(a, msg);
-  std::vector<std::pair<cvm::v1::Phase, int64_t>> phases = {{cvm::v1::PREPARING, preparing_ms}};
-  if (result.starting_ms != 0) phases.emplace_back(cvm::v1::STARTING, result.starting_ms);
-  phases.emplace_back(outcome.ok ? cvm::v1::RUNNING : cvm::v1::FAILED, clock_.now_unix_ms());
-  if (!outcome.ok) {
-    meters_->failed.Increment();
-    ids_->release(req.workspace_id());
-    if (auto st = save_id_ranges(); !st) spdlog::error("{}", st.error().message);
-    release_lease(req.workspace_id(), a.lease_id());
-    if (auto st = record_outcome(a, ids, outcome, phases, expected_revision); !st) {
-      return give_up_moved(a, msg);
-    }
+  if (result.withdrawn) return give_up_moved(a, msg, result.retry);
+  if (result.recorded) {
+    // Recorded and RUNNING published by the worker (launch()).
+    workspaces_[req.workspace_id()] = std::move(*result.recorded);
     remove_inflight(req.workspace_id());
-    spdlog::warn("build {} FAILED {}: {}", req.build_id(), cvm::v1::Reason_Name(outcome.reason),
-                 outcome.message);
-    publish(a, cvm::v1::FAILED, outcome.reason, outcome.message, outcome.warnings);
+    meters_->launched.Increment();
+    update_running_gauge();
+    spdlog::info("build {}: workspace {} RUNNING as {} ({}, pid {}, uid base {})", req.build_id(),
+                 req.workspace_id(), container_id(req.workspace_id()),
+                 a.cvm() ? "CVM" : "plain container", outcome.pid, ids.base);
     (void)msg->ack();
-    heartbeat();  // report the freed capacity now
+    heartbeat();
     return;
   }
-  // The record first: whoever sees RUNNING (a STOP right after it) finds where the workspace
-  // runs. The in-flight record goes after the publish: an agent killed in between adopts the
-  // running container on restart and publishes RUNNING again (the msg-id dedupes it); its
-  // removal (an unlink, a synchronous discard on some hosts) is not on the launch path.
-  if (auto st = record_outcome(a, ids, outcome, phases, expected_revision); !st) {
-    return give_up_moved(a, msg);  // refused by revision: the build runs elsewhere
+  meters_->launch_seconds.Observe(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - result.received).count());
+  std::vector<std::pair<cvm::v1::Phase, int64_t>> phases = {{cvm::v1::PREPARING, preparing_ms}};
+  if (result.starting_ms != 0) phases.emplace_back(cvm::v1::STARTING, result.starting_ms);
+  phases.emplace_back(cvm::v1::FAILED, clock_.now_unix_ms());
+  meters_->failed.Increment();
+  ids_->release(req.workspace_id());
+  if (auto st = save_id_ranges(); !st) spdlog::error("{}", st.error().message);
+  release_lease(req.workspace_id(), a.lease_id());
+  if (auto st = record_outcome(a, ids, outcome, phases, result.revision); !st) {
+    return give_up_moved(a, msg);
   }
-  publish(a, cvm::v1::RUNNING, cvm::v1::REASON_UNSPECIFIED, "", outcome.warnings);
   remove_inflight(req.workspace_id());
-  meters_->launched.Increment();
-  update_running_gauge();
-  spdlog::info("build {}: workspace {} RUNNING as {} ({}, pid {}, uid base {})", req.build_id(),
-               req.workspace_id(), container_id(req.workspace_id()),
-               a.cvm() ? "CVM" : "plain container", outcome.pid, ids.base);
+  spdlog::warn("build {} FAILED {}: {}", req.build_id(), cvm::v1::Reason_Name(outcome.reason),
+               outcome.message);
+  publish(a, cvm::v1::FAILED, outcome.reason, outcome.message, outcome.warnings);
   (void)msg->ack();
-  heartbeat();
+  heartbeat();  // report the freed capacity now
 }
 
 void AgentService::update_running_gauge() {

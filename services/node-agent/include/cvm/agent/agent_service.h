@@ -20,8 +20,10 @@
 // lease, in-flight record) is removed and no event is published.
 
 #include <chrono>
+#include <condition_variable>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <set>
 #include <string>
@@ -93,11 +95,32 @@ class AgentService {
     uint64_t cpu_millicores = 0;
     uint64_t memory_bytes = 0;
   };
+  // Whether a START is still this node's to run (finding 3), read from KV by the io thread while
+  // the worker already prepares the rootfs; the worker waits for the answer right before the
+  // runtime. Shared by the two threads.
+  struct Ownership {
+    enum class State { kPending, kOurs, kMoved, kUnreadable };
+    void set(State s, uint64_t rev, std::chrono::steady_clock::time_point sent);
+    // Blocks until set(); returns the state, with the record's revision and when the read was sent.
+    State wait(uint64_t& rev, std::chrono::steady_clock::time_point& sent);
+
+   private:
+    std::mutex mu_;
+    std::condition_variable cv_;
+    State state_ = State::kPending;
+    uint64_t revision_ = 0;
+    std::chrono::steady_clock::time_point sent_;
+  };
   // What the worker thread hands back after a launch.
   struct LaunchResult {
     LaunchOutcome outcome;
     int64_t starting_ms = 0;  // when STARTING was published (0: never)
     bool withdrawn = false;   // the build moved to another node: nothing of it runs here
+    bool retry = false;       // withdrawn because KV could not say whose it is: redeliver later
+    uint64_t revision = 0;    // what the launch's record writes compare against (finding 3)
+    std::chrono::steady_clock::time_point received;  // the assignment
+    // Set when the worker already recorded the workspace and published RUNNING itself.
+    std::optional<Workspace> recorded;
   };
   // The workspace's record in KV now; `record` empty when there is none (or it was deleted).
   struct KvRecord {
@@ -109,13 +132,21 @@ class AgentService {
   void handle_start(const cvm::v1::NodeAssignment& a, const bus::JsMessagePtr& msg);
   void handle_stop(const cvm::v1::NodeAssignment& a, const bus::JsMessagePtr& msg, bool remove);
   // On the worker thread; withdrawn (nothing started) when the build moved, checked right before
-  // the runtime.
-  LaunchResult launch(const cvm::v1::NodeAssignment& a, IdRange ids, uint64_t expected_revision);
+  // the runtime. A launch that reached RUNNING is recorded and published from here too (no hop to
+  // the io thread on the way to RUNNING).
+  LaunchResult launch(const cvm::v1::NodeAssignment& a, IdRange ids,
+                      const std::shared_ptr<Ownership>& ownership, int64_t preparing_ms,
+                      std::chrono::steady_clock::time_point received);
+  // On the io thread, after launch(): the bookkeeping, or the failure's record and event.
   void finish_start(const cvm::v1::NodeAssignment& a, IdRange ids, LaunchResult result,
-                    int64_t preparing_ms, uint64_t expected_revision, const bus::JsMessagePtr& msg);
-  // The outcome of a launch, into workspaces_ and KV (with the phases it went through), by
-  // compare-and-set from `expected_revision`. kConflict: the build moved to another node, nothing
-  // was written.
+                    int64_t preparing_ms, const bus::JsMessagePtr& msg);
+  // The workspace's record after a launch's outcome (with the phases it went through). Pure.
+  Workspace outcome_record(const cvm::v1::NodeAssignment& a, IdRange ids,
+                           const LaunchOutcome& outcome,
+                           const std::vector<std::pair<cvm::v1::Phase, int64_t>>& phases,
+                           uint64_t expected_revision) const;
+  // outcome_record() into KV by compare-and-set from `expected_revision`, and into workspaces_.
+  // kConflict: the build moved to another node, nothing was written.
   Status record_outcome(const cvm::v1::NodeAssignment& a, IdRange ids, const LaunchOutcome& outcome,
                         const std::vector<std::pair<cvm::v1::Phase, int64_t>>& phases,
                         uint64_t expected_revision);
@@ -125,8 +156,10 @@ class AgentService {
   bool still_ours(const cvm::v1::NodeAssignment& a, uint64_t expected_revision);
   // The build moved to another node while this agent launched it: remove what the agent started
   // (on the worker thread), free its ID range and GPU lease, drop its in-flight record, ack the
-  // assignment (if any) and publish nothing.
-  void give_up_moved(const cvm::v1::NodeAssignment& a, const bus::JsMessagePtr& msg);
+  // assignment (if any) and publish nothing. With `retry` (KV could not tell whose the build is)
+  // the assignment is redelivered later instead, and the workspace's own record stays.
+  void give_up_moved(const cvm::v1::NodeAssignment& a, const bus::JsMessagePtr& msg,
+                     bool retry = false);
   // Gives a GPU lease back to the broker (empty: none).
   void release_lease(const std::string& workspace_id, const std::string& lease_id);
 
@@ -136,9 +169,18 @@ class AgentService {
   void remove_inflight(const std::string& workspace_id);
   std::map<std::string, cvm::v1::NodeAssignment> read_inflight();
 
+  cvm::v1::BuildEvent event(const cvm::v1::NodeAssignment& a, cvm::v1::Phase phase,
+                            cvm::v1::Reason reason = cvm::v1::REASON_UNSPECIFIED,
+                            const std::string& message = {},
+                            const std::vector<std::string>& warnings = {}) const;
+  // Publishes and waits for the stream's ack (any thread).
   void publish(const cvm::v1::NodeAssignment& a, cvm::v1::Phase phase,
                cvm::v1::Reason reason = cvm::v1::REASON_UNSPECIFIED,
                const std::string& message = {}, const std::vector<std::string>& warnings = {});
+  // Publishes without waiting (any thread): events published on this connection reach the stream
+  // in the order they were handed to it, whichever thread did it.
+  void publish_async(const cvm::v1::NodeAssignment& a, cvm::v1::Phase phase,
+                     const std::string& message = {});
   void heartbeat();
   void schedule_heartbeat();
   cvm::v1::NodeStatus node_status() const;
