@@ -43,13 +43,12 @@ uint64_t cpu_of(const cvm::v1::Resources& r) {
 uint64_t memory_of(const cvm::v1::Resources& r) {
   return r.memory_bytes() == 0 ? (512ULL << 20) : r.memory_bytes();
 }
-
-// The ownership read of a START is sent when the assignment arrives, and the rootfs is prepared
-// meanwhile. Right before the runtime, a read older than this is made again: a build can only move
-// after its node missed heartbeats for the scheduler's node TTL (seconds), so an answer this
-// fresh still holds; an older one (a slow unpack, an agent frozen in between) is not trusted.
-constexpr auto kOwnershipFresh = std::chrono::milliseconds(250);
 }  // namespace
+
+bool ownership_read_fresh(std::chrono::steady_clock::duration age) {
+  // A tenth of the shortest node TTL the tests use (3 s); the default TTL is 15 s.
+  return age <= std::chrono::milliseconds(250);
+}
 
 void AgentService::Ownership::set(State s, uint64_t rev,
                                   std::chrono::steady_clock::time_point sent) {
@@ -640,7 +639,8 @@ AgentService::LaunchResult AgentService::launch(const cvm::v1::NodeAssignment& a
       out.retry = state == Ownership::State::kUnreadable;
       return;
     }
-    if (std::chrono::steady_clock::now() - sent > kOwnershipFresh && !still_ours(a, out.revision)) {
+    if (!ownership_read_fresh(std::chrono::steady_clock::now() - sent) &&
+        !still_ours(a, out.revision)) {
       out.withdrawn = true;
       return;
     }

@@ -1,5 +1,6 @@
 // build_still_ours: whether a build assigned to this node is still its own, given the workspace's
-// record in KV (findings 3 and 4 of docs/reliability.md).
+// record in KV (findings 3 and 4 of docs/reliability.md); ownership_read_fresh: when that answer
+// must be read again before the runtime.
 #include <gtest/gtest.h>
 
 #include "cvm/agent/agent_service.h"
@@ -43,6 +44,16 @@ TEST(BuildStillOurs, AnotherBuildOnAnotherNodeDependsOnTheRevision) {
   EXPECT_TRUE(build_still_ours(&r, 5, 5, "n1", "b1"));
   // Written since: the workspace was placed elsewhere again.
   EXPECT_FALSE(build_still_ours(&r, 6, 5, "n1", "b1"));
+}
+
+// The read sent when a START arrives stands for "now" right before the runtime only while it is
+// fresh; older (a slow unpack, a frozen agent), the agent reads again.
+TEST(OwnershipReadFresh, FreshOnlyWellWithinTheNodeTtl) {
+  using std::chrono::milliseconds;
+  EXPECT_TRUE(ownership_read_fresh(milliseconds(0)));
+  EXPECT_TRUE(ownership_read_fresh(milliseconds(250)));
+  EXPECT_FALSE(ownership_read_fresh(milliseconds(251)));
+  EXPECT_FALSE(ownership_read_fresh(std::chrono::seconds(3)));  // a node TTL: the build may move
 }
 
 }  // namespace

@@ -56,6 +56,12 @@ bool build_still_ours(const cvm::v1::WorkspaceRecord* current, uint64_t current_
                       uint64_t expected_revision, const std::string& node_id,
                       const std::string& build_id);
 
+// Whether the ownership read of a START, sent `age` ago, may still stand for "now" right before
+// the runtime (otherwise the agent reads again). A build moves only after its node missed
+// heartbeats for the scheduler's node TTL (seconds), so a read this fresh still holds; an older
+// one (a slow unpack, an agent frozen in between) is not trusted. Pure; unit-tested.
+bool ownership_read_fresh(std::chrono::steady_clock::duration age);
+
 struct AgentConfig {
   std::string node_id;
   std::string state_dir = "/var/lib/cvm-agent";
