@@ -37,6 +37,23 @@ double ms_since(std::chrono::steady_clock::time_point a,
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
 
+// Writes `content` to PATH.tmp and renames it over `path`: a crash leaves the old file or the new
+// one, never half of one. No fsync: the agent must survive its own crash, not a power loss (which
+// loses the containers too).
+Status replace_file(const std::string& path, std::string_view content) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out << content;
+    out.flush();
+    if (!out) return make_error(ErrorDomain::kSystem, "cannot write " + tmp);
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) return make_error(ErrorDomain::kSystem, "cannot replace " + path + ": " + ec.message());
+  return {};
+}
+
 uint64_t cpu_of(const cvm::v1::Resources& r) {
   return r.cpu_millicores() == 0 ? 1000 : r.cpu_millicores();
 }
@@ -271,18 +288,7 @@ Status AgentService::load_id_ranges() {
 
 Status AgentService::save_id_ranges() {
   // Write-then-rename so a crash never leaves a half-written file that would lose ranges in use.
-  const std::string path = config_.state_dir + "/id-ranges.json";
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << ids_->to_json().dump(2);
-    out.flush();
-    if (!out) return make_error(ErrorDomain::kSystem, "cannot write " + tmp);
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) return make_error(ErrorDomain::kSystem, "cannot replace " + path + ": " + ec.message());
-  return {};
+  return replace_file(config_.state_dir + "/id-ranges.json", ids_->to_json().dump(2));
 }
 
 void AgentService::load_workspaces() {
@@ -839,18 +845,8 @@ void AgentService::handle_stop(const cvm::v1::NodeAssignment& a, const bus::JsMe
 }
 
 Status AgentService::write_inflight(const cvm::v1::NodeAssignment& a) {
-  const std::string path = config_.state_dir + "/inflight/" + a.request().workspace_id() + ".pb";
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out << a.SerializeAsString();
-    out.flush();
-    if (!out) return make_error(ErrorDomain::kSystem, "cannot write " + tmp);
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) return make_error(ErrorDomain::kSystem, "cannot replace " + path + ": " + ec.message());
-  return {};
+  return replace_file(config_.state_dir + "/inflight/" + a.request().workspace_id() + ".pb",
+                      a.SerializeAsString());
 }
 
 void AgentService::remove_inflight(const std::string& workspace_id) {
