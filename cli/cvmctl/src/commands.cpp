@@ -57,6 +57,21 @@ Result<bus::ConnectionPtr> connect(const GlobalOptions& g, boost::asio::io_conte
   return bus::Connection::connect(co, io.get_executor());
 }
 
+// Runs `command` on a fresh connection; every command says the same when NATS is not there.
+template <class Command>
+int with_connection(const GlobalOptions& g, std::ostream& err, Command&& command) {
+  boost::asio::io_context io;
+  auto conn = connect(g, io);
+  if (!conn) return unavailable(err, "cannot reach NATS at " + g.nats_url, conn.error(), g);
+  return command(**conn);
+}
+
+bool valid_build_id(const std::string& build_id, std::ostream& err) {
+  if (wire::is_valid_id(build_id)) return true;
+  err << "cvmctl: '" << build_id << "' is not a build id ([A-Za-z0-9_-], 1..128)\n";
+  return false;
+}
+
 // Every decodable value of a bucket; undecodable ones are reported, not fatal.
 template <class M>
 Result<std::vector<M>> read_bucket(bus::Connection& conn, const bus::KvConfig& config,
@@ -227,153 +242,134 @@ int build_command(const GlobalOptions& global, const BuildOptions& o,
     return kExitUsage;
   }
 
-  boost::asio::io_context io;
-  auto conn = connect(global, io);
-  if (!conn)
-    return unavailable(err, "cannot reach NATS at " + global.nats_url, conn.error(), global);
-
-  auto ack = (*conn)->js_publish(std::string(wire::kBuildsSubmit), req.SerializeAsString(),
-                                 req.build_id());
-  if (!ack) {
-    err << "cvmctl: the build request was not accepted: " << ack.error().message
-        << "\n  Is cvm-scheduler running? It creates the CVM_BUILDS stream at start "
-           "(systemctl status cvm-scheduler).\n";
-    return kExitUnavailable;
-  }
-  if (global.output == "json") {
-    out << "{\"build_id\":" << to_json_string(req.build_id())
-        << ",\"workspace_id\":" << to_json_string(req.workspace_id())
-        << ",\"stream_sequence\":" << ack->sequence
-        << ",\"duplicate\":" << (ack->duplicate ? "true" : "false") << "}\n";
-  } else {
-    out << "build " << req.build_id() << " submitted for workspace " << req.workspace_id()
-        << (ack->duplicate ? (o.watch ? " (duplicate: already submitted; showing its events)"
-                                      : " (duplicate: already submitted)")
-                           : "")
-        << "\n";
-  }
-  out.flush();
-  if (!o.watch) return kExitOk;
-  // The events are read back from the stream, so nothing published before this point is missed.
-  return follow(**conn, global, req.build_id(), transition, o.timeout, out, err);
+  return with_connection(global, err, [&](bus::Connection& conn) -> int {
+    auto ack =
+        conn.js_publish(std::string(wire::kBuildsSubmit), req.SerializeAsString(), req.build_id());
+    if (!ack) {
+      err << "cvmctl: the build request was not accepted: " << ack.error().message
+          << "\n  Is cvm-scheduler running? It creates the CVM_BUILDS stream at start "
+             "(systemctl status cvm-scheduler).\n";
+      return kExitUnavailable;
+    }
+    if (global.output == "json") {
+      out << "{\"build_id\":" << to_json_string(req.build_id())
+          << ",\"workspace_id\":" << to_json_string(req.workspace_id())
+          << ",\"stream_sequence\":" << ack->sequence
+          << ",\"duplicate\":" << (ack->duplicate ? "true" : "false") << "}\n";
+    } else {
+      out << "build " << req.build_id() << " submitted for workspace " << req.workspace_id()
+          << (ack->duplicate ? (o.watch ? " (duplicate: already submitted; showing its events)"
+                                        : " (duplicate: already submitted)")
+                             : "")
+          << "\n";
+    }
+    out.flush();
+    if (!o.watch) return kExitOk;
+    // The events are read back from the stream, so nothing published before this point is missed.
+    return follow(conn, global, req.build_id(), transition, o.timeout, out, err);
+  });
 }
 
 int watch_command(const GlobalOptions& global, const std::string& build_id,
                   std::chrono::seconds timeout, std::ostream& out, std::ostream& err) {
-  if (!wire::is_valid_id(build_id)) {
-    err << "cvmctl: '" << build_id << "' is not a build id ([A-Za-z0-9_-], 1..128)\n";
-    return kExitUsage;
-  }
-  boost::asio::io_context io;
-  auto conn = connect(global, io);
-  if (!conn)
-    return unavailable(err, "cannot reach NATS at " + global.nats_url, conn.error(), global);
-  return follow(**conn, global, build_id, cvm::v1::TRANSITION_UNSPECIFIED, timeout, out, err);
+  if (!valid_build_id(build_id, err)) return kExitUsage;
+  return with_connection(global, err, [&](bus::Connection& conn) -> int {
+    return follow(conn, global, build_id, cvm::v1::TRANSITION_UNSPECIFIED, timeout, out, err);
+  });
 }
 
 int events_command(const GlobalOptions& global, const std::string& build_id, std::ostream& out,
                    std::ostream& err) {
-  if (!wire::is_valid_id(build_id)) {
-    err << "cvmctl: '" << build_id << "' is not a build id ([A-Za-z0-9_-], 1..128)\n";
-    return kExitUsage;
-  }
-  boost::asio::io_context io;
-  auto conn = connect(global, io);
-  if (!conn)
-    return unavailable(err, "cannot reach NATS at " + global.nats_url, conn.error(), global);
-  const std::string stream(wire::kStreamEvents);
-  const std::string subject = wire::build_events_subject(build_id);
-  // The last message tells whether there is anything at all: an empty subject would only time out.
-  auto last = (*conn)->last_message(stream, subject);
-  if (!last) return unavailable(err, "cannot read " + stream, last.error(), global);
-  if (!last->has_value()) {
-    err << "cvmctl: no events for build " << build_id
-        << ". Check the id (cvmctl build start prints it); " << stream
-        << " keeps events for 14 days.\n";
-    return kExitNotFound;
-  }
-  auto reader = (*conn)->read_stream(stream, subject);
-  if (!reader) return unavailable(err, "cannot read " + stream, reader.error(), global);
-  while (true) {
-    auto m = (*reader)->next(5s);
-    if (!m) return unavailable(err, "cannot read " + stream, m.error(), global);
-    if (!m->has_value()) {
-      err << "cvmctl: the events of build " << build_id << " stopped arriving; try again\n";
-      return kExitUnavailable;
+  if (!valid_build_id(build_id, err)) return kExitUsage;
+  return with_connection(global, err, [&](bus::Connection& conn) -> int {
+    const std::string stream(wire::kStreamEvents);
+    const std::string subject = wire::build_events_subject(build_id);
+    // The last message tells whether there is anything at all (an empty subject only times out).
+    auto last = conn.last_message(stream, subject);
+    if (!last) return unavailable(err, "cannot read " + stream, last.error(), global);
+    if (!last->has_value()) {
+      err << "cvmctl: no events for build " << build_id
+          << ". Check the id (cvmctl build start prints it); " << stream
+          << " keeps events for 14 days.\n";
+      return kExitNotFound;
     }
-    cvm::v1::BuildEvent e;
-    if (e.ParseFromString((*m)->message.data)) {
-      out << (global.output == "json" ? to_json(e) : format_event_line(e)) << "\n";
-    } else {
-      err << "cvmctl: skipping event " << (*m)->stream_sequence << ": not a BuildEvent\n";
+    auto reader = conn.read_stream(stream, subject);
+    if (!reader) return unavailable(err, "cannot read " + stream, reader.error(), global);
+    while (true) {
+      auto m = (*reader)->next(5s);
+      if (!m) return unavailable(err, "cannot read " + stream, m.error(), global);
+      if (!m->has_value()) {
+        err << "cvmctl: the events of build " << build_id << " stopped arriving; try again\n";
+        return kExitUnavailable;
+      }
+      cvm::v1::BuildEvent e;
+      if (e.ParseFromString((*m)->message.data)) {
+        out << (global.output == "json" ? to_json(e) : format_event_line(e)) << "\n";
+      } else {
+        err << "cvmctl: skipping event " << (*m)->stream_sequence << ": not a BuildEvent\n";
+      }
+      if ((*m)->pending == 0) return kExitOk;
     }
-    if ((*m)->pending == 0) return kExitOk;
-  }
+  });
 }
 
 int nodes_command(const GlobalOptions& global, std::ostream& out, std::ostream& err) {
-  boost::asio::io_context io;
-  auto conn = connect(global, io);
-  if (!conn)
-    return unavailable(err, "cannot reach NATS at " + global.nats_url, conn.error(), global);
-  auto nodes = read_bucket<cvm::v1::NodeStatus>(**conn, service::nodes_bucket(), err);
-  if (!nodes) return unavailable(err, "cannot list nodes", nodes.error(), global);
-  std::sort(nodes->begin(), nodes->end(),
-            [](const auto& a, const auto& b) { return a.node_id() < b.node_id(); });
-  if (global.output == "json") {
-    out << "[";
-    for (size_t i = 0; i < nodes->size(); ++i) out << (i ? "," : "") << to_json((*nodes)[i]);
-    out << "]\n";
-  } else {
-    out << format_nodes_table(*nodes, now_ms());
-    if (nodes->empty()) {
-      out << "(no nodes registered: start cvm-node-agent on each node; it registers within "
-             "seconds)\n";
+  return with_connection(global, err, [&](bus::Connection& conn) -> int {
+    auto nodes = read_bucket<cvm::v1::NodeStatus>(conn, service::nodes_bucket(), err);
+    if (!nodes) return unavailable(err, "cannot list nodes", nodes.error(), global);
+    std::sort(nodes->begin(), nodes->end(),
+              [](const auto& a, const auto& b) { return a.node_id() < b.node_id(); });
+    if (global.output == "json") {
+      out << "[";
+      for (size_t i = 0; i < nodes->size(); ++i) out << (i ? "," : "") << to_json((*nodes)[i]);
+      out << "]\n";
+    } else {
+      out << format_nodes_table(*nodes, now_ms());
+      if (nodes->empty()) {
+        out << "(no nodes registered: start cvm-node-agent on each node; it registers within "
+               "seconds)\n";
+      }
     }
-  }
-  return kExitOk;
+    return kExitOk;
+  });
 }
 
 int gpus_command(const GlobalOptions& global, std::ostream& out, std::ostream& err) {
-  boost::asio::io_context io;
-  auto conn = connect(global, io);
-  if (!conn)
-    return unavailable(err, "cannot reach NATS at " + global.nats_url, conn.error(), global);
-  auto nodes = read_bucket<cvm::v1::NodeStatus>(**conn, service::nodes_bucket(), err);
-  if (!nodes) return unavailable(err, "cannot list nodes", nodes.error(), global);
-  auto leases = read_bucket<cvm::v1::GpuLease>(**conn, service::gpu_leases_bucket(), err);
-  if (!leases) return unavailable(err, "cannot list GPU leases", leases.error(), global);
-  const auto rows = gpu_rows(*nodes, *leases, now_ms());
-  if (global.output == "json") {
-    out << gpus_json(rows) << "\n";
-  } else {
-    out << format_gpus_table(rows, now_ms());
-    if (rows.empty()) out << "(no GPUs: no node reports one and no lease is held)\n";
-  }
-  return kExitOk;
+  return with_connection(global, err, [&](bus::Connection& conn) -> int {
+    auto nodes = read_bucket<cvm::v1::NodeStatus>(conn, service::nodes_bucket(), err);
+    if (!nodes) return unavailable(err, "cannot list nodes", nodes.error(), global);
+    auto leases = read_bucket<cvm::v1::GpuLease>(conn, service::gpu_leases_bucket(), err);
+    if (!leases) return unavailable(err, "cannot list GPU leases", leases.error(), global);
+    const auto rows = gpu_rows(*nodes, *leases, now_ms());
+    if (global.output == "json") {
+      out << gpus_json(rows) << "\n";
+    } else {
+      out << format_gpus_table(rows, now_ms());
+      if (rows.empty()) out << "(no GPUs: no node reports one and no lease is held)\n";
+    }
+    return kExitOk;
+  });
 }
 
 int settings_get_command(const GlobalOptions& global, std::ostream& out, std::ostream& err) {
-  boost::asio::io_context io;
-  auto conn = connect(global, io);
-  if (!conn)
-    return unavailable(err, "cannot reach NATS at " + global.nats_url, conn.error(), global);
-  auto kv = (*conn)->ensure_kv(service::settings_bucket());
-  if (!kv) return unavailable(err, "cannot open the settings", kv.error(), global);
-  auto entry = kv->get(std::string(wire::kSettingsKey));
-  if (!entry) return unavailable(err, "cannot read the settings", entry.error(), global);
-  std::optional<cvm::v1::InfrastructureSettings> stored;
-  if (entry->has_value()) {
-    stored.emplace();
-    if (!stored->ParseFromString((*entry)->value)) {
-      err << "cvmctl: the stored settings do not decode; the services use the defaults until "
-             "they are set again (cvmctl settings set ...)\n";
-      stored.reset();
+  return with_connection(global, err, [&](bus::Connection& conn) -> int {
+    auto kv = conn.ensure_kv(service::settings_bucket());
+    if (!kv) return unavailable(err, "cannot open the settings", kv.error(), global);
+    auto entry = kv->get(std::string(wire::kSettingsKey));
+    if (!entry) return unavailable(err, "cannot read the settings", entry.error(), global);
+    std::optional<cvm::v1::InfrastructureSettings> stored;
+    if (entry->has_value()) {
+      stored.emplace();
+      if (!stored->ParseFromString((*entry)->value)) {
+        err << "cvmctl: the stored settings do not decode; the services use the defaults until "
+               "they are set again (cvmctl settings set ...)\n";
+        stored.reset();
+      }
     }
-  }
-  const auto* s = stored ? &*stored : nullptr;
-  out << (global.output == "json" ? settings_json(s) + "\n" : format_settings(s));
-  return kExitOk;
+    const auto* s = stored ? &*stored : nullptr;
+    out << (global.output == "json" ? settings_json(s) + "\n" : format_settings(s));
+    return kExitOk;
+  });
 }
 
 int settings_set_command(const GlobalOptions& global, const std::vector<std::string>& assignments,
@@ -393,33 +389,31 @@ int settings_set_command(const GlobalOptions& global, const std::vector<std::str
     }
     edits.push_back(*kv);
   }
-  boost::asio::io_context io;
-  auto conn = connect(global, io);
-  if (!conn)
-    return unavailable(err, "cannot reach NATS at " + global.nats_url, conn.error(), global);
-  auto kv = (*conn)->ensure_kv(service::settings_bucket());
-  if (!kv) return unavailable(err, "cannot open the settings", kv.error(), global);
-  const std::string key(wire::kSettingsKey);
-  // Compare-and-set, so two admins editing at once do not lose each other's change.
-  for (int attempt = 0; attempt < 5; ++attempt) {
-    auto entry = kv->get(key);
-    if (!entry) return unavailable(err, "cannot read the settings", entry.error(), global);
-    cvm::v1::InfrastructureSettings s;
-    if (entry->has_value() && !s.ParseFromString((*entry)->value)) s.Clear();
-    for (const auto& [k, v] : edits) (void)apply_setting(s, k, v);
-    auto rev = entry->has_value() ? kv->update(key, s.SerializeAsString(), (*entry)->revision)
-                                  : kv->create(key, s.SerializeAsString());
-    if (rev) {
-      out << (global.output == "json" ? settings_json(&s) + "\n" : format_settings(&s));
-      if (global.output != "json") out << "(applies to the next build)\n";
-      return kExitOk;
+  return with_connection(global, err, [&](bus::Connection& conn) -> int {
+    auto kv = conn.ensure_kv(service::settings_bucket());
+    if (!kv) return unavailable(err, "cannot open the settings", kv.error(), global);
+    const std::string key(wire::kSettingsKey);
+    // Compare-and-set, so two admins editing at once do not lose each other's change.
+    for (int attempt = 0; attempt < 5; ++attempt) {
+      auto entry = kv->get(key);
+      if (!entry) return unavailable(err, "cannot read the settings", entry.error(), global);
+      cvm::v1::InfrastructureSettings s;
+      if (entry->has_value() && !s.ParseFromString((*entry)->value)) s.Clear();
+      for (const auto& [k, v] : edits) (void)apply_setting(s, k, v);
+      auto rev = entry->has_value() ? kv->update(key, s.SerializeAsString(), (*entry)->revision)
+                                    : kv->create(key, s.SerializeAsString());
+      if (rev) {
+        out << (global.output == "json" ? settings_json(&s) + "\n" : format_settings(&s));
+        if (global.output != "json") out << "(applies to the next build)\n";
+        return kExitOk;
+      }
+      if (!rev.error().is_conflict()) {
+        return unavailable(err, "cannot write the settings", rev.error(), global);
+      }
     }
-    if (!rev.error().is_conflict()) {
-      return unavailable(err, "cannot write the settings", rev.error(), global);
-    }
-  }
-  err << "cvmctl: the settings kept changing under us; try again\n";
-  return kExitUnavailable;
+    err << "cvmctl: the settings kept changing under us; try again\n";
+    return kExitUnavailable;
+  });
 }
 
 }  // namespace cvm::cli
