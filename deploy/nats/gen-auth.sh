@@ -148,6 +148,10 @@ cvmctl_pub() {
   stream_read CVM_EVENTS; echo -n ", "
   q '$JS.API.STREAM.INFO.CVM_BUILDS'; echo -n ", "
   q '$JS.API.CONSUMER.LIST.CVM_BUILDS'; echo -n ", "
+  # dead-letters: the advisories by sequence, and the given-up request while CVM_BUILDS holds it.
+  q '$JS.API.STREAM.INFO.CVM_DEAD_LETTERS'; echo -n ", "
+  q '$JS.API.STREAM.MSG.GET.CVM_DEAD_LETTERS'; echo -n ", "
+  q '$JS.API.STREAM.MSG.GET.CVM_BUILDS'; echo -n ", "
   q 'cvm.v1.builds.submit'
 }
 

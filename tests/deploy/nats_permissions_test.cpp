@@ -268,8 +268,19 @@ TEST_F(NatsPermissions, AnAgentWritesItsOwnStatusOnly) {
 TEST_F(NatsPermissions, CvmctlSubmitsAndReadsButCannotAssignWork) {
   auto ctl = connect("cvmctl");
   ASSERT_TRUE(ctl);
-  EXPECT_TRUE(ctl->js_publish(std::string(wire::kBuildsSubmit), "x", "b1").ok());
+  auto submitted = ctl->js_publish(std::string(wire::kBuildsSubmit), "x", "b1");
+  ASSERT_TRUE(submitted.ok()) << submitted.error().message;
   EXPECT_FALSE(ctl->js_publish(wire::node_work_subject("n1"), "x", "", {}, 1s).ok());
+  // dead-letters: the stream (the scheduler made it) and its records by sequence, and a request
+  // of CVM_BUILDS by sequence.
+  ASSERT_TRUE(scheduler_->ensure_stream(service::dead_letters_stream()).ok());
+  const std::string letters(service::kStreamDeadLetters);
+  EXPECT_TRUE(ctl->stream_state(letters).ok());
+  auto letter = ctl->message_at(letters, 1);
+  EXPECT_TRUE(letter.ok() && !letter->has_value()) << "none yet: nullopt, not a refusal";
+  auto request = ctl->message_at(std::string(wire::kStreamBuilds), submitted->sequence);
+  ASSERT_TRUE(request.ok()) << request.error().message;
+  EXPECT_TRUE(request->has_value());
   auto settings = ctl->ensure_kv(service::settings_bucket());
   ASSERT_TRUE(settings.ok()) << settings.error().message;
   EXPECT_TRUE(settings->put(std::string(wire::kSettingsKey), "").ok());

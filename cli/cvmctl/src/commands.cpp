@@ -351,6 +351,56 @@ int gpus_command(const GlobalOptions& global, std::ostream& out, std::ostream& e
   });
 }
 
+int dead_letters_command(const GlobalOptions& global, uint64_t limit, std::ostream& out,
+                         std::ostream& err) {
+  return with_connection(global, err, [&](bus::Connection& conn) -> int {
+    const std::string stream(service::kStreamDeadLetters);
+    auto state = conn.stream_state(stream);
+    if (!state && state.error().is_not_found()) {
+      err << "cvmctl: there is no " << stream
+          << " stream: cvm-scheduler creates it when it starts (systemctl status "
+             "cvm-scheduler).\n";
+      return kExitUnavailable;
+    }
+    if (!state) return unavailable(err, "cannot read " + stream, state.error(), global);
+    // The newest `limit` (0: all), read by sequence: the stream is small and only appended to.
+    uint64_t first = state->first_sequence;
+    if (limit > 0 && state->last_sequence >= limit && state->last_sequence - limit + 1 > first) {
+      first = state->last_sequence - limit + 1;
+    }
+    std::vector<DeadLetter> letters;
+    for (uint64_t seq = first; state->messages > 0 && seq <= state->last_sequence; ++seq) {
+      auto m = conn.message_at(stream, seq);
+      if (!m) return unavailable(err, "cannot read " + stream, m.error(), global);
+      if (!m->has_value()) continue;  // expired between the state and the read
+      auto letter = parse_dead_letter((*m)->data, seq);
+      if (!letter) {
+        err << "cvmctl: skipping " << stream << " " << seq << ": " << letter.error().message
+            << "\n";
+        continue;
+      }
+      // The request itself, while its stream still holds it.
+      if (!letter->stream.empty()) {
+        auto request = conn.message_at(letter->stream, letter->stream_sequence);
+        cvm::v1::BuildRequest r;
+        if (request && request->has_value() && r.ParseFromString((*request)->data)) {
+          letter->request = std::move(r);
+        }
+      }
+      letters.push_back(std::move(*letter));
+    }
+    if (global.output == "json") {
+      out << dead_letters_json(letters) << "\n";
+    } else if (letters.empty()) {
+      out << "(no dead letters: no request of " << wire::kStreamBuilds
+          << " was given up on in the last 14 days)\n";
+    } else {
+      out << format_dead_letters_table(letters);
+    }
+    return kExitOk;
+  });
+}
+
 int settings_get_command(const GlobalOptions& global, std::ostream& out, std::ostream& err) {
   return with_connection(global, err, [&](bus::Connection& conn) -> int {
     auto kv = conn.ensure_kv(service::settings_bucket());

@@ -72,6 +72,11 @@ int main(int argc, char** argv) {
   events->add_option("BUILD_ID", build_id, "the id `build start` printed")->required();
   auto* nodes = app.add_subcommand("nodes", "nodes: capabilities, runtime, capacity, GPUs");
   auto* gpus = app.add_subcommand("gpus", "GPUs of every node, their health and leases");
+  auto* dead_letters = app.add_subcommand(
+      "dead-letters", "requests the scheduler gave up on (CVM_DEAD_LETTERS), newest last");
+  uint64_t limit = 20;
+  dead_letters->add_option("--limit", limit, "how many of the newest to show; 0: all")
+      ->capture_default_str();
   auto* settings = app.add_subcommand("settings", "the admin's infrastructure settings");
   settings->require_subcommand(1);
   auto* get = settings->add_subcommand("get", "show the settings in force");
@@ -100,6 +105,7 @@ int main(int argc, char** argv) {
   if (events->parsed()) return events_command(global, build_id, out, err);
   if (nodes->parsed()) return nodes_command(global, out, err);
   if (gpus->parsed()) return gpus_command(global, out, err);
+  if (dead_letters->parsed()) return dead_letters_command(global, limit, out, err);
   if (get->parsed()) return settings_get_command(global, out, err);
   if (set->parsed()) return settings_set_command(global, assignments, out, err);
   return kExitUsage;

@@ -9,6 +9,7 @@
 
 #include <google/protobuf/descriptor.h>
 #include <google/protobuf/util/json_util.h>
+#include <nlohmann/json.hpp>
 
 #include "cvm/base/reasons.h"
 #include "cvm/cli/watch.h"
@@ -375,6 +376,91 @@ std::string format_settings(const cvm::v1::InfrastructureSettings* stored) {
 std::string settings_json(const cvm::v1::InfrastructureSettings* stored) {
   return "{\"stored\":" + std::string(stored != nullptr ? "true" : "false") +
          ",\"settings\":" + to_json(effective_settings(stored)) + "}";
+}
+
+Result<DeadLetter> parse_dead_letter(std::string_view json, uint64_t sequence) {
+  const auto j = nlohmann::json::parse(json, nullptr, false);
+  auto invalid = [sequence](const std::string& why) {
+    return make_error(ErrorDomain::kInvalid,
+                      "dead letter " + std::to_string(sequence) + " is not an advisory: " + why);
+  };
+  if (j.is_discarded() || !j.is_object()) return invalid("not a JSON object");
+  // json::value() throws on a field of another type: a wrong type is bad input, not a crash.
+  auto text = [&j](const char* key) {
+    const auto it = j.find(key);
+    return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
+  };
+  DeadLetter d;
+  d.sequence = sequence;
+  const auto type = text("type");
+  if (type == "io.nats.jetstream.advisory.v1.terminated") {
+    d.kind = "terminated";
+  } else if (type == "io.nats.jetstream.advisory.v1.max_deliver") {
+    d.kind = "max_deliveries";
+  } else {
+    return invalid("type '" + type + "'");
+  }
+  auto number = [&j](const char* key) -> std::optional<uint64_t> {
+    const auto it = j.find(key);
+    if (it == j.end() || !it->is_number_unsigned()) return std::nullopt;
+    return it->get<uint64_t>();
+  };
+  const auto seq = number("stream_seq");
+  if (!seq) return invalid("no stream_seq");
+  d.stream_sequence = *seq;
+  d.deliveries = number("deliveries").value_or(0);
+  d.time = text("timestamp");
+  d.stream = text("stream");
+  d.consumer = text("consumer");
+  d.reason = text("reason");
+  return d;
+}
+
+std::string format_dead_letters_table(const std::vector<DeadLetter>& letters) {
+  std::vector<std::vector<std::string>> rows = {
+      {"TIME", "KIND", "STREAM", "SEQ", "DELIVERIES", "BUILD"}};
+  bool removed = false;
+  for (const auto& d : letters) {
+    std::string build;
+    if (d.request) {
+      build = d.request->build_id() + " (workspace " + d.request->workspace_id() + ")";
+    } else {
+      build = "(request removed)";
+      removed = true;
+    }
+    rows.push_back({d.time.empty() ? "-" : d.time, d.kind, d.stream.empty() ? "-" : d.stream,
+                    std::to_string(d.stream_sequence), std::to_string(d.deliveries), build});
+  }
+  std::string out = render_table(rows);
+  if (removed) {
+    out +=
+        "(request removed): the scheduler terminated the request on its last delivery, which "
+        "takes it out of the work queue. Its FAILED event says why (\"gave up after N "
+        "deliveries: ...\"); the scheduler's log names the SEQ (\"giving up on stream seq N\").\n";
+  }
+  return out;
+}
+
+std::string dead_letters_json(const std::vector<DeadLetter>& letters) {
+  auto array = nlohmann::json::array();
+  for (const auto& d : letters) {
+    nlohmann::json o = {{"sequence", d.sequence},
+                        {"kind", d.kind},
+                        {"time", d.time},
+                        {"stream", d.stream},
+                        {"consumer", d.consumer},
+                        {"stream_sequence", d.stream_sequence},
+                        {"deliveries", d.deliveries},
+                        {"reason", d.reason},
+                        {"request_readable", d.request.has_value()}};
+    if (d.request) {
+      o["build_id"] = d.request->build_id();
+      o["workspace_id"] = d.request->workspace_id();
+    }
+    array.push_back(std::move(o));
+  }
+  // Invalid UTF-8 from a foreign advisory is replaced, never thrown.
+  return array.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 }  // namespace cvm::cli

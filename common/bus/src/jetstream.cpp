@@ -411,4 +411,17 @@ Result<std::optional<Message>> Connection::last_message(const std::string& strea
   return std::optional<Message>(detail::copy_message(msg.get()));
 }
 
+Result<std::optional<Message>> Connection::message_at(const std::string& stream,
+                                                      uint64_t sequence) {
+  natsMsg* raw = nullptr;
+  jsErrCode jerr = static_cast<jsErrCode>(0);
+  const natsStatus s = js_GetMsg(&raw, impl_->core->js, stream.c_str(), sequence, nullptr, &jerr);
+  detail::MsgHandle msg(raw);
+  if (s == NATS_NOT_FOUND && jerr != JSStreamNotFoundErr) return std::optional<Message>{};
+  if (s != NATS_OK) {
+    return nats_error(s, "message " + std::to_string(sequence) + " in " + stream, jerr);
+  }
+  return std::optional<Message>(detail::copy_message(msg.get()));
+}
+
 }  // namespace cvm::bus

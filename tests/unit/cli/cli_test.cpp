@@ -294,5 +294,77 @@ TEST(Nodes, TableListsEachNode) {
   EXPECT_NE(format_nodes_table({n}, 1000 + kNodeStaleAfterMs + 1).find("NO"), std::string::npos);
 }
 
+// What nats-server 2.10 publishes on $JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.CVM_BUILDS.*.
+constexpr const char* kTerminated =
+    R"({"type":"io.nats.jetstream.advisory.v1.terminated","id":"x1","timestamp":)"
+    R"("2026-11-27T23:50:01.5Z","stream":"CVM_BUILDS","consumer":"scheduler","consumer_seq":7,)"
+    R"("stream_seq":42,"deliveries":3,"reason":"gave up"})";
+
+TEST(DeadLetters, AdvisoriesOfBothKindsAreRead) {
+  auto d = parse_dead_letter(kTerminated, 5);
+  ASSERT_TRUE(d.ok()) << d.error().message;
+  EXPECT_EQ(d->sequence, 5u);
+  EXPECT_EQ(d->kind, "terminated");
+  EXPECT_EQ(d->time, "2026-11-27T23:50:01.5Z");
+  EXPECT_EQ(d->stream, "CVM_BUILDS");
+  EXPECT_EQ(d->consumer, "scheduler");
+  EXPECT_EQ(d->stream_sequence, 42u);
+  EXPECT_EQ(d->deliveries, 3u);
+  EXPECT_EQ(d->reason, "gave up");
+  EXPECT_FALSE(d->request.has_value());
+  auto m = parse_dead_letter(
+      R"({"type":"io.nats.jetstream.advisory.v1.max_deliver","stream":"CVM_BUILDS",)"
+      R"("consumer":"scheduler","stream_seq":9,"deliveries":5})",
+      6);
+  ASSERT_TRUE(m.ok()) << m.error().message;
+  EXPECT_EQ(m->kind, "max_deliveries");
+  EXPECT_EQ(m->stream_sequence, 9u);
+  EXPECT_EQ(m->deliveries, 5u);
+}
+
+TEST(DeadLetters, AnythingElseIsRefusedNotFatal) {
+  for (const char* bad :
+       {"", "not json", "[]", R"({"type":"io.nats.jetstream.advisory.v1.nak"})",
+        R"({"type":"io.nats.jetstream.advisory.v1.terminated"})",
+        R"({"type":"io.nats.jetstream.advisory.v1.terminated","stream_seq":"42"})",
+        R"({"type":"io.nats.jetstream.advisory.v1.terminated","stream_seq":-1})",
+        R"({"type":7,"stream_seq":1})"}) {
+    auto d = parse_dead_letter(bad, 1);
+    EXPECT_FALSE(d.ok()) << bad;
+  }
+  // Fields of the wrong type are left empty, not thrown on.
+  auto d = parse_dead_letter(
+      R"({"type":"io.nats.jetstream.advisory.v1.terminated","stream_seq":1,"deliveries":"x",)"
+      R"("stream":5,"timestamp":null})",
+      1);
+  ASSERT_TRUE(d.ok()) << d.error().message;
+  EXPECT_EQ(d->deliveries, 0u);
+  EXPECT_EQ(d->stream, "");
+}
+
+TEST(DeadLetters, TableNamesTheBuildOrSaysTheRequestIsGone) {
+  auto gone = parse_dead_letter(kTerminated, 1);
+  ASSERT_TRUE(gone.ok());
+  auto kept = *gone;
+  kept.kind = "max_deliveries";
+  kept.stream_sequence = 43;
+  kept.request.emplace();
+  kept.request->set_build_id("b-7");
+  kept.request->set_workspace_id("ws-7");
+  const auto table = format_dead_letters_table({*gone, kept});
+  EXPECT_NE(table.find("DELIVERIES"), std::string::npos);
+  EXPECT_NE(table.find("2026-11-27T23:50:01.5Z"), std::string::npos);
+  EXPECT_NE(table.find("b-7 (workspace ws-7)"), std::string::npos);
+  EXPECT_NE(table.find("(request removed)"), std::string::npos);
+  EXPECT_NE(table.find("giving up on stream seq"), std::string::npos) << "says where to look";
+  EXPECT_EQ(format_dead_letters_table({kept}).find("(request removed)"), std::string::npos);
+
+  const auto json = dead_letters_json({*gone, kept});
+  EXPECT_NE(json.find(R"("stream_sequence":42)"), std::string::npos) << json;
+  EXPECT_NE(json.find(R"("request_readable":false)"), std::string::npos) << json;
+  EXPECT_NE(json.find(R"("build_id":"b-7")"), std::string::npos) << json;
+  EXPECT_EQ(dead_letters_json({}), "[]");
+}
+
 }  // namespace
 }  // namespace cvm::cli

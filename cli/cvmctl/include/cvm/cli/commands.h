@@ -63,6 +63,10 @@ int events_command(const GlobalOptions& global, const std::string& build_id, std
                    std::ostream& err);
 int nodes_command(const GlobalOptions& global, std::ostream& out, std::ostream& err);
 int gpus_command(const GlobalOptions& global, std::ostream& out, std::ostream& err);
+// The newest `limit` records of CVM_DEAD_LETTERS (0: all), with the request where it is still
+// stored.
+int dead_letters_command(const GlobalOptions& global, uint64_t limit, std::ostream& out,
+                         std::ostream& err);
 int settings_get_command(const GlobalOptions& global, std::ostream& out, std::ostream& err);
 // assignments: "key=value" each.
 int settings_set_command(const GlobalOptions& global, const std::vector<std::string>& assignments,

@@ -60,4 +60,27 @@ Status apply_setting(cvm::v1::InfrastructureSettings& settings, std::string_view
 std::string format_settings(const cvm::v1::InfrastructureSettings* stored);
 std::string settings_json(const cvm::v1::InfrastructureSettings* stored);
 
+// One record of CVM_DEAD_LETTERS: the server's advisory that it gave up delivering a request of
+// CVM_BUILDS (MAX_DELIVERIES) or that the scheduler terminated one on its last delivery
+// (MSG_TERMINATED, the usual case).
+struct DeadLetter {
+  uint64_t sequence = 0;  // in CVM_DEAD_LETTERS
+  std::string kind;       // "terminated" or "max_deliveries"
+  std::string time;       // the advisory's timestamp, as the server wrote it (RFC 3339, UTC)
+  std::string stream;     // the stream of the request (CVM_BUILDS)
+  std::string consumer;
+  uint64_t stream_sequence = 0;  // the request's sequence in `stream`
+  uint64_t deliveries = 0;
+  std::string reason;  // the server's reason for a termination, when it gives one
+  // The request, when `stream` still holds it (a MAX_DELIVERIES one stays in the work queue; a
+  // terminated one has been removed).
+  std::optional<cvm::v1::BuildRequest> request;
+};
+// Reads one advisory (JSON); kInvalid when it is not a MAX_DELIVERIES or MSG_TERMINATED advisory.
+Result<DeadLetter> parse_dead_letter(std::string_view json, uint64_t sequence);
+// TIME, KIND, SEQ (of the request), DELIVERIES, BUILD: the build id and workspace when the request
+// could be read, else why not.
+std::string format_dead_letters_table(const std::vector<DeadLetter>& letters);
+std::string dead_letters_json(const std::vector<DeadLetter>& letters);
+
 }  // namespace cvm::cli

@@ -333,6 +333,9 @@ class Connection {
   // The newest message stored in `stream` on `subject`, nullopt when there is none.
   Result<std::optional<Message>> last_message(const std::string& stream,
                                               const std::string& subject);
+  // The message stored at `sequence` in `stream`; nullopt when there is none (never stored, or
+  // acknowledged out of a work queue, or deleted).
+  Result<std::optional<Message>> message_at(const std::string& stream, uint64_t sequence);
   // Reads `subject` in `stream` from its first stored message on (stream_reader.cpp).
   Result<std::unique_ptr<StreamReader>> read_stream(const std::string& stream,
                                                     const std::string& subject);
