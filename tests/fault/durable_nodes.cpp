@@ -82,6 +82,12 @@ Status DurableNodes::start() {
   return started.get_future().get();
 }
 
+std::map<std::string, std::string> DurableNodes::launched_builds() {
+  std::promise<std::map<std::string, std::string>> copy;
+  boost::asio::post(io_, [this, &copy] { copy.set_value(build_node_); });
+  return copy.get_future().get();
+}
+
 void DurableNodes::schedule_heartbeat() {
   timer_->expires_after(config_.heartbeat);
   timer_->async_wait([this](const boost::system::error_code& ec) {

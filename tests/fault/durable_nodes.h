@@ -46,6 +46,8 @@ class DurableNodes {
   [[nodiscard]] uint64_t over_capacity() const { return over_capacity_.load(); }
   [[nodiscard]] uint64_t launched_twice() const { return launched_twice_.load(); }
   [[nodiscard]] uint64_t launched() const { return launched_.load(); }
+  // build -> the node that launched it (a copy, taken on the nodes' own thread).
+  [[nodiscard]] std::map<std::string, std::string> launched_builds();
 
  private:
   struct Node {

@@ -106,7 +106,7 @@ Status check_events(bus::Connection& conn, const LedgerOptions& o, LedgerReport&
   if (!reader) return reader.error();
   std::set<std::string> waiting(o.acknowledged_builds.begin(), o.acknowledged_builds.end());
   std::set<std::string> builds;
-  std::map<std::string, std::string> terminal_events;  // build -> its terminal events, in words
+  auto& terminal_events = report.terminal_words;
   auto last_new = std::chrono::steady_clock::now();
   while (std::chrono::steady_clock::now() < deadline) {
     auto m = (*reader)->next(100ms);

@@ -52,6 +52,7 @@ struct LedgerReport {
   size_t lease_entries = 0;
   std::map<std::string, int> terminal;                // build -> terminal events
   std::map<std::string, std::string> terminal_phase;  // build -> its (first) terminal phase
+  std::map<std::string, std::string> terminal_words;  // build -> its terminal events, in words
   std::vector<std::string> problems;                  // each broken promise, in words
   [[nodiscard]] std::string summary() const;  // counts and the first problems, for test output
 };
