@@ -20,6 +20,7 @@
 #include <boost/asio/io_context.hpp>
 #include <nlohmann/json.hpp>
 
+#include "agent_helpers.h"
 #include "child_process.h"
 #include "cvm/base/wire.h"
 #include "cvm/bus/bus.h"
@@ -40,34 +41,18 @@ using namespace std::chrono_literals;
 class AgentProcess : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    image_dir_ = new std::string(fs::temp_directory_path() /
-                                 ("cvm-agent-e2e-image-" + std::to_string(getpid())));
-    auto r = run_command({CVM_BUILD_IMAGE_SCRIPT, *image_dir_, "latest"}, 120s);
-    if (r.exit_code == 0) {
-      // "big": the default image plus 48 MiB of incompressible data, so that applying its layers
-      // takes long enough for a kill -9 to land mid-launch (the default image unpacks in ms).
-      const std::string b = *image_dir_ + "-big";
-      r = run_command(
-          {"/bin/sh", "-c",
-           "set -e; umoci unpack --image " + *image_dir_ + ":latest " + b +
-               "; head -c 50331648 /dev/urandom > " + b + "/rootfs/big; umoci repack --image " +
-               *image_dir_ + ":big " + b + "; rm -rf " + b},
-          120s);
-    }
-    image_error_ = new std::string(r.exit_code == 0 ? "" : r.output);
+    images_ =
+        new TestImages(build_test_images(CVM_BUILD_IMAGE_SCRIPT, "cvm-agent-e2e-image", true));
   }
   static void TearDownTestSuite() {
-    std::error_code ec;
-    fs::remove_all(*image_dir_, ec);
-    fs::remove_all(*image_dir_ + "-big", ec);
-    delete image_dir_;
-    delete image_error_;
+    remove_test_images(*images_);
+    delete images_;
   }
 
   void SetUp() override {
     if (geteuid() != 0) GTEST_SKIP() << "needs root to run containers";
     if (run_command({"runc", "--version"}).exit_code != 0) GTEST_SKIP() << "runc is missing";
-    ASSERT_TRUE(image_error_->empty()) << *image_error_;
+    ASSERT_TRUE(images_->error.empty()) << images_->error;
     work_ = fs::temp_directory_path() / ("cvm-agent-e2e-" + std::to_string(getpid()));
     fs::remove_all(work_);
     fs::create_directories(work_);
@@ -99,7 +84,7 @@ class AgentProcess : public ::testing::Test {
 
   std::string runc_root() const { return work_ + "/runc"; }
   std::string state_dir() const { return work_ + "/agent"; }
-  std::string image_ref() const { return "oci:" + *image_dir_ + ":latest"; }
+  std::string image_ref() const { return "oci:" + images_->dir + ":latest"; }
 
   void start_agent(std::vector<std::string> extra = {}) {
     std::vector<std::string> argv = {
@@ -115,16 +100,7 @@ class AgentProcess : public ::testing::Test {
   // Waits until the agent started last has finished start() (reconcile included): its NodeStatus
   // carries a start time from after `since_ms`.
   bool wait_agent_ready(int64_t since_ms) {
-    auto nodes = conn_->ensure_kv(service::nodes_bucket());
-    if (!nodes.ok()) return false;
-    return wait_until(
-        [&] {
-          auto e = nodes->get("n1");
-          cvm::v1::NodeStatus st;
-          return e.ok() && e->has_value() && st.ParseFromString((*e)->value) &&
-                 st.started_unix_ms() >= since_ms;
-        },
-        60s);
+    return cvm::test::wait_agent_ready(*conn_, "n1", since_ms);
   }
   static int64_t now_ms() {
     return std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -225,7 +201,7 @@ class AgentProcess : public ::testing::Test {
                            std::initializer_list<cvm::v1::Phase> also = {}) {
     start_agent();
     const std::string build = "b-" + ws;
-    assign(build, ws, "oci:" + *image_dir_ + ":big", caching);
+    assign(build, ws, "oci:" + images_->dir + ":big", caching);
     std::vector<cvm::v1::Phase> phases = {phase};
     phases.insert(phases.end(), also.begin(), also.end());
     ASSERT_TRUE(wait_until(
@@ -272,8 +248,7 @@ class AgentProcess : public ::testing::Test {
               << cvm::v1::Phase_Name(end->phase()) << "\n";
   }
 
-  static inline std::string* image_dir_ = nullptr;
-  static inline std::string* image_error_ = nullptr;
+  static inline TestImages* images_ = nullptr;
   std::string work_;
   NatsServer nats_;
   boost::asio::io_context io_;

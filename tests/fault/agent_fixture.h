@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <sstream>
 
+#include "agent_helpers.h"
 #include "cvm/base/clock.h"
 #include "cvm/fleetsim/harness.h"
 #include "cvm/test/build_events.h"
@@ -20,39 +21,21 @@ namespace fs = std::filesystem;
 class AgentFault : public FaultTest {
  protected:
   static void SetUpTestSuite() {
-    image_dir_ = new std::string(fs::temp_directory_path() /
-                                 ("cvm-fault-image-" + std::to_string(getpid())));
-    auto r = test::run_command({CVM_BUILD_IMAGE_SCRIPT, *image_dir_, "latest"}, 120s);
-    if (r.exit_code == 0) {
-      // "big": the default image plus 48 MiB of incompressible data, so that applying its layers
-      // takes long enough for a fault to land mid-launch (the default image unpacks in ms).
-      const std::string b = *image_dir_ + "-big";
-      r = test::run_command(
-          {"/bin/sh", "-c",
-           "set -e; umoci unpack --image " + *image_dir_ + ":latest " + b +
-               "; head -c 50331648 /dev/urandom > " + b + "/rootfs/big; umoci repack --image " +
-               *image_dir_ + ":big " + b + "; rm -rf " + b},
-          120s);
-    }
-    image_error_ = new std::string(r.exit_code == 0 ? "" : r.output);
+    images_ = new test::TestImages(
+        test::build_test_images(CVM_BUILD_IMAGE_SCRIPT, "cvm-fault-image", true));
   }
   static void TearDownTestSuite() {
-    std::error_code ec;
-    fs::remove_all(*image_dir_, ec);
-    fs::remove_all(*image_dir_ + "-big", ec);
-    delete image_dir_;
-    delete image_error_;
+    test::remove_test_images(*images_);
+    delete images_;
   }
 
   void SetUp() override {
     if (geteuid() != 0) GTEST_SKIP() << "needs root to run containers";
     if (test::run_command({"runc", "--version"}).exit_code != 0) GTEST_SKIP() << "no runc";
-    ASSERT_TRUE(image_error_->empty()) << *image_error_;
+    ASSERT_TRUE(images_->error.empty()) << images_->error;
     FaultTest::SetUp();
     fs::permissions(work_, fs::perms(0755));
-    ASSERT_TRUE(nats_.start().ok());
-    connect_client(nats_.url());
-    ASSERT_TRUE(service::ensure_streams(*client_).ok());
+    ASSERT_NO_FATAL_FAILURE(start_nats(nats_));
   }
 
   void TearDown() override {
@@ -72,6 +55,15 @@ class AgentFault : public FaultTest {
   std::string state_dir() const { return work_ + "/agent"; }
   AgentHost host() const { return {"n1", runc_root(), state_dir()}; }
 
+  // The ledger of one build, with n1's host checked for orphans.
+  void expect_agent_ledger(const std::string& build) {
+    LedgerOptions lo;
+    lo.acknowledged_builds = {build};
+    lo.timeout = 30s;
+    lo.agents = {host()};
+    expect_ledger(lo);
+  }
+
   void start_agent() {
     agent_ =
         &spawn("agent", {CVM_AGENT_BIN, "--nats-url", nats_.url(), "--node-id", "n1", "--state-dir",
@@ -85,21 +77,12 @@ class AgentFault : public FaultTest {
   }
   // Until the agent started last has registered (its NodeStatus carries a later start time).
   bool wait_agent_ready(int64_t since_ms) {
-    auto nodes = client_->ensure_kv(service::nodes_bucket());
-    if (!nodes.ok()) return false;
-    return test::wait_until(
-        [&] {
-          auto e = nodes->get("n1");
-          cvm::v1::NodeStatus st;
-          return e.ok() && e->has_value() && st.ParseFromString((*e)->value) &&
-                 st.started_unix_ms() >= since_ms;
-        },
-        60s);
+    return test::wait_agent_ready(*client_, "n1", since_ms);
   }
 
   cvm::v1::BuildRequest agent_request(const std::string& build) {
     auto r = request(build, 500, 128 * kMiB);
-    r.set_image("oci:" + *image_dir_ + ":big");  // slow to unpack: faults land mid-launch
+    r.set_image("oci:" + images_->dir + ":big");  // slow to unpack: faults land mid-launch
     return r;
   }
 
@@ -144,8 +127,7 @@ class AgentFault : public FaultTest {
     return out;
   }
 
-  static inline std::string* image_dir_ = nullptr;
-  static inline std::string* image_error_ = nullptr;
+  static inline test::TestImages* images_ = nullptr;
   test::NatsServer nats_;
   SystemClock clock_;
   std::unique_ptr<fleetsim::Harness> harness_;

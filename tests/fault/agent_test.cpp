@@ -31,11 +31,7 @@ TEST_F(AgentFault, KillNineAgentMidLaunchThenRestart) {
   } else {
     EXPECT_TRUE(containers().empty());
   }
-  LedgerOptions lo;
-  lo.acknowledged_builds = {"a4"};
-  lo.timeout = 30s;
-  lo.agents = {host()};
-  expect_ledger(lo);
+  expect_agent_ledger("a4");
 }
 
 }  // namespace

@@ -4,7 +4,6 @@
 #include <fstream>
 #include <sstream>
 
-#include "durable_nodes.h"
 #include "fault_fixture.h"
 
 namespace cvm::fault {
@@ -83,19 +82,7 @@ TEST_F(FaultTest, ClusterOfThreeLosesOneServerDuringBurst) {
   ASSERT_TRUE(test::wait_until([&] { return b->submitted.load() >= 150; }, 60s)) << logs();
   servers[0]->kill();  // the first server: every client's first URL, likely a stream leader too
   std::printf("server 0 killed after %d submits\n", b->submitted.load());
-  b->thread.join();
-  EXPECT_EQ(b->acknowledged.size(), 400u);
-  EXPECT_TRUE(b->refused.empty());
-
-  LedgerOptions lo;
-  lo.acknowledged_builds = b->acknowledged;
-  lo.timeout = 120s;
-  lo.sim_over_capacity = nodes.over_capacity();
-  lo.sim_launched_twice = nodes.launched_twice();
-  expect_ledger(lo);
-  EXPECT_EQ(nodes.launched(), 400u) << logs() << server_logs(servers);
-  std::printf("submit retries %d, duplicates dropped by the server %d\n", submit_retries_.load(),
-              duplicates_.load());
+  expect_burst_ran_once(*b, nodes, server_logs(servers));
 }
 
 }  // namespace

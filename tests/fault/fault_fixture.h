@@ -27,6 +27,7 @@
 #include "cvm/test/wait.h"
 #include "cvm/v1/build.pb.h"
 #include "cvm/v1/gpu.pb.h"
+#include "durable_nodes.h"
 #include "ledger.h"
 
 namespace cvm::fault {
@@ -57,6 +58,14 @@ class FaultTest : public ::testing::Test {
     if (io_thread_.joinable()) io_thread_.join();
     std::error_code ec;
     if (!HasFailure()) std::filesystem::remove_all(work_, ec);
+  }
+
+  // Starts `nats` (one server), connects the test's client to it and makes the streams of the
+  // wire contract. Call it under ASSERT_NO_FATAL_FAILURE.
+  void start_nats(test::NatsServer& nats) {
+    ASSERT_TRUE(nats.start().ok());
+    connect_client(nats.url());
+    ASSERT_TRUE(service::ensure_streams(*client_).ok());
   }
 
   // The test's own client; `url` may list several servers.
@@ -96,18 +105,22 @@ class FaultTest : public ::testing::Test {
         60s, 100ms))
         << "the scheduler never fetched" << logs();
     if (!broker) return;
+    ASSERT_TRUE(broker_answers(60s)) << "the broker never answered" << logs();
+  }
+
+  // Whether the broker answers a reserve (with a refusal: the node is unknown) within `patience`.
+  bool broker_answers(std::chrono::milliseconds patience) {
     cvm::v1::GpuReserveRequest probe;
     probe.set_node_id("no-such-node");
     probe.set_count(1);
     probe.set_workspace_id("probe");
     probe.set_build_id("probe");
-    ASSERT_TRUE(test::wait_until(
+    return test::wait_until(
         [&] {
           return client_->request(std::string(wire::kGpuReserve), probe.SerializeAsString(), 500ms)
               .ok();
         },
-        60s, 100ms))
-        << "the broker never answered" << logs();
+        patience, 100ms);
   }
 
   static cvm::v1::BuildRequest request(const std::string& build, uint64_t cpu = 500,
@@ -178,6 +191,34 @@ class FaultTest : public ::testing::Test {
     EXPECT_TRUE(report->problems.empty()) << report->summary();
     std::printf("ledger: %s\n", report->summary().c_str());
     return *report;
+  }
+
+  // The end of a burst over durable nodes: every submit acknowledged (retried with its msg-id
+  // through the fault), the ledger clean, and every build launched exactly once, by name. One
+  // terminal event each is not enough here: a build FAILED on a transient error of the bus is
+  // lost work too.
+  void expect_burst_ran_once(Burst& b, DurableNodes& nodes, const std::string& more_logs = "") {
+    b.thread.join();
+    const size_t n = b.acknowledged.size() + b.refused.size();
+    EXPECT_TRUE(b.refused.empty()) << b.refused.size() << " submits never acknowledged";
+    LedgerOptions lo;
+    lo.acknowledged_builds = b.acknowledged;
+    lo.timeout = 120s;
+    lo.sim_over_capacity = nodes.over_capacity();
+    lo.sim_launched_twice = nodes.launched_twice();
+    const auto report = expect_ledger(lo);
+    const auto launched = nodes.launched_builds();
+    std::string not_launched;
+    for (const auto& id : b.acknowledged) {
+      if (launched.contains(id)) continue;
+      const auto w = report.terminal_words.find(id);
+      not_launched +=
+          "\n  " + id + ": " + (w == report.terminal_words.end() ? "no terminal event" : w->second);
+    }
+    EXPECT_EQ(nodes.launched(), n)
+        << "each build launched once; not launched:" << not_launched << logs() << more_logs;
+    std::printf("submit retries %d, duplicates dropped by the server %d\n", submit_retries_.load(),
+                duplicates_.load());
   }
 
   std::string logs(size_t bytes = 3000) const {

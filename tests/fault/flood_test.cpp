@@ -28,9 +28,7 @@ bool log_has(const std::string& path, const std::string& needle) {
 TEST_F(FaultTest, FloodPastAFrozenBrokerIsReportedNothingDropped) {
   // A small max_pending makes the slow consumer cheap to reach (the default is 64 MiB).
   test::NatsServer nats({.extra_config = "max_pending: 4MB"});
-  ASSERT_TRUE(nats.start().ok());
-  connect_client(nats.url());
-  ASSERT_TRUE(service::ensure_streams(*client_).ok());
+  ASSERT_NO_FATAL_FAILURE(start_nats(nats));
   SystemClock clock;
   fleetsim::Harness harness(nats.url(), clock);
   fleetsim::FleetConfig fleet;
@@ -46,19 +44,7 @@ TEST_F(FaultTest, FloodPastAFrozenBrokerIsReportedNothingDropped) {
   ASSERT_TRUE(harness.start_fleet(fleet).ok());
   auto& broker = start_broker(nats.url());
   start_scheduler(nats.url());
-  // The broker is up when it answers a reserve (with a refusal for an unknown node).
-  cvm::v1::GpuReserveRequest probe;
-  probe.set_node_id("no-such-node");
-  probe.set_count(1);
-  probe.set_workspace_id("probe");
-  probe.set_build_id("probe");
-  ASSERT_TRUE(test::wait_until(
-      [&] {
-        return client_->request(std::string(wire::kGpuReserve), probe.SerializeAsString(), 500ms)
-            .ok();
-      },
-      30s))
-      << logs();
+  ASSERT_TRUE(broker_answers(30s)) << logs();
 
   ASSERT_EQ(::kill(broker.pid(), SIGSTOP), 0);
   std::vector<std::string> builds;

@@ -1,7 +1,6 @@
 // Item 2: kill -9 nats-server (file storage) during a burst and restart it on the same port and
 // store directory. The client retries every unacknowledged submit with the same msg-id: nothing
 // acknowledged is lost, nothing is stored or run twice.
-#include "durable_nodes.h"
 #include "fault_fixture.h"
 
 namespace cvm::fault {
@@ -9,9 +8,7 @@ namespace {
 
 TEST_F(FaultTest, KillNineNatsServerDuringBurstRestartSameStore) {
   test::NatsServer nats;
-  ASSERT_TRUE(nats.start().ok());
-  connect_client(nats.url());
-  ASSERT_TRUE(service::ensure_streams(*client_).ok());
+  ASSERT_NO_FATAL_FAILURE(start_nats(nats));
   DurableNodes nodes({.nats_url = nats.url(), .prefix = "d", .nodes = 4});
   ASSERT_TRUE(nodes.start().ok());
   start_broker(nats.url());
@@ -26,19 +23,7 @@ TEST_F(FaultTest, KillNineNatsServerDuringBurstRestartSameStore) {
   ASSERT_TRUE(nats.start().ok()) << "restart on the same port and store";
   std::printf("nats-server killed after %d submits; submit retries so far %d\n", at_kill,
               submit_retries_.load());
-  b->thread.join();
-  EXPECT_EQ(b->acknowledged.size(), 400u) << "every submit is acknowledged once the server is back";
-  EXPECT_TRUE(b->refused.empty());
-
-  LedgerOptions lo;
-  lo.acknowledged_builds = b->acknowledged;
-  lo.timeout = 120s;
-  lo.sim_over_capacity = nodes.over_capacity();
-  lo.sim_launched_twice = nodes.launched_twice();
-  expect_ledger(lo);
-  EXPECT_EQ(nodes.launched(), 400u) << "each build launched once" << logs();
-  std::printf("submit retries %d, duplicates dropped by the server %d\n", submit_retries_.load(),
-              duplicates_.load());
+  expect_burst_ran_once(*b, nodes);
 }
 
 }  // namespace

@@ -41,9 +41,7 @@ size_t count_lines(const std::string& path, const std::string& needle) {
 
 TEST_F(FaultTest, PoisonMessageStopsAtMaxDeliverAndIsDeadLettered) {
   test::NatsServer nats;
-  ASSERT_TRUE(nats.start().ok());
-  connect_client(nats.url());
-  ASSERT_TRUE(service::ensure_streams(*client_).ok());
+  ASSERT_NO_FATAL_FAILURE(start_nats(nats));
   SystemClock clock;
   fleetsim::Harness harness(nats.url(), clock);
   fleetsim::FleetConfig fleet;

@@ -10,9 +10,7 @@ namespace {
 
 TEST_F(FaultTest, KillNineSchedulerDuringBurstThenRestart) {
   test::NatsServer nats;
-  ASSERT_TRUE(nats.start().ok());
-  connect_client(nats.url());
-  ASSERT_TRUE(service::ensure_streams(*client_).ok());
+  ASSERT_NO_FATAL_FAILURE(start_nats(nats));
 
   // 36 VMs and 4 bare-metal nodes with 8 GPUs each: room for every build, so each must end RUNNING.
   SystemClock clock;
