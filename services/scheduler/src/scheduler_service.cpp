@@ -308,12 +308,26 @@ void SchedulerService::handle_redelivered_start(const cvm::v1::BuildRequest& req
   // before the event lookup: SCHEDULED may be stored while the assignment sent with it is not.
   auto record = find_record(req.build_id());
   if (!record) return retry_later(msg, "cannot read placement records: " + record.error().message);
-  if (record->has_value()) return finish_recorded(**record, msg);
-  if (already_handled(req.build_id())) {
-    meters_->duplicate.Increment();
-    ++counts_.duplicates;
-    spdlog::info("build {} was already handled; dropping the duplicate", req.build_id());
-    return ack(msg);
+  std::optional<cvm::v1::Phase> last;
+  if (!record->has_value()) {
+    // When the lookup itself fails, go on as for a new build: every step carries a Nats-Msg-Id.
+    if (auto phase = last_phase(req.build_id()); phase.ok()) last = *phase;
+  }
+  switch (redelivered_start_action(record->has_value(), last)) {
+    case RedeliveredStart::kFinishRecorded:
+      return finish_recorded(**record, msg);
+    case RedeliveredStart::kRetryLater:
+      // Dropping it as a duplicate would lose the build: SCHEDULED, its assignment never sent.
+      return retry_later(msg, "build " + req.build_id() + " is " + cvm::v1::Phase_Name(*last) +
+                                  " but its placement record cannot be read (yet)");
+    case RedeliveredStart::kDropDuplicate:
+      meters_->duplicate.Increment();
+      ++counts_.duplicates;
+      spdlog::info("build {} was already handled ({}); dropping the duplicate", req.build_id(),
+                   cvm::v1::Phase_Name(*last));
+      return ack(msg);
+    case RedeliveredStart::kPlace:
+      break;
   }
   place_and_dispatch(req, msg, "");
 }
@@ -970,6 +984,16 @@ void SchedulerService::fail(const cvm::v1::BuildRequest& req, cvm::v1::Reason re
   spdlog::info("build {} (workspace {}) FAILED {}: {}", req.build_id(), req.workspace_id(),
                cvm::v1::Reason_Name(reason), e.message());
   ack(msg);
+}
+
+RedeliveredStart redelivered_start_action(bool has_record,
+                                          std::optional<cvm::v1::Phase> last_phase) {
+  if (has_record) return RedeliveredStart::kFinishRecorded;
+  if (!last_phase) return RedeliveredStart::kPlace;
+  // In a cluster: the record's stream had just elected a leader when the server holding it died,
+  // and the new leader answered before it had applied the record.
+  if (!is_terminal_phase(*last_phase)) return RedeliveredStart::kRetryLater;
+  return RedeliveredStart::kDropDuplicate;
 }
 
 GiveUp give_up_action(bool has_build, std::optional<cvm::v1::Phase> last_phase, bool has_record,

@@ -409,6 +409,22 @@ TEST(GiveUpAction, FailsOnlyWhenThatCannotBeASecondTerminalEvent) {
   EXPECT_EQ(give_up_action(true, cvm::v1::SCHEDULED, true, true), GiveUp::kFailAndTerm);
 }
 
+// A redelivered START (finding 7): finish a recorded placement; without a record, drop it only
+// when the build has ended, place it when it has no event (or the lookup failed), and retry while
+// an event that cannot come before the record (SCHEDULED) shows that the record read is behind.
+TEST(RedeliveredStartAction, NeverDropsABuildThatHasNotEnded) {
+  using scheduler::redelivered_start_action;
+  using scheduler::RedeliveredStart;
+  EXPECT_EQ(redelivered_start_action(true, std::nullopt), RedeliveredStart::kFinishRecorded);
+  EXPECT_EQ(redelivered_start_action(true, cvm::v1::SCHEDULED), RedeliveredStart::kFinishRecorded);
+  EXPECT_EQ(redelivered_start_action(false, std::nullopt), RedeliveredStart::kPlace);
+  EXPECT_EQ(redelivered_start_action(false, cvm::v1::SCHEDULED), RedeliveredStart::kRetryLater);
+  EXPECT_EQ(redelivered_start_action(false, cvm::v1::PREPARING), RedeliveredStart::kRetryLater);
+  for (auto ended : {cvm::v1::RUNNING, cvm::v1::STOPPED, cvm::v1::FAILED}) {
+    EXPECT_EQ(redelivered_start_action(false, ended), RedeliveredStart::kDropDuplicate);
+  }
+}
+
 // A build submitted again after it was decided (another msg-id, so the stream keeps both) is
 // dropped: no second placement, no second SCHEDULED, and the first placement's capacity hold stays
 // (the duplicate's decision ran alongside the lookup and found the build's own hold).

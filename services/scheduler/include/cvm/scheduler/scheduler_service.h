@@ -60,6 +60,14 @@ enum class GiveUp : uint8_t { kTermOnly, kFailAndTerm };
 GiveUp give_up_action(bool has_build, std::optional<cvm::v1::Phase> last_phase, bool has_record,
                       bool place_again);
 
+// What a redelivered START does, from what a previous delivery left: its placement record (found
+// or not) and the build's newest event (none, or its phase; nullopt also when the lookup failed).
+// A START has no event before its record is stored, so an event that does not end the build with
+// no record found is a read that has not caught up (finding 7): retried, never dropped.
+enum class RedeliveredStart : uint8_t { kFinishRecorded, kPlace, kDropDuplicate, kRetryLater };
+RedeliveredStart redelivered_start_action(bool has_record,
+                                          std::optional<cvm::v1::Phase> last_phase);
+
 struct SchedulerConfig {
   std::chrono::milliseconds node_ttl{kDefaultLivenessTtlMs};
   // How long a capacity hold counts on top of the node's own NodeStatus.allocated (the agent
