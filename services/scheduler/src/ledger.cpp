@@ -49,8 +49,14 @@ size_t prune_expired(cvm::v1::CapacityLedger& ledger, int64_t now_unix_ms) {
 HoldResult add_hold(cvm::v1::CapacityLedger& ledger, const NodeRecord& node,
                     const cvm::v1::CapacityHold& hold, int64_t now_unix_ms) {
   prune_expired(ledger, now_unix_ms);
-  for (const auto& h : ledger.holds()) {
-    if (h.build_id() == hold.build_id()) return HoldResult::kAlreadyHeld;
+  for (auto& h : *ledger.mutable_holds()) {
+    if (h.build_id() != hold.build_id()) continue;
+    // A redelivery finishing a placement comes about when the first hold expires (the ack wait
+    // and the hold last as long): kept as it was, it would lapse a moment later and the room go
+    // to others while the assignment is on its way (finding 6, seen again under ASan).
+    if (h.expires_unix_ms() >= hold.expires_unix_ms()) return HoldResult::kAlreadyHeld;
+    h.set_expires_unix_ms(hold.expires_unix_ms());
+    return HoldResult::kRenewed;
   }
   const Reservation others = held(ledger, now_unix_ms);
   // Compare by adding, never subtracting, so a node already over its capacity (an agent that

@@ -1123,7 +1123,9 @@ void SchedulerService::flush_holds(const std::string& node_id) {
     hold.set_memory_bytes(h.amount.memory_bytes);
     hold.set_gpus(h.amount.gpus);
     hold.set_expires_unix_ms(now + config_.reservation_hold.count());
-    switch (add_hold(next, *node, hold, now)) {
+    const auto result = add_hold(next, *node, hold, now);
+    h.renewal = result == HoldResult::kRenewed;
+    switch (result) {
       case HoldResult::kNoRoom:
         replies.emplace_back(std::move(h.done), HoldOutcome::kNoRoom);
         break;
@@ -1131,6 +1133,7 @@ void SchedulerService::flush_holds(const std::string& node_id) {
         replies.emplace_back(std::move(h.done), HoldOutcome::kAlreadyHeld);
         break;
       case HoldResult::kAdded:
+      case HoldResult::kRenewed:
         writing.push_back(std::move(h));
         break;
     }
@@ -1169,7 +1172,10 @@ void SchedulerService::on_holds_written(const std::string& node_id, cvm::v1::Cap
       cached.revision = *revision;
       cached.last_seq = *revision;
     }
-    for (auto& h : writing) replies.emplace_back(std::move(h.done), HoldOutcome::kHeld);
+    for (auto& h : writing) {
+      replies.emplace_back(std::move(h.done),
+                           h.renewal ? HoldOutcome::kAlreadyHeld : HoldOutcome::kHeld);
+    }
   } else if (revision.error().is_conflict()) {
     // Another replica changed the ledger since we read it: read it again and decide again.
     meters_->conflicts.Increment();

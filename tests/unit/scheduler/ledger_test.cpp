@@ -109,6 +109,24 @@ TEST(Ledger, SameBuildIsAlreadyHeldAndNotCountedTwice) {
   EXPECT_EQ(l.holds_size(), 1);
 }
 
+// A redelivery re-holds room when the first hold is about to lapse (finding 6): the hold lasts
+// from the re-hold on, never shorter than it was, and is still counted once.
+TEST(Ledger, SameBuildRenewsAnExpiringHold) {
+  cvm::v1::CapacityLedger l;
+  EXPECT_EQ(add_hold(l, node(4000, 8 * kGiB), hold("a", 4000, 8 * kGiB, kNow + 5), kNow),
+            HoldResult::kAdded);
+  EXPECT_EQ(add_hold(l, node(4000, 8 * kGiB), hold("a", 4000, 8 * kGiB, kNow + 30'000), kNow),
+            HoldResult::kRenewed);
+  ASSERT_EQ(l.holds_size(), 1);
+  EXPECT_EQ(l.holds(0).expires_unix_ms(), kNow + 30'000);
+  EXPECT_EQ(add_hold(l, node(4000, 8 * kGiB), hold("a", 4000, 8 * kGiB, kNow + 10), kNow),
+            HoldResult::kAlreadyHeld)
+      << "a later hold is never shortened";
+  EXPECT_EQ(l.holds(0).expires_unix_ms(), kNow + 30'000);
+  // Still in force after the first expiry: another build finds no room.
+  EXPECT_EQ(add_hold(l, node(4000, 8 * kGiB), hold("b", 1, 1), kNow + 6), HoldResult::kNoRoom);
+}
+
 TEST(Ledger, OverCommittedNodeNeverWrapsAround) {
   // An agent reporting more allocated than its capacity must not look like a node with room.
   cvm::v1::CapacityLedger l;

@@ -27,7 +27,8 @@ size_t prune_expired(cvm::v1::CapacityLedger& ledger, int64_t now_unix_ms);
 
 enum class HoldResult : uint8_t {
   kAdded,        // the ledger changed: write it with compare-and-set
-  kAlreadyHeld,  // this build already holds room here (a redelivery): nothing to write
+  kAlreadyHeld,  // this build holds room here until the new expiry or later: nothing to write
+  kRenewed,      // this build held room here; its expiry moved out to the new one's: write it
   kNoRoom,       // capacity - allocated - other holds cannot fit it
 };
 

@@ -141,6 +141,7 @@ class SchedulerService {
     std::string build_id;
     Reservation amount;
     bool remove = false;
+    bool renewal = false;  // the build held room already: answered kAlreadyHeld once written
     int attempts = 0;
     std::function<void(HoldOutcome)> done;  // may be empty (removals)
   };
