@@ -1013,6 +1013,7 @@ void SchedulerService::retry_later(const bus::JsMessagePtr& msg, const std::stri
     return give_up(msg, why);
   }
   meters_->retried.Increment();
+  ++counts_.retried;
   spdlog::warn("will retry stream seq {} (delivery {}): {}", msg->stream_sequence(),
                msg->num_delivered(), why);
   if (auto st = msg->nak(config_.retry_delay); !st) {

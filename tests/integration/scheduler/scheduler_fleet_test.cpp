@@ -290,6 +290,39 @@ TEST_F(SchedulerFleet, RedeliveryAfterScheduledWithoutAssignmentSendsTheAssignme
       << "finishing from the record is not a new placement";
 }
 
+// Finding 7 (docs/reliability.md): in a cluster, a redelivery read no placement record though the
+// build was SCHEDULED (the record's stream had a new leader that had not applied it yet) and
+// dropped the request as a duplicate: the build stayed SCHEDULED forever. Here the record shows up
+// only after the first redelivery: the scheduler must wait for it, then finish on its node.
+TEST_F(SchedulerFleet, ScheduledWithoutARecordYetIsRetriedNotDropped) {
+  auto req = request("crash5");
+  ASSERT_NO_FATAL_FAILURE(crash_on_first_delivery(
+      req,
+      [&] {
+        cvm::v1::BuildEvent e;
+        e.set_build_id("crash5");
+        e.set_workspace_id(req.workspace_id());
+        e.set_phase(cvm::v1::SCHEDULED);
+        e.set_node_id("r-1");
+        ASSERT_TRUE(client_
+                        ->js_publish(wire::build_events_subject("crash5"), e.SerializeAsString(),
+                                     "crash5.SCHEDULED")
+                        .ok());
+      },
+      500ms));
+  sched_config_.retry_delay = 200ms;
+  ASSERT_NO_FATAL_FAILURE(start_after_crash("r"));
+  ASSERT_TRUE(test::wait_until(
+      [&] { return harness_->on_scheduler(0, [](auto& s) { return s.counts().retried; }) > 0; },
+      20s))
+      << "the redelivery was not retried (dropped as a duplicate?)";
+  // The record becomes readable: the next delivery finishes the placement there.
+  ASSERT_NO_FATAL_FAILURE(record_placement(req, "r-1"));
+  expect_running_on("crash5", "r-1");
+  EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().duplicates; }), 0u);
+  EXPECT_EQ(finished_from_record(), 1u);
+}
+
 // Finding 6 (docs/reliability.md): a replica recorded the placement on node A and crashed before
 // sending the assignment. Its capacity hold lasts as long as the ack wait, so by the redelivery it
 // has expired and the room may have gone to other builds. The redelivery must hold the room again

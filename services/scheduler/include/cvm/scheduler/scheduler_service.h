@@ -113,6 +113,7 @@ class SchedulerService {
     uint64_t finished_from_record = 0;
     uint64_t duplicates = 0;  // requests of builds decided already, dropped
     uint64_t given_up = 0;    // requests termed on their last delivery
+    uint64_t retried = 0;     // deliveries naked for a later try
     // Redelivered placements whose recorded node had no room left (their hold had expired), placed
     // afresh.
     uint64_t moved_no_room = 0;
