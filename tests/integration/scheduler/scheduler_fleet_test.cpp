@@ -141,6 +141,19 @@ class SchedulerFleet : public ::testing::Test {
     ASSERT_TRUE(placements->create(node + "." + req.build_id(), rec.SerializeAsString()).ok());
   }
 
+  // The SCHEDULED event the crashed replica stored: `req` on `node`.
+  void store_scheduled(const cvm::v1::BuildRequest& req, const std::string& node) {
+    cvm::v1::BuildEvent e;
+    e.set_build_id(req.build_id());
+    e.set_workspace_id(req.workspace_id());
+    e.set_phase(cvm::v1::SCHEDULED);
+    e.set_node_id(node);
+    ASSERT_TRUE(client_
+                    ->js_publish(wire::build_events_subject(req.build_id()), e.SerializeAsString(),
+                                 req.build_id() + ".SCHEDULED")
+                    .ok());
+  }
+
   // After the crash: two nodes `<prefix>-0` and `<prefix>-1`, the broker and one new replica.
   void start_after_crash(const std::string& prefix) {
     fleetsim::FleetConfig fleet;
@@ -272,15 +285,7 @@ TEST_F(SchedulerFleet, RedeliveryAfterScheduledWithoutAssignmentSendsTheAssignme
       req,
       [&] {
         ASSERT_NO_FATAL_FAILURE(record_placement(req, "s-1"));
-        cvm::v1::BuildEvent e;
-        e.set_build_id("crash2");
-        e.set_workspace_id(req.workspace_id());
-        e.set_phase(cvm::v1::SCHEDULED);
-        e.set_node_id("s-1");
-        ASSERT_TRUE(client_
-                        ->js_publish(wire::build_events_subject("crash2"), e.SerializeAsString(),
-                                     "crash2.SCHEDULED")
-                        .ok());
+        ASSERT_NO_FATAL_FAILURE(store_scheduled(req, "s-1"));
       },
       500ms));
   ASSERT_NO_FATAL_FAILURE(start_after_crash("s"));
@@ -297,19 +302,7 @@ TEST_F(SchedulerFleet, RedeliveryAfterScheduledWithoutAssignmentSendsTheAssignme
 TEST_F(SchedulerFleet, ScheduledWithoutARecordYetIsRetriedNotDropped) {
   auto req = request("crash5");
   ASSERT_NO_FATAL_FAILURE(crash_on_first_delivery(
-      req,
-      [&] {
-        cvm::v1::BuildEvent e;
-        e.set_build_id("crash5");
-        e.set_workspace_id(req.workspace_id());
-        e.set_phase(cvm::v1::SCHEDULED);
-        e.set_node_id("r-1");
-        ASSERT_TRUE(client_
-                        ->js_publish(wire::build_events_subject("crash5"), e.SerializeAsString(),
-                                     "crash5.SCHEDULED")
-                        .ok());
-      },
-      500ms));
+      req, [&] { ASSERT_NO_FATAL_FAILURE(store_scheduled(req, "r-1")); }, 500ms));
   sched_config_.retry_delay = 200ms;
   ASSERT_NO_FATAL_FAILURE(start_after_crash("r"));
   ASSERT_TRUE(test::wait_until(
