@@ -11,6 +11,7 @@
 #include "cvm/base/clock.h"
 #include "cvm/fleetsim/harness.h"
 #include "cvm/test/build_events.h"
+#include "cvm/test/files.h"
 #include "cvm/v1/node.pb.h"
 #include "fault_fixture.h"
 
@@ -78,6 +79,24 @@ class AgentFault : public FaultTest {
   // Until the agent started last has registered (its NodeStatus carries a later start time).
   bool wait_agent_ready(int64_t since_ms) {
     return test::wait_agent_ready(*client_, "n1", since_ms);
+  }
+
+  // Broker, agent, then the scheduler once the agent has registered, and until the scheduler's
+  // first load of the node index holds it. A build submitted before the scheduler's node watch
+  // delivered n1 fails at once, rightly, with "0/0 nodes fit"; under load that race was lost now
+  // and then and the test waited in vain for SCHEDULED (seen in loaded runs).
+  void start_services_with_agent(std::vector<std::string> scheduler_args = {}) {
+    start_broker(nats_.url());
+    start_agent();
+    ASSERT_TRUE(wait_agent_ready(0)) << logs();
+    const auto& scheduler = start_scheduler(nats_.url(), std::move(scheduler_args));
+    ASSERT_TRUE(test::wait_until(
+        [&] {
+          return test::read_file(scheduler.log_path()).find("node index loaded: 1 nodes") !=
+                 std::string::npos;
+        },
+        60s, 50ms))
+        << "the scheduler never loaded the agent's node" << logs();
   }
 
   cvm::v1::BuildRequest agent_request(const std::string& build) {

@@ -8,10 +8,7 @@ namespace {
 
 // 4a: kill -9 mid-launch (PREPARING or STARTING, while the big image is unpacked), restart at once.
 TEST_F(AgentFault, KillNineAgentMidLaunchThenRestart) {
-  start_broker(nats_.url());
-  start_scheduler(nats_.url());
-  start_agent();
-  ASSERT_TRUE(wait_agent_ready(0)) << logs();
+  ASSERT_NO_FATAL_FAILURE(start_services_with_agent());
   ASSERT_TRUE(submit(agent_request("a4")));
   // Mid-launch: preparing the bundle or applying the big image's layers while STARTING.
   // On a fast disk the launch can finish before a poll sees it mid-way (seen in CI): then the kill

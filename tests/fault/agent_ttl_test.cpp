@@ -12,10 +12,7 @@ namespace {
 // 4b: dead past the TTL. The build that never got to run goes to the other node; the agent that
 // comes back later must leave it there.
 TEST_F(AgentFault, AgentDeadPastTtlItsBuildIsPlacedElsewhere) {
-  start_broker(nats_.url());
-  start_scheduler(nats_.url(), {"--node-ttl", "3"});
-  start_agent();
-  ASSERT_TRUE(wait_agent_ready(0)) << logs();
+  ASSERT_NO_FATAL_FAILURE(start_services_with_agent({"--node-ttl", "3"}));
   ASSERT_TRUE(submit(agent_request("a4b")));
   auto first = wait_phase("a4b", {cvm::v1::SCHEDULED, cvm::v1::PREPARING, cvm::v1::STARTING}, 60s);
   ASSERT_TRUE(first) << logs();
@@ -47,10 +44,7 @@ TEST_F(AgentFault, AgentDeadPastTtlItsBuildIsPlacedElsewhere) {
 // refuses it: the workspace record moved to the other node (a new revision), so the agent's
 // write must fail its compare-and-set and it must not leave a second copy running.
 TEST_F(AgentFault, FrozenAgentPastTtlStaleWritesRefusedNothingRunsTwice) {
-  start_broker(nats_.url());
-  start_scheduler(nats_.url(), {"--node-ttl", "3"});
-  start_agent();
-  ASSERT_TRUE(wait_agent_ready(0)) << logs();
+  ASSERT_NO_FATAL_FAILURE(start_services_with_agent({"--node-ttl", "3"}));
   ASSERT_TRUE(submit(agent_request("a5")));
   auto first = wait_phase("a5", {cvm::v1::SCHEDULED, cvm::v1::PREPARING, cvm::v1::STARTING}, 60s);
   ASSERT_TRUE(first) << logs();
