@@ -494,48 +494,58 @@ int main(int argc, char** argv) {
       "iterations                         %d (each path; interleaved; agent first in even\n"
       "                                   ones, raw first in odd ones)\n",
       iterations);
-  std::printf("Caching off (native unpack onto the workspace's ID range):\n");
-  std::printf("assignment -> RUNNING (agent)      median %.1f ms  min %.1f  max %.1f\n",
-              agent_median, range(off.agent_ms).first, range(off.agent_ms).second);
-  std::printf("raw runc run, same two bundles     median %.1f ms  min %.1f  max %.1f\n", raw_median,
-              range(off.raw_ms).first, range(off.raw_ms).second);
-  std::printf("median ratio agent / raw           %.2f  (target <= 1.25)\n",
-              agent_median / raw_median);
-  std::printf("  agent's own threads: on CPU %.1f ms, runnable waiting %.1f ms (medians)\n",
-              median(off.agent_cpu_ms), median(off.agent_wait_ms));
-  std::printf("  assignment -> PREPARING received median %.1f ms (delivery, ID range, in-flight)\n",
-              median(off.preparing_ms));
-  std::printf(
-      "  of which PREPARING -> STARTING   median %.1f ms (image unpack onto the ID range)\n",
-      median(off.prepare_ms));
-  std::printf("  of which STARTING -> RUNNING     median %.1f ms (runc + cvm-supervisor + runc)\n",
-              median(off.start_ms));
-  std::printf("  raw: runc run exits after        median %.1f ms (then the supervisor's report)\n",
-              median(off.raw_runc_ms));
-  std::printf("  raw: report read after written   median %.2f ms (the agent's: its debug log)\n",
-              median(off.raw_notice_ms));
-  const double on_agent = median(on.agent_ms);
-  const double on_raw = median(on.raw_ms);
-  std::printf("Caching on (node cache through an ID-mapped overlay; the first launch fills it):\n");
-  std::printf(
-      "caching on: agent assignment->RUNNING  median %.1f ms  min %.1f  max %.1f  "
-      "(first %.1f)\n",
-      on_agent, range(on.agent_ms).first, range(on.agent_ms).second,
-      on.agent_ms.empty() ? 0.0 : on.agent_ms.front());
-  std::printf("caching on: raw runc, same bundles     median %.1f ms  min %.1f  max %.1f\n", on_raw,
-              range(on.raw_ms).first, range(on.raw_ms).second);
-  std::printf("caching on: median ratio agent/raw     %.2f  (target <= 1.25)\n", on_agent / on_raw);
-  std::printf("caching on:   agent's own threads: on CPU %.1f ms, runnable waiting %.1f ms\n",
-              median(on.agent_cpu_ms), median(on.agent_wait_ms));
-  std::printf("caching on:   assignment -> PREPARING  median %.1f ms\n", median(on.preparing_ms));
-  std::printf(
-      "caching on:   PREPARING -> STARTING    median %.1f ms (cache lookup, ID-mapped "
-      "overlay mount, specs)\n",
-      median(on.prepare_ms));
-  std::printf("caching on:   STARTING -> RUNNING      median %.1f ms\n", median(on.start_ms));
-  std::printf("caching on:   raw: runc run exits after median %.1f ms\n", median(on.raw_runc_ms));
-  std::printf("caching on:   raw: report read after written median %.2f ms\n",
-              median(on.raw_notice_ms));
+  // A path not run (--paths) prints nothing rather than ratios of empty samples.
+  if (paths != "on") {
+    std::printf("Caching off (native unpack onto the workspace's ID range):\n");
+    std::printf("assignment -> RUNNING (agent)      median %.1f ms  min %.1f  max %.1f\n",
+                agent_median, range(off.agent_ms).first, range(off.agent_ms).second);
+    std::printf("raw runc run, same two bundles     median %.1f ms  min %.1f  max %.1f\n",
+                raw_median, range(off.raw_ms).first, range(off.raw_ms).second);
+    std::printf("median ratio agent / raw           %.2f  (target <= 1.25)\n",
+                agent_median / raw_median);
+    std::printf("  agent's own threads: on CPU %.1f ms, runnable waiting %.1f ms (medians)\n",
+                median(off.agent_cpu_ms), median(off.agent_wait_ms));
+    std::printf(
+        "  assignment -> PREPARING received median %.1f ms (delivery, ID range, in-flight)\n",
+        median(off.preparing_ms));
+    std::printf(
+        "  of which PREPARING -> STARTING   median %.1f ms (image unpack onto the ID range)\n",
+        median(off.prepare_ms));
+    std::printf(
+        "  of which STARTING -> RUNNING     median %.1f ms (runc + cvm-supervisor + runc)\n",
+        median(off.start_ms));
+    std::printf(
+        "  raw: runc run exits after        median %.1f ms (then the supervisor's report)\n",
+        median(off.raw_runc_ms));
+    std::printf("  raw: report read after written   median %.2f ms (the agent's: its debug log)\n",
+                median(off.raw_notice_ms));
+  }
+  if (paths != "off") {
+    const double on_agent = median(on.agent_ms);
+    const double on_raw = median(on.raw_ms);
+    std::printf(
+        "Caching on (node cache through an ID-mapped overlay; the first launch fills it):\n");
+    std::printf(
+        "caching on: agent assignment->RUNNING  median %.1f ms  min %.1f  max %.1f  "
+        "(first %.1f)\n",
+        on_agent, range(on.agent_ms).first, range(on.agent_ms).second,
+        on.agent_ms.empty() ? 0.0 : on.agent_ms.front());
+    std::printf("caching on: raw runc, same bundles     median %.1f ms  min %.1f  max %.1f\n",
+                on_raw, range(on.raw_ms).first, range(on.raw_ms).second);
+    std::printf("caching on: median ratio agent/raw     %.2f  (target <= 1.25)\n",
+                on_agent / on_raw);
+    std::printf("caching on:   agent's own threads: on CPU %.1f ms, runnable waiting %.1f ms\n",
+                median(on.agent_cpu_ms), median(on.agent_wait_ms));
+    std::printf("caching on:   assignment -> PREPARING  median %.1f ms\n", median(on.preparing_ms));
+    std::printf(
+        "caching on:   PREPARING -> STARTING    median %.1f ms (cache lookup, ID-mapped "
+        "overlay mount, specs)\n",
+        median(on.prepare_ms));
+    std::printf("caching on:   STARTING -> RUNNING      median %.1f ms\n", median(on.start_ms));
+    std::printf("caching on:   raw: runc run exits after median %.1f ms\n", median(on.raw_runc_ms));
+    std::printf("caching on:   raw: report read after written median %.2f ms\n",
+                median(on.raw_notice_ms));
+  }
   std::printf("agent RSS after start              %.1f MiB\n", rss_start / 1024.0);
   std::printf("agent RSS idle after the launches  %.1f MiB  (target <= 15 MiB)\n",
               rss_idle / 1024.0);
