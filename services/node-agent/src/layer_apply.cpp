@@ -153,15 +153,16 @@ Status apply_layer(const std::string& blob_path, const OciDescriptor& layer,
   archive_read_support_filter_zstd(in.get());
   archive_read_support_filter_none(in.get());
   std::unique_ptr<struct archive, ArchiveWriteDeleter> out(archive_write_disk_new());
-  archive_write_disk_set_options(
-      out.get(), ARCHIVE_EXTRACT_OWNER | ARCHIVE_EXTRACT_PERM | ARCHIVE_EXTRACT_TIME |
-                     ARCHIVE_EXTRACT_XATTR | ARCHIVE_EXTRACT_SECURE_NODOTDOT |
-                     ARCHIVE_EXTRACT_SECURE_SYMLINKS | ARCHIVE_EXTRACT_SECURE_NOABSOLUTEPATHS);
+  archive_write_disk_set_options(out.get(), ARCHIVE_EXTRACT_OWNER | ARCHIVE_EXTRACT_PERM |
+                                                ARCHIVE_EXTRACT_TIME | ARCHIVE_EXTRACT_XATTR |
+                                                ARCHIVE_EXTRACT_SECURE_NOABSOLUTEPATHS);
   // No name lookups: numeric IDs only (the image's names mean nothing on this host). No
   // ARCHIVE_EXTRACT_UNLINK: with it libarchive would replace a symlink met inside a path by a
-  // directory instead of refusing the entry; an entry replacing a lower layer's file or final
-  // symlink is still unlinked first (libarchive creates files O_EXCL, never writing through a
-  // link).
+  // directory instead of refusing the entry. No _SECURE_SYMLINKS or _SECURE_NODOTDOT either: the
+  // loop below refuses '..' (normalize_layer_path) and any write, hardlink or whiteout through a
+  // symlink (through_symlink) as errors, and removes a final symlink before the entry replaces it;
+  // libarchive's own checks repeated that with an open/fchdir/close per path component of every
+  // entry, 80% of an unpack's time here (60-80 ms against 10 ms for the 288-entry test image).
 
   auto cwd = ScopedThreadCwd::enter(rootfs);
   if (!cwd) return cwd.error();
@@ -212,6 +213,16 @@ Status apply_layer(const std::string& blob_path, const OciDescriptor& layer,
     // here so that a write through a symlink is an error, never a skipped entry.
     if (through_symlink(*path)) {
       return invalid(what + ": " + *path + " would be written through a symlink");
+    }
+    // An entry replaces what a lower layer left at its path. A symlink there goes first: without
+    // _SECURE_SYMLINKS libarchive's existence check follows it, and a directory entry over a
+    // link to a host directory would set owner and mode on that directory, outside the rootfs.
+    struct stat existing {};
+    if (::lstat(path->c_str(), &existing) == 0 && S_ISLNK(existing.st_mode) &&
+        ::unlink(path->c_str()) != 0) {
+      return make_error(ErrorDomain::kSystem,
+                        what + ": " + *path + ": cannot replace a symlink: " + std::strerror(errno),
+                        errno);
     }
     if (const char* link = archive_entry_hardlink(entry)) {
       auto target = normalize_layer_path(link);

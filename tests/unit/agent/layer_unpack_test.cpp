@@ -228,6 +228,24 @@ TEST_F(ApplyLayer, RefusesToWriteThroughASymlink) {
   EXPECT_TRUE(outside_intact());
 }
 
+// A later layer's entry over a lower layer's symlink replaces the link; it never acts on what the
+// link points to (a host directory here: its mode and owner must stay as they were).
+TEST_F(ApplyLayer, AnEntryOverASymlinkReplacesTheLinkNotItsTarget) {
+  fs::permissions(outside_, fs::perms(0755));
+  struct stat before {};
+  ASSERT_EQ(::stat(outside_.c_str(), &before), 0);
+  ASSERT_TRUE(apply({symlink("d", outside_), symlink("f", outside_ + "/victim")}).ok());
+  ASSERT_TRUE(apply({dir("d", 0, 0700), file("f", "layer file")}).ok());
+  EXPECT_TRUE(fs::is_directory(fs::symlink_status(rootfs_ + "/d"))) << "d is a directory now";
+  EXPECT_TRUE(fs::is_regular_file(fs::symlink_status(rootfs_ + "/f")));
+  EXPECT_EQ(slurp(rootfs_ + "/f"), "layer file");
+  struct stat after {};
+  ASSERT_EQ(::stat(outside_.c_str(), &after), 0);
+  EXPECT_EQ(after.st_mode, before.st_mode) << "the host directory's mode changed";
+  EXPECT_EQ(after.st_uid, before.st_uid) << "the host directory's owner changed";
+  EXPECT_TRUE(outside_intact());
+}
+
 TEST_F(ApplyLayer, RefusesHardlinksOutOfTheRootfs) {
   EXPECT_FALSE(apply({hardlink("stolen", "../outside/victim")}).ok());
   EXPECT_FALSE(apply({hardlink("stolen", outside_ + "/victim")}).ok());
