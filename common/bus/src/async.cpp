@@ -2,6 +2,7 @@
 // the round trip overlaps with other work instead of blocking the service's only thread. Results
 // are posted to the connection's executor, like every other callback of the adapter.
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -21,6 +22,17 @@ namespace {
 
 // "no message found" from the message-get API (cnats has no name for it).
 constexpr int kNoMessageFound = 10037;
+
+// Typed field reads of a JetStream API reply. json::value() throws when a field has another
+// type; a reply we cannot read must become an error of the call, never an exception.
+int64_t json_int(const nlohmann::json& j, const char* key) {
+  const auto it = j.find(key);
+  return it != j.end() && it->is_number_integer() ? it->get<int64_t>() : 0;
+}
+std::string json_string(const nlohmann::json& j, const char* key) {
+  const auto it = j.find(key);
+  return it != j.end() && it->is_string() ? it->get<std::string>() : std::string();
+}
 
 // One request_async waiting for its reply. Its timer lives on the executor.
 struct PendingRequest {
@@ -378,8 +390,8 @@ void Connection::last_message_async(const std::string& stream, const std::string
           return done(Out(make_error(ErrorDomain::kNats, what + ": unreadable reply")));
         }
         if (auto err = j.find("error"); err != j.end() && err->is_object()) {
-          const int code = err->value("code", 0);
-          const int js_code = err->value("err_code", 0);
+          const int code = static_cast<int>(detail::json_int(*err, "code"));
+          const int js_code = static_cast<int>(detail::json_int(*err, "err_code"));
           if (js_code == detail::kNoMessageFound ||
               (code == 404 && js_code != JSStreamNotFoundErr)) {
             return done(Out(std::optional<StreamMessage>{}));
@@ -391,12 +403,13 @@ void Connection::last_message_async(const std::string& stream, const std::string
           return done(Out(make_error(ErrorDomain::kNats, what + ": no message in the reply")));
         }
         StreamMessage out;
-        out.message.subject = m->value("subject", std::string());
-        out.message.data = detail::base64_decode(m->value("data", std::string()));
+        out.message.subject = detail::json_string(*m, "subject");
+        out.message.data = detail::base64_decode(detail::json_string(*m, "data"));
         if (auto h = m->find("hdrs"); h != m->end() && h->is_string()) {
           out.message.headers = detail::parse_headers(detail::base64_decode(h->get<std::string>()));
         }
-        out.stream_sequence = m->value("seq", uint64_t{0});
+        out.stream_sequence =
+            static_cast<uint64_t>(std::max<int64_t>(0, detail::json_int(*m, "seq")));
         done(Out(std::optional<StreamMessage>(std::move(out))));
       });
 }

@@ -132,7 +132,12 @@ Result<IdRangeAllocator> IdRangeAllocator::from_json(const nlohmann::json& state
     return make_error(ErrorDomain::kInvalid, "ID range state: " + why);
   };
   if (!state.is_object()) return invalid("not an object");
-  if (state.value("version", 0) != 1) return invalid("unknown version");
+  // Checked by type first: json::value() throws when the stored type differs, and a corrupt
+  // file must give the agent an error at start, not std::terminate.
+  const auto version = state.find("version");
+  if (version == state.end() || !version->is_number_integer() || *version != 1) {
+    return invalid("unknown version");
+  }
   const auto ranges = state.find("ranges");
   if (ranges == state.end() || !ranges->is_object()) return invalid("no ranges object");
   for (const auto& [ws, value] : ranges->items()) {

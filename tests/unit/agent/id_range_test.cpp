@@ -192,6 +192,13 @@ TEST(IdRangeAllocator, RejectsBadState) {
       IdRangeAllocator::from_json({{"version", 2}, {"ranges", nlohmann::json::object()}}, pool)
           .ok());
   EXPECT_FALSE(IdRangeAllocator::from_json({{"version", 1}}, pool).ok());
+  // A version of the wrong JSON type is an error, not an exception (found by fuzz_agent_files).
+  EXPECT_FALSE(IdRangeAllocator::from_json(
+                   {{"version", {{"ws1", 1}}}, {"ranges", nlohmann::json::object()}}, pool)
+                   .ok());
+  EXPECT_FALSE(
+      IdRangeAllocator::from_json({{"version", "1"}, {"ranges", nlohmann::json::object()}}, pool)
+          .ok());
   EXPECT_FALSE(
       IdRangeAllocator::from_json({{"version", 1}, {"ranges", {{"a", {{"base", 1}}}}}}, pool).ok());
   EXPECT_FALSE(IdRangeAllocator::from_json(
