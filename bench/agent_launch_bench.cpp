@@ -6,9 +6,19 @@
 // agent's idle RSS. Needs root, runc, umoci (to build the image) and nats-server; a load tool, not
 // a test: it prints figures, it does not judge them.
 //
-//   agent_launch_bench [--iterations N] [--agent-log debug] [--paths on|off]
+//   agent_launch_bench [--iterations N] [--agent-log debug] [--paths on|off] [--work-dir DIR]
 //   (release build for figures; --agent-log debug keeps the agent's step timings in
-//   /tmp/agent_launch_bench.agent.log; --paths runs one rootfs path only, e.g. to profile it)
+//   /tmp/agent_launch_bench.agent.log; --paths runs one rootfs path only, e.g. to profile it;
+//   --work-dir puts the agent's state dir, the bundles and the image on another filesystem,
+//   default the temp dir)
+//
+// The filesystem matters for Caching off, and the bench prints which one it ran on. On an ext4
+// without a journal (this project's CI VMs: `/` is journal-less and mounted with `discard`) the
+// kernel allocates each new inode past every one deleted in the last 5-35 s
+// (`recently_deleted()` in ext4's `find_inode_bit`, checked only without a journal), so a node that
+// deletes a rootfs and then unpacks another pays for every file of the first; back-to-back runs
+// here go 1.11 -> 1.18 -> 1.37 -> 1.73. The raw baseline creates no files. scripts/bench.sh
+// therefore also runs the bench on a journaled ext4 (a loop device), as a node's /var/lib is.
 //
 // What is measured, exactly:
 // - Agent: from the publish of a START assignment (JetStream, the agent's work stream) to the
@@ -97,6 +107,41 @@ long rss_kib(pid_t pid) {
     if (line.rfind("VmRSS:", 0) == 0) return std::stol(line.substr(6));
   }
   return -1;
+}
+
+// "ext4 on /dev/vda (rw,relatime; rw,discard,...), no journal": the mount that holds PATH (the longest
+// mount point prefix in /proc/self/mountinfo) and, for ext4, whether it has a journal (jbd2 lists
+// a journaled device as /proc/fs/jbd2/<dev>-<journal inode>).
+std::string describe_filesystem(const std::string& path) {
+  std::ifstream in("/proc/self/mountinfo");
+  std::string best_point, best;
+  for (std::string line; std::getline(in, line);) {
+    // ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER_OPTIONS
+    std::istringstream fields(line);
+    std::string id, parent, dev, root, point, options, word;
+    fields >> id >> parent >> dev >> root >> point >> options;
+    while (fields >> word && word != "-") {
+    }
+    std::string type, source, super_options;
+    fields >> type >> source >> super_options;
+    const bool inside = path == point || point == "/" ||
+                        (path.rfind(point, 0) == 0 && path.size() > point.size() &&
+                         path[point.size()] == '/');
+    if (!inside || point.size() < best_point.size()) continue;
+    best_point = point;
+    best = type + " on " + source + " (" + options + "; " + super_options + ")";
+    if (type == "ext4") {
+      const std::string dev_name = fs::path(source).filename();
+      bool journal = false;
+      std::error_code ec;
+      for (fs::directory_iterator it("/proc/fs/jbd2", ec); !ec && it != fs::directory_iterator();
+           it.increment(ec)) {
+        if (it->path().filename().string().rfind(dev_name + "-", 0) == 0) journal = true;
+      }
+      best += journal ? ", journal" : ", no journal";
+    }
+  }
+  return best.empty() ? "unknown" : best;
 }
 
 // On-CPU and run-queue wait time of all of a process's threads so far, ns
@@ -247,17 +292,19 @@ int main(int argc, char** argv) {
   std::string paths = "both";            // --paths on|off: one rootfs path only (to profile it)
   std::string agent_log_level = "info";  // --agent-log debug: the agent's per-step timings, kept in
                                          // /tmp/agent_launch_bench.agent.log
+  std::string work_dir = fs::temp_directory_path();  // --work-dir: where every file of the run goes
   for (int i = 1; i + 1 < argc; ++i) {
     if (std::string(argv[i]) == "--iterations") iterations = std::max(1, std::atoi(argv[i + 1]));
     if (std::string(argv[i]) == "--agent-log") agent_log_level = argv[i + 1];
     if (std::string(argv[i]) == "--paths") paths = argv[i + 1];
+    if (std::string(argv[i]) == "--work-dir") work_dir = argv[i + 1];
   }
   if (geteuid() != 0) {
     std::cerr << "agent_launch_bench: needs root (runc)\n";
     return 2;
   }
   const std::string work =
-      fs::temp_directory_path() / ("cvm-launch-bench-" + std::to_string(getpid()));
+      fs::path(work_dir) / ("cvm-launch-bench-" + std::to_string(getpid()));
   fs::create_directories(work);
   fs::permissions(work, fs::perms(0755));
   const std::string image = work + "/image";
@@ -494,6 +541,7 @@ int main(int argc, char** argv) {
       "iterations                         %d (each path; interleaved; agent first in even\n"
       "                                   ones, raw first in odd ones)\n",
       iterations);
+  std::printf("work dir filesystem                %s\n", describe_filesystem(work).c_str());
   // A path not run (--paths) prints nothing rather than ratios of empty samples.
   if (paths != "on") {
     std::printf("Caching off (native unpack onto the workspace's ID range):\n");

@@ -107,19 +107,26 @@ row("sustained placements/s, fleet-sim 5,000 nodes", placements_s, "raw request-
 row("fleet-sim submit→SCHEDULED p50 at that load (queueing included)", us(sim_s50), "its raw request-reply p50", us(sim_rr50), ratio(sim_s50, sim_rr50))
 row("fleet-sim submit→SCHEDULED p99 at that load (queueing included)", us(sim_s99), "its raw request-reply p99", us(sim_rr99), ratio(sim_s99, sim_rr99))
 
-launch = read("agent_launch")
-agent_ms = num(launch, r"^assignment -> RUNNING \(agent\)\s+median\s+([\d.]+) ms")
-raw_ms = num(launch, r"^raw runc run, same two bundles\s+median\s+([\d.]+) ms")
-row("agent launch: assignment→RUNNING median", us(agent_ms * 1000 if agent_ms else None),
-    "raw `runc run` of the same two bundles", us(raw_ms * 1000 if raw_ms else None),
-    ratio(agent_ms, raw_ms))
+def launch_rows(name, where):
+    launch = read(name)
+    fs_line = re.search(r"^work dir filesystem\s+(\S+).*?(no journal|journal)?$", launch or "", re.M)
+    on = f" ({fs_line.group(1)}, {fs_line.group(2) or 'n/a'})" if fs_line else where
+    agent_ms = num(launch, r"^assignment -> RUNNING \(agent\)\s+median\s+([\d.]+) ms")
+    raw_ms = num(launch, r"^raw runc run, same two bundles\s+median\s+([\d.]+) ms")
+    row(f"agent launch{on}: assignment→RUNNING median", us(agent_ms * 1000 if agent_ms else None),
+        "raw `runc run` of the same two bundles", us(raw_ms * 1000 if raw_ms else None),
+        ratio(agent_ms, raw_ms))
+    cache_ms = num(launch, r"^caching on: agent assignment->RUNNING\s+median\s+([\d.]+) ms")
+    cache_raw_ms = num(launch, r"^caching on: raw runc, same bundles\s+median\s+([\d.]+) ms")
+    if cache_ms is not None or cache_raw_ms is not None:
+        row(f"agent launch with Caching on{on}: assignment→RUNNING median",
+            us(cache_ms * 1000 if cache_ms else None),
+            "raw `runc run` of the same bundles", us(cache_raw_ms * 1000 if cache_raw_ms else None),
+            ratio(cache_ms, cache_raw_ms))
 
-cache_ms = num(launch, r"^caching on: agent assignment->RUNNING\s+median\s+([\d.]+) ms")
-cache_raw_ms = num(launch, r"^caching on: raw runc, same bundles\s+median\s+([\d.]+) ms")
-if cache_ms is not None or cache_raw_ms is not None:
-    row("agent launch with Caching on: assignment→RUNNING median", us(cache_ms * 1000 if cache_ms else None),
-        "raw `runc run` of the same bundles", us(cache_raw_ms * 1000 if cache_raw_ms else None),
-        ratio(cache_ms, cache_raw_ms))
+
+launch_rows("agent_launch", " (temp dir)")
+launch_rows("agent_launch_journaled", " (journaled ext4)")
 
 broker = gbench(read("broker_roundtrip"))
 rt = next(iter(broker.values()), {})
@@ -160,7 +167,7 @@ for name in ("cvm-scheduler", "cvm-gpu-broker", "cvm-node-agent"):
 rss = read("scheduler_rss")
 m = re.search(r"scheduler VmRSS: (\d+) MiB with no nodes \(baseline\), (\d+) MiB with (\d+) nodes", rss)
 sched_rss = f"{m.group(1)} MiB with no nodes → {m.group(2)} MiB with {int(m.group(3)):,} nodes" if m else "n/a"
-agent_idle = num(launch, r"^agent RSS idle after the launches\s+([\d.]+) MiB")
+agent_idle = num(read("agent_launch"), r"^agent RSS idle after the launches\s+([\d.]+) MiB")
 
 phases = []
 for a, b in (("SCHEDULED", "PREPARING"), ("PREPARING", "STARTING"), ("STARTING", "RUNNING")):
