@@ -66,7 +66,9 @@ Percentiles percentiles(std::vector<double> micros) {
   return p;
 }
 
-Result<Percentiles> measure_request_reply(const std::string& nats_url, int samples) {
+Result<Percentiles> measure_request_reply(const std::string& nats_url, int samples,
+                                          std::chrono::microseconds pace,
+                                          const std::atomic<bool>* stop) {
   IoThread responder_io("rtt-echo");
   IoThread client_io("rtt-client");
   auto responder = bus::Connection::connect({.url = nats_url, .name = "rtt-echo"},
@@ -84,7 +86,13 @@ Result<Percentiles> measure_request_reply(const std::string& nats_url, int sampl
   const std::string payload(200, 'x');  // about a BuildRequest's size
   std::vector<double> micros;
   micros.reserve(static_cast<size_t>(samples));
+  auto next = Steady::now();
   for (int i = 0; i < samples + 100; ++i) {
+    if (stop != nullptr && stop->load()) break;
+    if (pace.count() > 0) {
+      next += pace;
+      std::this_thread::sleep_until(next);
+    }
     const auto t0 = Steady::now();
     auto r = (*client)->request("cvm.bench.echo", payload, std::chrono::seconds(2));
     const auto t1 = Steady::now();

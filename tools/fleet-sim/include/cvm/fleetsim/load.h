@@ -3,6 +3,7 @@
 // submit -> SCHEDULED from the events, measures the raw cnats request-reply round trip in the same
 // run as the baseline, and audits CVM_EVENTS for "every request has exactly one terminal event".
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <map>
@@ -52,7 +53,11 @@ struct LoadReport {
 Result<LoadReport> run_load(const LoadConfig& config);
 
 // The raw cnats request-reply round trip on this server (an echo responder on its own connection).
-Result<Percentiles> measure_request_reply(const std::string& nats_url, int samples);
+// Back to back by default. With `pace` > 0 one request per `pace`, until `samples` are taken or
+// `*stop` turns true: the round trip while the load runs, under the same CPU contention.
+Result<Percentiles> measure_request_reply(const std::string& nats_url, int samples,
+                                          std::chrono::microseconds pace = {},
+                                          const std::atomic<bool>* stop = nullptr);
 
 struct EventAudit {
   size_t builds = 0;                    // builds with at least one event
