@@ -9,6 +9,7 @@
 #include <thread>
 
 #include <gtest/gtest.h>
+#include <spdlog/spdlog.h>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
@@ -57,6 +58,11 @@ class Services : public ::testing::Test {
     scheduler_ = std::make_unique<scheduler::SchedulerService>(io_, conn_, metrics_, clock_,
                                                                scheduler::SchedulerConfig{});
     broker_ = std::make_unique<broker::BrokerService>(broker_conn_, broker_metrics_, clock_);
+    // spdlog's registry (a function-local static in libspdlog.so) is made here, before the two
+    // service threads log for the first time: in production each service is its own process,
+    // and under TSan two threads racing into the uninstrumented library's static init read as
+    // a data race (its guard's fast path is invisible to TSan).
+    spdlog::default_logger();
     // Each service runs on its own io thread with its own connection, as the separate processes
     // of production do (the scheduler's GPU request blocks its thread until the broker answers).
     std::promise<Status> scheduler_started;
