@@ -422,6 +422,11 @@ cvm::v1::NodeStatus AgentService::node_status() const {
       cpu += ws.cpu_millicores;
       mem += ws.memory_bytes;
       ++count;
+      // The build that started it: the scheduler's hold for it is then counted once, here.
+      auto* b = s.add_allocated_builds();
+      b->set_build_id(ws.record.build_id());
+      b->set_cpu_millicores(ws.cpu_millicores);
+      b->set_memory_bytes(ws.memory_bytes);
     }
   }
   s.mutable_allocated()->set_cpu_millicores(cpu);

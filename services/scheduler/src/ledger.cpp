@@ -17,13 +17,23 @@ T saturating_add(T a, T b) {
 }
 }  // namespace
 
-Reservation held(const cvm::v1::CapacityLedger& ledger, int64_t now_unix_ms) {
+bool covered_by_node(const NodeRecord& node, const cvm::v1::CapacityHold& hold) {
+  const auto it = std::lower_bound(
+      node.allocated_builds.begin(), node.allocated_builds.end(), hold.build_id(),
+      [](const AllocatedBuild& b, const std::string& id) { return b.build_id < id; });
+  return it != node.allocated_builds.end() && it->build_id == hold.build_id() &&
+         it->cpu_millicores >= hold.cpu_millicores() && it->memory_bytes >= hold.memory_bytes();
+}
+
+Reservation held(const cvm::v1::CapacityLedger& ledger, int64_t now_unix_ms,
+                 const NodeRecord* node) {
   Reservation r;
   for (const auto& h : ledger.holds()) {
     if (!in_force(h, now_unix_ms)) continue;
+    r.gpus = saturating_add<uint32_t>(r.gpus, h.gpus());
+    if (node != nullptr && covered_by_node(*node, h)) continue;
     r.cpu_millicores = saturating_add<uint64_t>(r.cpu_millicores, h.cpu_millicores());
     r.memory_bytes = saturating_add<uint64_t>(r.memory_bytes, h.memory_bytes());
-    r.gpus = saturating_add<uint32_t>(r.gpus, h.gpus());
   }
   return r;
 }
@@ -58,7 +68,13 @@ HoldResult add_hold(cvm::v1::CapacityLedger& ledger, const NodeRecord& node,
     h.set_expires_unix_ms(hold.expires_unix_ms());
     return HoldResult::kRenewed;
   }
-  const Reservation others = held(ledger, now_unix_ms);
+  // A build the node already counts in `allocated` takes no new room (a redelivered START
+  // holding again for a build its agent has just launched).
+  if (covered_by_node(node, hold)) {
+    *ledger.add_holds() = hold;
+    return HoldResult::kAdded;
+  }
+  const Reservation others = held(ledger, now_unix_ms, &node);
   // Compare by adding, never subtracting, so a node already over its capacity (an agent that
   // reports more than it has) cannot wrap around into "lots of room"; the sums saturate.
   const auto sum = [](uint64_t a, uint64_t b, uint64_t c) {

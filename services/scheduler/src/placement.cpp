@@ -176,6 +176,15 @@ NodeSlot NodeIndex::upsert(const cvm::v1::NodeStatus& status, uint64_t revision)
   rec.capacity_memory_bytes = status.capacity().memory_bytes();
   rec.allocated_cpu_millicores = status.allocated().cpu_millicores();
   rec.allocated_memory_bytes = status.allocated().memory_bytes();
+  rec.allocated_builds.clear();
+  rec.allocated_builds.reserve(static_cast<size_t>(status.allocated_builds_size()));
+  for (const auto& b : status.allocated_builds()) {
+    rec.allocated_builds.push_back(
+        AllocatedBuild{b.build_id(), b.cpu_millicores(), b.memory_bytes()});
+  }
+  std::sort(
+      rec.allocated_builds.begin(), rec.allocated_builds.end(),
+      [](const AllocatedBuild& a, const AllocatedBuild& b) { return a.build_id < b.build_id; });
 
   const auto leased_it = leases_.find(status.node_id());
   rec.gpus.clear();

@@ -138,7 +138,10 @@ Status SchedulerService::start() {
   workspaces_ = std::move(*workspaces);
   placements_ = std::move(*placements);
 
-  auto nw = nodes->watch(">", [this](std::optional<bus::KvEntry> e) { on_node(e); });
+  auto nw = nodes->watch(">", [this](std::optional<bus::KvEntry> e) {
+    nodes_seen_ = std::chrono::steady_clock::now();
+    on_node(e);
+  });
   if (!nw) return nw.error();
   nodes_watch_ = std::move(*nw);
   auto sw = settings->watch(std::string(wire::kSettingsKey),
@@ -423,6 +426,16 @@ void SchedulerService::decide(const PlacementPtr& p) {
   meters_->decision.Observe(
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   if (!decision.ok()) {
+    if (decision.stats.rejected[static_cast<size_t>(Filter::kNodeLive)] > 0 && node_view_stale()) {
+      // Nodes look dead because this replica has heard nothing from the watch: try again later
+      // rather than fail the build on a view that may be blind (finding 9).
+      const std::string why = "node watch silent; not failing on it: " + decision.message;
+      return when_looked_up(p, [this, p, why] {
+        if (p->duplicate) return drop_duplicate(p);
+        retry_later(p->msg, why);
+        done(p);
+      });
+    }
     return fail_placement(p, moved_reason(*p, decision.reason),
                           moved_prefix(*p) + decision.message);
   }
@@ -1251,7 +1264,8 @@ void SchedulerService::apply_holds(const std::string& node_id) {
   index_.release(id);
   Reservation total;
   if (auto it = ledgers_.find(node_id); it != ledgers_.end()) {
-    total = held(it->second.ledger, clock_.now_unix_ms());
+    // Holds for builds the node's own NodeStatus already counts are left out (counted once).
+    total = held(it->second.ledger, clock_.now_unix_ms(), index_.find(node_id));
   }
   // This replica's holds not yet written count too, so its own next decisions do not pick room
   // already promised (at worst briefly twice, after the watch echoed a write: conservative).
@@ -1301,11 +1315,17 @@ void SchedulerService::on_node(const std::optional<bus::KvEntry>& entry) {
       spdlog::warn("ignoring unreadable NodeStatus under key {}", entry->key);
       return;
     }
-    const bool known = index_.find(status.node_id()) != nullptr;
+    const auto* before = index_.find(status.node_id());
+    const bool known = before != nullptr;
+    const bool had_allocated_builds = known && !before->allocated_builds.empty();
     index_.upsert(status, entry->revision);
     liveness_.observe(status.node_id(), status.heartbeat_unix_ms());
-    // Holds read before the node registered could not be applied then.
-    if (!known && ledgers_.contains(status.node_id())) apply_holds(status.node_id());
+    // Holds read before the node registered could not be applied then; and which holds count
+    // depends on the builds this status says it runs (allocated_builds).
+    if (ledgers_.contains(status.node_id()) &&
+        (!known || status.allocated_builds_size() > 0 || had_allocated_builds)) {
+      apply_holds(status.node_id());
+    }
   }
   meters_->nodes.Set(static_cast<double>(index_.size()));
 }
@@ -1386,20 +1406,69 @@ void SchedulerService::sweep() {
     if (prune_expired(cached.ledger, now) > 0) apply_holds(node_id);
   }
   if (!config_.detect_lost_nodes || !nodes_loaded_) return;
+  const bool stale = node_view_stale();
   for (const auto& lost : liveness_.sweep(now, config_.node_ttl.count())) {
-    cvm::v1::NodeLostNotice notice;
-    notice.set_node_id(lost.node_id);
-    notice.set_last_heartbeat_unix_ms(lost.last_heartbeat_unix_ms);
-    notice.set_detected_unix_ms(now);
-    // Every replica sees the same expiry; the msg-id lets CVM_BUILDS keep one notice.
-    auto pub = conn_->js_publish(
-        std::string(wire::kBuildsSubmit), notice.SerializeAsString(),
-        "lost." + lost.node_id + "." + std::to_string(lost.last_heartbeat_unix_ms),
-        {{std::string(kHeaderNodeLost), lost.node_id}});
-    if (!pub) {
-      spdlog::warn("cannot queue the lost notice of {}: {}", lost.node_id, pub.error().message);
-      liveness_.rearm(lost.node_id);  // the next sweep tries again
+    if (stale) {
+      confirm_lost(lost);
+    } else {
+      publish_lost(lost, now);
     }
+  }
+}
+
+bool SchedulerService::node_view_stale() const {
+  if (!nodes_loaded_ || index_.size() == 0) return false;
+  const auto silence =
+      config_.node_view_silence.count() > 0 ? config_.node_view_silence : config_.node_ttl / 2;
+  return std::chrono::steady_clock::now() - nodes_seen_ > silence;
+}
+
+void SchedulerService::confirm_lost(const LostNode& lost) {
+  const std::string bucket(wire::kBucketNodes);
+  conn_->last_message_async(
+      "KV_" + bucket, "$KV." + bucket + "." + lost.node_id, config_.bus_timeout,
+      guarded([this, lost](Result<std::optional<bus::StreamMessage>> last) {
+        if (!last) {
+          spdlog::warn(
+              "node {}: no heartbeat seen for {} ms, but the node watch is silent and "
+              "KV cannot be read ({}): not declaring it lost yet",
+              lost.node_id, clock_.now_unix_ms() - lost.last_heartbeat_unix_ms,
+              last.error().message);
+          liveness_.rearm(lost.node_id);
+          return;
+        }
+        if (!last->has_value() || is_kv_delete((*last)->message)) {
+          liveness_.forget(lost.node_id);  // deregistered: gone, not lost
+          return;
+        }
+        cvm::v1::NodeStatus status;
+        if (status.ParseFromString((*last)->message.data) && status.node_id() == lost.node_id &&
+            status.heartbeat_unix_ms() > lost.last_heartbeat_unix_ms) {
+          // Alive; the watch is what is behind. Take the fresher status now (the watch delivers
+          // it again later, and older entries change nothing in the liveness tracker).
+          spdlog::warn("node {} heartbeats in KV while the node watch is silent; keeping it",
+                       lost.node_id);
+          index_.upsert(status, (*last)->stream_sequence);
+          liveness_.observe(status.node_id(), status.heartbeat_unix_ms());
+          return;
+        }
+        publish_lost(lost, clock_.now_unix_ms());
+      }));
+}
+
+void SchedulerService::publish_lost(const LostNode& lost, int64_t now) {
+  cvm::v1::NodeLostNotice notice;
+  notice.set_node_id(lost.node_id);
+  notice.set_last_heartbeat_unix_ms(lost.last_heartbeat_unix_ms);
+  notice.set_detected_unix_ms(now);
+  // Every replica sees the same expiry; the msg-id lets CVM_BUILDS keep one notice.
+  auto pub =
+      conn_->js_publish(std::string(wire::kBuildsSubmit), notice.SerializeAsString(),
+                        "lost." + lost.node_id + "." + std::to_string(lost.last_heartbeat_unix_ms),
+                        {{std::string(kHeaderNodeLost), lost.node_id}});
+  if (!pub) {
+    spdlog::warn("cannot queue the lost notice of {}: {}", lost.node_id, pub.error().message);
+    liveness_.rearm(lost.node_id);  // the next sweep tries again
   }
 }
 

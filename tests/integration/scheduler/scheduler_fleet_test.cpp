@@ -14,9 +14,11 @@
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 
+#include <nlohmann/json.hpp>
 #include "cvm/base/clock.h"
 #include "cvm/base/reasons.h"
 #include "cvm/base/wire.h"
+
 #include "cvm/bus/bus.h"
 #include "cvm/fleetsim/harness.h"
 #include "cvm/fleetsim/load.h"
@@ -523,6 +525,115 @@ TEST_F(SchedulerFleet, PipelinedHoldsOnOneNodeNeverExceedItsRoom) {
   const auto stats = harness_->on_fleet([](auto& f) { return f.stats(); });
   EXPECT_EQ(stats.over_capacity, 0u);
   EXPECT_EQ(stats.launched_twice, 0u);
+}
+
+// Finding 9: a replica whose cvm_nodes watch goes silent (in a cluster, a stream leader election
+// kept cnats recreating the watch's ordered consumer for 25 s) must not take its own blindness for
+// dead nodes: no lost notice while KV shows the nodes heartbeating, and a build that only failed
+// on "node not live" is retried, not FAILED. The watch is silenced here by deleting its consumer on
+// the server, again and again, for longer than the node TTL, while the nodes keep heartbeating.
+TEST_F(SchedulerFleet, ASilentNodeWatchIsNotTakenForDeadNodes) {
+  sched_config_.node_ttl = 1500ms;
+  sched_config_.sweep_interval = 100ms;
+  sched_config_.retry_delay = 300ms;
+  fleetsim::FleetConfig fleet;
+  fleet.nodes = 2;
+  fleet.prefix = "w";
+  fleet.heartbeat_interval = 200ms;
+  fleet.profiles = {vm()};
+  start(fleet, 1);
+
+  const auto silence_watch = [&] {
+    auto names =
+        client_->request("$JS.API.CONSUMER.NAMES.KV_" + std::string(wire::kBucketNodes), "{}", 2s);
+    if (!names) return;
+    const auto j = nlohmann::json::parse(names->data, nullptr, false);
+    if (!j.is_object() || !j.contains("consumers") || !j["consumers"].is_array()) return;
+    for (const auto& c : j["consumers"]) {
+      if (!c.is_string()) continue;
+      (void)client_->request("$JS.API.CONSUMER.DELETE.KV_" + std::string(wire::kBucketNodes) + "." +
+                                 c.get<std::string>(),
+                             "", 2s);
+    }
+  };
+  const auto until = std::chrono::steady_clock::now() + 4s;  // > 2 x the TTL
+  bool submitted = false;
+  while (std::chrono::steady_clock::now() < until) {
+    silence_watch();
+    if (!submitted && std::chrono::steady_clock::now() > until - 1500ms) {
+      submit(request("during"));  // every node looks dead to the scheduler by now
+      submitted = true;
+    }
+    std::this_thread::sleep_for(100ms);
+  }
+  auto e = wait_phase("during", {cvm::v1::RUNNING, cvm::v1::FAILED}, 30s);
+  ASSERT_TRUE(e.has_value()) << "never ran nor failed";
+  EXPECT_EQ(e->phase(), cvm::v1::RUNNING) << e->message();
+  EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().nodes_lost; }), 0u)
+      << "a node was declared lost while it heartbeated";
+}
+
+// The other side of finding 9's fix: when every node dies the watch goes silent too, and the loss
+// is declared once KV confirms the heartbeats are as old as the watch said.
+TEST_F(SchedulerFleet, EveryNodeDeadIsStillDeclaredLost) {
+  sched_config_.node_ttl = 1500ms;
+  sched_config_.sweep_interval = 100ms;
+  fleetsim::FleetConfig fleet;
+  fleet.nodes = 2;
+  fleet.prefix = "d";
+  fleet.heartbeat_interval = 200ms;
+  fleet.profiles = {vm()};
+  start(fleet, 1);
+  submit(request("ran"));
+  auto running = wait_phase("ran", {cvm::v1::RUNNING, cvm::v1::FAILED});
+  ASSERT_TRUE(running.has_value());
+  ASSERT_EQ(running->phase(), cvm::v1::RUNNING) << running->message();
+  harness_->on_fleet([](auto& f) {
+    f.kill("d-0");
+    f.kill("d-1");
+    return 0;
+  });
+  auto lost = wait_phase("ran", {cvm::v1::LOST}, 20s);
+  ASSERT_TRUE(lost.has_value()) << "the running workspace never heard of its node's loss";
+  EXPECT_EQ(lost->reason(), cvm::v1::NODE_LOST);
+  EXPECT_TRUE(test::wait_until(
+      [&] { return harness_->on_scheduler(0, [](auto& s) { return s.counts().nodes_lost; }) == 2; },
+      10s))
+      << "both nodes are lost";
+}
+
+// A hold counts on top of what the node reports allocated only until the node's NodeStatus lists
+// the build (allocated_builds): then the room is counted once, not for the 30 s of the hold.
+TEST_F(SchedulerFleet, AHoldStopsCountingOnceTheNodeReportsItsBuild) {
+  fleetsim::FleetConfig fleet;
+  fleet.nodes = 1;
+  fleet.profiles = {vm(4000, 16 * kGiB)};
+  fleet.prefix = "once";
+  fleet.launch_delay = 10ms;  // a NodeStatus right after the launch (heartbeat_on_change)
+  start(fleet, 1);
+  ASSERT_EQ(sched_config_.reservation_hold, 30s) << "the hold outlives the whole test";
+
+  submit(request("a", 3000));
+  expect_running_on("a", "once-0");
+  ASSERT_TRUE(test::wait_until(
+      [&] {
+        return harness_->on_scheduler(0, [](auto& s) {
+          const auto* n = s.node("once-0");
+          return n != nullptr && n->allocated_builds.size() == 1 &&
+                 n->allocated_builds[0].build_id == "a";
+        });
+      },
+      10s))
+      << "the scheduler never saw the node report build a";
+  // 4000 - 3000 allocated = 1000 free; counting a's hold again would leave none.
+  submit(request("b", 1000));
+  expect_running_on("b", "once-0");
+  // Counted once, not zero times: nothing is left.
+  submit(request("c", 1000));
+  auto c = wait_phase("c", {cvm::v1::FAILED, cvm::v1::SCHEDULED});
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->phase(), cvm::v1::FAILED) << c->message();
+  EXPECT_EQ(harness_->on_fleet([](auto& f) { return f.stats().over_capacity; }), 0u);
 }
 
 // A node that stops heartbeating for the TTL is lost: the build assigned there but not running is

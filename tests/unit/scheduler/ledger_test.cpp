@@ -1,4 +1,7 @@
 // Capacity holds (KV cvm_capacity): the arithmetic every replica runs before its compare-and-set.
+#include <algorithm>
+#include <vector>
+
 #include <gtest/gtest.h>
 
 #include "cvm/scheduler/ledger.h"
@@ -185,6 +188,87 @@ TEST(Ledger, AcceptedHoldsNeverExceedCapacity) {
       EXPECT_LE(total.cpu_millicores + n.allocated_cpu_millicores, cap);
       EXPECT_LE(total.memory_bytes, cap * kGiB);
       EXPECT_EQ(total.cpu_millicores, static_cast<uint64_t>(l.holds_size()) * req);
+    }
+  }
+}
+
+// A node whose NodeStatus says it runs `builds` (allocated = their sum on top of `alloc_cpu`).
+NodeRecord node_running(uint64_t cpu, uint64_t mem, std::vector<AllocatedBuild> builds) {
+  NodeRecord n = node(cpu, mem);
+  for (const auto& b : builds) {
+    n.allocated_cpu_millicores += b.cpu_millicores;
+    n.allocated_memory_bytes += b.memory_bytes;
+  }
+  std::sort(builds.begin(), builds.end(),
+            [](const auto& a, const auto& b) { return a.build_id < b.build_id; });
+  n.allocated_builds = std::move(builds);
+  return n;
+}
+
+TEST(Ledger, AHoldTheNodeAlreadyCountsIsNotCountedAgain) {
+  // Build "a" holds 1500m and the agent now reports it running (allocated 1500m): before, the
+  // hold counted on top until it expired, and a 4000m node refused a 2000m build for 30 s.
+  cvm::v1::CapacityLedger l;
+  *l.add_holds() = hold("a", 1500, kGiB);
+  const NodeRecord n = node_running(4000, 8 * kGiB, {{"a", 1500, kGiB}});
+  EXPECT_EQ(held(l, kNow, &n).cpu_millicores, 0U);
+  EXPECT_EQ(held(l, kNow).cpu_millicores, 1500U) << "without the node: every hold in force";
+  EXPECT_EQ(add_hold(l, n, hold("b", 2500, kGiB), kNow), HoldResult::kAdded);
+  // Counted once, not zero times: "a"'s 1500 are in allocated, so 500m more do not fit.
+  EXPECT_EQ(add_hold(l, n, hold("c", 500, kGiB), kNow), HoldResult::kNoRoom);
+}
+
+TEST(Ledger, ANodeListingLessThanTheHoldDoesNotCoverIt) {
+  cvm::v1::CapacityLedger l;
+  *l.add_holds() = hold("a", 1500, 2 * kGiB);
+  // Another build id, less CPU, less memory: each leaves the hold counted.
+  for (const auto& listed :
+       {AllocatedBuild{"z", 1500, 2 * kGiB}, AllocatedBuild{"a", 1000, 2 * kGiB},
+        AllocatedBuild{"a", 1500, kGiB}}) {
+    const NodeRecord n = node_running(4000, 8 * kGiB, {listed});
+    EXPECT_FALSE(covered_by_node(n, l.holds(0))) << listed.build_id;
+    EXPECT_EQ(held(l, kNow, &n).cpu_millicores, 1500U) << listed.build_id;
+  }
+  const NodeRecord n = node_running(4000, 8 * kGiB, {{"a", 2000, 4 * kGiB}});
+  EXPECT_TRUE(covered_by_node(n, l.holds(0)));
+}
+
+TEST(Ledger, ACoveredHoldKeepsCountingItsGpus) {
+  // GPUs are the broker's leases, not part of `allocated`: the hold's GPU count stays.
+  cvm::v1::CapacityLedger l;
+  auto h = hold("a", 1000, kGiB);
+  h.set_gpus(2);
+  *l.add_holds() = h;
+  const NodeRecord n = node_running(4000, 8 * kGiB, {{"a", 1000, kGiB}});
+  const auto total = held(l, kNow, &n);
+  EXPECT_EQ(total.cpu_millicores, 0U);
+  EXPECT_EQ(total.gpus, 2U);
+}
+
+TEST(Ledger, HoldingAgainForABuildTheNodeRunsTakesNoNewRoom) {
+  // A full node that runs "a": a redelivered START of "a" holds again without needing room.
+  cvm::v1::CapacityLedger l;
+  const NodeRecord n = node_running(2000, 2 * kGiB, {{"a", 2000, 2 * kGiB}});
+  EXPECT_EQ(add_hold(l, n, hold("a", 2000, 2 * kGiB), kNow), HoldResult::kAdded);
+  EXPECT_EQ(add_hold(l, n, hold("b", 1, 1), kNow), HoldResult::kNoRoom);
+}
+
+TEST(Ledger, CoveredHoldsNeverLetANodeExceedCapacity) {
+  // Whatever the node lists, capacity >= allocated + the holds it does not cover, after any
+  // sequence of adds.
+  for (uint64_t listed = 0; listed <= 6; ++listed) {
+    for (uint64_t req = 100; req <= 1500; req += 350) {
+      std::vector<AllocatedBuild> builds;
+      for (uint64_t i = 0; i < listed; ++i) builds.push_back({"b" + std::to_string(i), req, kGiB});
+      const NodeRecord n = node_running(8000, 64 * kGiB, builds);
+      cvm::v1::CapacityLedger l;
+      for (int i = 0; i < 20; ++i) {
+        (void)add_hold(l, n, hold("b" + std::to_string(i), req, kGiB), kNow);
+      }
+      // A node may report more than its capacity (6 x 1500m here): then no new room at all.
+      const uint64_t room =
+          n.allocated_cpu_millicores >= 8000 ? 0 : 8000 - n.allocated_cpu_millicores;
+      EXPECT_LE(held(l, kNow, &n).cpu_millicores, room) << listed << " listed, " << req << "m each";
     }
   }
 }

@@ -206,6 +206,15 @@ void Fleet::heartbeat(Node& node) {
   s.mutable_allocated()->set_cpu_millicores(node.used_cpu);
   s.mutable_allocated()->set_memory_bytes(node.used_memory);
   s.set_workspaces(static_cast<uint32_t>(node.workspaces.size()));
+  // As the agent does: which builds `allocated` counts (the simulated node counts a build from
+  // its assignment on), so that the scheduler drops its own hold for them.
+  s.clear_allocated_builds();
+  for (const auto& [ws_id, ws] : node.workspaces) {
+    auto* b = s.add_allocated_builds();
+    b->set_build_id(ws.build_id);
+    b->set_cpu_millicores(ws.cpu);
+    b->set_memory_bytes(ws.memory);
+  }
   s.set_heartbeat_unix_ms(clock_.now_unix_ms());
   if (conn_->publish(kv_subject(wire::kBucketNodes, s.node_id()), s.SerializeAsString())) {
     ++stats_.heartbeats;

@@ -16,8 +16,16 @@
 
 namespace cvm::scheduler {
 
-// The sum of the holds still in force at now (a hold expires at expires_unix_ms).
-Reservation held(const cvm::v1::CapacityLedger& ledger, int64_t now_unix_ms);
+// True when the node's last NodeStatus counts the hold's build in `allocated` with at least the
+// hold's CPU and memory (NodeStatus.allocated_builds): the agent runs it, so the hold must not
+// count a second time. Less than the hold (another default, a changed request) is not covered.
+bool covered_by_node(const NodeRecord& node, const cvm::v1::CapacityHold& hold);
+
+// The sum of the holds still in force at now (a hold expires at expires_unix_ms). With `node`, the
+// CPU and memory of holds it already counts (covered_by_node) are left out; their GPUs stay until
+// the hold expires (GPUs are the broker's leases, not in `allocated`).
+Reservation held(const cvm::v1::CapacityLedger& ledger, int64_t now_unix_ms,
+                 const NodeRecord* node = nullptr);
 
 // The earliest expiry among the holds still in force; nullopt when none is.
 std::optional<int64_t> next_expiry(const cvm::v1::CapacityLedger& ledger, int64_t now_unix_ms);
@@ -33,7 +41,8 @@ enum class HoldResult : uint8_t {
 };
 
 // Prunes expired holds, then adds `hold` when the node's capacity minus what its agent reports
-// allocated minus the other holds in force leaves room for the hold's cpu and memory.
+// allocated minus the other holds in force (those it does not already count) leaves room for the
+// hold's cpu and memory.
 HoldResult add_hold(cvm::v1::CapacityLedger& ledger, const NodeRecord& node,
                     const cvm::v1::CapacityHold& hold, int64_t now_unix_ms);
 

@@ -112,6 +112,13 @@ struct NodeGpu {
   bool leased = false;
 };
 
+// One entry of NodeStatus.allocated_builds.
+struct AllocatedBuild {
+  std::string build_id;
+  uint64_t cpu_millicores = 0;
+  uint64_t memory_bytes = 0;
+};
+
 // The lean copy of a NodeStatus the index keeps (50,000 of them must stay well under 200 MiB).
 struct NodeRecord {
   std::string node_id;
@@ -125,6 +132,9 @@ struct NodeRecord {
   uint64_t reserved_memory_bytes = 0;
   uint32_t reserved_gpus = 0;
   std::vector<NodeGpu> gpus;  // sorted by minor
+  // What `allocated` counts, sorted by build id (empty for agents that do not say): holds for
+  // these builds are not counted again (ledger.h, covered_by_node).
+  std::vector<AllocatedBuild> allocated_builds;
 };
 
 using NodeSlot = uint32_t;

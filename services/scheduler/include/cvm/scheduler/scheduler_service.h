@@ -78,6 +78,13 @@ struct SchedulerConfig {
   // How often expired holds are dropped from the index and heartbeats are checked.
   std::chrono::milliseconds sweep_interval{1000};
   bool detect_lost_nodes = true;
+  // The node watch is taken as stale when it has delivered nothing for this long (0: node_ttl / 2)
+  // while nodes are registered. A stale view declares no node lost without reading its NodeStatus
+  // from KV first, and a build that fails only because nodes look dead is retried, not FAILED:
+  // a scheduler whose watch stalls (a JetStream leader election in a cluster recreating its
+  // ordered consumers for tens of seconds, finding 9) must not take its own blindness for dead
+  // nodes.
+  std::chrono::milliseconds node_view_silence{0};
   int max_deliver = 20;
   uint32_t max_candidates = 3;
   int cas_attempts = 4;  // compare-and-set tries on one node before moving to the next candidate
@@ -120,6 +127,10 @@ class SchedulerService {
   };
   [[nodiscard]] const Counts& counts() const { return counts_; }
   [[nodiscard]] size_t nodes() const { return index_.size(); }
+  // The index's copy of a node's NodeStatus (null when unknown); on the service's thread.
+  [[nodiscard]] const NodeRecord* node(std::string_view node_id) const {
+    return index_.find(node_id);
+  }
   // With trace_stages: percentiles of each stage of a placement (stored in CVM_BUILDS -> fetched
   // -> on the executor -> capacity held -> duplicate lookup in -> recorded -> assignment and
   // SCHEDULED acknowledged), and the mean of each stage over the slowest 1%.
@@ -198,6 +209,12 @@ class SchedulerService {
             const bus::JsMessagePtr& msg);
   // Naks for a later retry; on the last delivery (max_deliver) gives up instead.
   void retry_later(const bus::JsMessagePtr& msg, const std::string& why);
+  // The node watch has been silent past node_view_silence with nodes registered (see there).
+  [[nodiscard]] bool node_view_stale() const;
+  // Lost-node notices: published at once, or, with a stale view, after KV confirms the node's
+  // NodeStatus is as old as the watch said (a fresher one is taken instead).
+  void publish_lost(const LostNode& lost, int64_t now_unix_ms);
+  void confirm_lost(const LostNode& lost);
   void give_up(const bus::JsMessagePtr& msg, const std::string& why);
   void ack(const bus::JsMessagePtr& msg);
   bool already_handled(const std::string& build_id);
@@ -256,6 +273,8 @@ class SchedulerService {
   };
   std::vector<StageSample> stages_;
   bool nodes_loaded_ = false;
+  // When the cvm_nodes watch last delivered anything (steady clock), for node_view_stale().
+  std::chrono::steady_clock::time_point nodes_seen_{};
   bool stopped_ = false;
   uint64_t decisions_ = 0;
 };
