@@ -416,18 +416,28 @@ cvm::v1::NodeStatus AgentService::node_status() const {
   uint64_t cpu = 0;
   uint64_t mem = 0;
   uint32_t count = 0;
+  std::vector<const Workspace*> counted;
   for (const auto& [id, ws] : workspaces_) {
     // Stopped workspaces keep their files but not their CPU and memory.
     if (ws.record.phase() == cvm::v1::RUNNING || busy_.contains(id)) {
       cpu += ws.cpu_millicores;
       mem += ws.memory_bytes;
       ++count;
-      // The build that started it: the scheduler's hold for it is then counted once, here.
-      auto* b = s.add_allocated_builds();
-      b->set_build_id(ws.record.build_id());
-      b->set_cpu_millicores(ws.cpu_millicores);
-      b->set_memory_bytes(ws.memory_bytes);
+      counted.push_back(&ws);
     }
+  }
+  // The builds that started them, the most recent first: the scheduler's hold for each is then
+  // counted once, here (wire::kMaxAllocatedBuilds).
+  const auto listed = std::min(counted.size(), static_cast<size_t>(wire::kMaxAllocatedBuilds));
+  std::partial_sort(counted.begin(), counted.begin() + static_cast<std::ptrdiff_t>(listed),
+                    counted.end(), [](const Workspace* a, const Workspace* b) {
+                      return a->record.updated_unix_ms() > b->record.updated_unix_ms();
+                    });
+  for (size_t i = 0; i < listed; ++i) {
+    auto* b = s.add_allocated_builds();
+    b->set_build_id(counted[i]->record.build_id());
+    b->set_cpu_millicores(counted[i]->cpu_millicores);
+    b->set_memory_bytes(counted[i]->memory_bytes);
   }
   s.mutable_allocated()->set_cpu_millicores(cpu);
   s.mutable_allocated()->set_memory_bytes(mem);

@@ -149,7 +149,8 @@ Reservation reservation_for(const PlacementRequest& request) {
 // ---------------------------------------------------------------------------------------------
 // NodeIndex
 
-NodeSlot NodeIndex::upsert(const cvm::v1::NodeStatus& status, uint64_t revision) {
+NodeSlot NodeIndex::upsert(const cvm::v1::NodeStatus& status, uint64_t revision,
+                           bool* builds_changed) {
   NodeSlot slot;
   if (auto it = by_id_.find(status.node_id()); it != by_id_.end()) {
     slot = it->second;
@@ -176,15 +177,25 @@ NodeSlot NodeIndex::upsert(const cvm::v1::NodeStatus& status, uint64_t revision)
   rec.capacity_memory_bytes = status.capacity().memory_bytes();
   rec.allocated_cpu_millicores = status.allocated().cpu_millicores();
   rec.allocated_memory_bytes = status.allocated().memory_bytes();
-  rec.allocated_builds.clear();
-  rec.allocated_builds.reserve(static_cast<size_t>(status.allocated_builds_size()));
+  // Heartbeats mostly repeat the list: compare before replacing, so that the caller re-counts the
+  // node's holds only when it changed.
+  std::vector<AllocatedBuild> builds;
+  builds.reserve(static_cast<size_t>(status.allocated_builds_size()));
   for (const auto& b : status.allocated_builds()) {
-    rec.allocated_builds.push_back(
-        AllocatedBuild{b.build_id(), b.cpu_millicores(), b.memory_bytes()});
+    builds.push_back(AllocatedBuild{b.build_id(), b.cpu_millicores(), b.memory_bytes()});
   }
-  std::sort(
-      rec.allocated_builds.begin(), rec.allocated_builds.end(),
-      [](const AllocatedBuild& a, const AllocatedBuild& b) { return a.build_id < b.build_id; });
+  std::sort(builds.begin(), builds.end(), [](const AllocatedBuild& a, const AllocatedBuild& b) {
+    return a.build_id < b.build_id;
+  });
+  const auto same = [](const AllocatedBuild& a, const AllocatedBuild& b) {
+    return a.build_id == b.build_id && a.cpu_millicores == b.cpu_millicores &&
+           a.memory_bytes == b.memory_bytes;
+  };
+  if (builds_changed != nullptr) {
+    *builds_changed = !std::equal(builds.begin(), builds.end(), rec.allocated_builds.begin(),
+                                  rec.allocated_builds.end(), same);
+  }
+  rec.allocated_builds = std::move(builds);
 
   const auto leased_it = leases_.find(status.node_id());
   rec.gpus.clear();

@@ -1315,15 +1315,13 @@ void SchedulerService::on_node(const std::optional<bus::KvEntry>& entry) {
       spdlog::warn("ignoring unreadable NodeStatus under key {}", entry->key);
       return;
     }
-    const auto* before = index_.find(status.node_id());
-    const bool known = before != nullptr;
-    const bool had_allocated_builds = known && !before->allocated_builds.empty();
-    index_.upsert(status, entry->revision);
+    const bool known = index_.find(status.node_id()) != nullptr;
+    bool builds_changed = false;
+    index_.upsert(status, entry->revision, &builds_changed);
     liveness_.observe(status.node_id(), status.heartbeat_unix_ms());
     // Holds read before the node registered could not be applied then; and which holds count
-    // depends on the builds this status says it runs (allocated_builds).
-    if (ledgers_.contains(status.node_id()) &&
-        (!known || status.allocated_builds_size() > 0 || had_allocated_builds)) {
+    // depends on the builds this status says it runs (allocated_builds), when that changed.
+    if ((!known || builds_changed) && ledgers_.contains(status.node_id())) {
       apply_holds(status.node_id());
     }
   }

@@ -207,13 +207,21 @@ void Fleet::heartbeat(Node& node) {
   s.mutable_allocated()->set_memory_bytes(node.used_memory);
   s.set_workspaces(static_cast<uint32_t>(node.workspaces.size()));
   // As the agent does: which builds `allocated` counts (the simulated node counts a build from
-  // its assignment on), so that the scheduler drops its own hold for them.
+  // its assignment on), the most recent first, at most wire::kMaxAllocatedBuilds, so that the
+  // scheduler drops its own hold for them.
+  std::vector<const Workspace*> recent;
+  recent.reserve(node.workspaces.size());
+  for (const auto& [ws_id, ws] : node.workspaces) recent.push_back(&ws);
+  const auto listed = std::min(recent.size(), static_cast<size_t>(wire::kMaxAllocatedBuilds));
+  std::partial_sort(recent.begin(), recent.begin() + static_cast<std::ptrdiff_t>(listed),
+                    recent.end(),
+                    [](const Workspace* a, const Workspace* b) { return a->seq > b->seq; });
   s.clear_allocated_builds();
-  for (const auto& [ws_id, ws] : node.workspaces) {
+  for (size_t i = 0; i < listed; ++i) {
     auto* b = s.add_allocated_builds();
-    b->set_build_id(ws.build_id);
-    b->set_cpu_millicores(ws.cpu);
-    b->set_memory_bytes(ws.memory);
+    b->set_build_id(recent[i]->build_id);
+    b->set_cpu_millicores(recent[i]->cpu);
+    b->set_memory_bytes(recent[i]->memory);
   }
   s.set_heartbeat_unix_ms(clock_.now_unix_ms());
   if (conn_->publish(kv_subject(wire::kBucketNodes, s.node_id()), s.SerializeAsString())) {
@@ -277,7 +285,7 @@ void Fleet::on_work(Node& node, const bus::Message& m) {
   }
   node.used_cpu += cpu;
   node.used_memory += mem;
-  node.workspaces[req.workspace_id()] = Workspace{req.build_id(), cpu, mem, false};
+  node.workspaces[req.workspace_id()] = Workspace{req.build_id(), cpu, mem, false, ++launches_};
   build_node_[req.build_id()] = node.status.node_id();
   if (config_.progress_events) event(a, cvm::v1::PREPARING, cvm::v1::REASON_UNSPECIFIED, "");
   auto timer = std::make_shared<boost::asio::steady_timer>(io_, config_.launch_delay);

@@ -6,6 +6,12 @@
 
 namespace cvm::wire {
 
+// NodeStatus.allocated_builds lists at most this many builds, the most recently started: a hold
+// lasts 30 s, so only recent builds can still have one, and a heartbeat stays small on a node that
+// runs hundreds of small workspaces (each entry is ~35 bytes, and NodeStatus goes out on every
+// heartbeat and launch). A build left out keeps its hold counted: conservative.
+inline constexpr int kMaxAllocatedBuilds = 32;
+
 inline constexpr std::string_view kBuildsSubmit = "cvm.v1.builds.submit";
 inline constexpr std::string_view kGpuReserve = "cvm.v1.gpu.reserve";
 inline constexpr std::string_view kGpuRelease = "cvm.v1.gpu.release";

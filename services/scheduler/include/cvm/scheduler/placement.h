@@ -153,7 +153,10 @@ using NodeSlot = uint32_t;
 class NodeIndex {
  public:
   // Inserts or replaces the node (same slot on replace). Keeps its reservations and leases.
-  NodeSlot upsert(const cvm::v1::NodeStatus& status, uint64_t revision = 0);
+  // `builds_changed` (optional): set to whether allocated_builds differ from the node's last
+  // status (which capacity holds it covers may have changed).
+  NodeSlot upsert(const cvm::v1::NodeStatus& status, uint64_t revision = 0,
+                  bool* builds_changed = nullptr);
   // Forgets the node and drops its reservations (its work is being re-placed). False if unknown.
   bool remove(std::string_view node_id);
 

@@ -105,6 +105,7 @@ class Fleet {
     uint64_t cpu = 0;
     uint64_t memory = 0;
     bool running = false;
+    uint64_t seq = 0;  // launch order on the fleet (for NodeStatus.allocated_builds)
   };
   struct Node {
     cvm::v1::NodeStatus status;
@@ -123,6 +124,7 @@ class Fleet {
              const std::string& message);
 
   boost::asio::io_context& io_;
+  uint64_t launches_ = 0;
   bus::ConnectionPtr conn_;
   const Clock& clock_;
   FleetConfig config_;
