@@ -72,6 +72,19 @@ class SchedulerFleet : public ::testing::Test {
     wait_for_nodes(static_cast<size_t>(fleet.nodes));
   }
 
+  // Two 4-CPU nodes `<prefix>-0/1` heartbeating every 200 ms, one replica with a 1.5 s node TTL
+  // swept every 100 ms: node loss in a couple of seconds.
+  void start_fast_liveness(const std::string& prefix) {
+    sched_config_.node_ttl = 1500ms;
+    sched_config_.sweep_interval = 100ms;
+    fleetsim::FleetConfig fleet;
+    fleet.nodes = 2;
+    fleet.prefix = prefix;
+    fleet.heartbeat_interval = 200ms;
+    fleet.profiles = {vm()};
+    start(fleet, 1);
+  }
+
   void wait_for_nodes(size_t n) {
     for (size_t i = 0; i < harness_->schedulers(); ++i) {
       ASSERT_TRUE(test::wait_until(
@@ -533,15 +546,8 @@ TEST_F(SchedulerFleet, PipelinedHoldsOnOneNodeNeverExceedItsRoom) {
 // on "node not live" is retried, not FAILED. The watch is silenced here by deleting its consumer on
 // the server, again and again, for longer than the node TTL, while the nodes keep heartbeating.
 TEST_F(SchedulerFleet, ASilentNodeWatchIsNotTakenForDeadNodes) {
-  sched_config_.node_ttl = 1500ms;
-  sched_config_.sweep_interval = 100ms;
   sched_config_.retry_delay = 300ms;
-  fleetsim::FleetConfig fleet;
-  fleet.nodes = 2;
-  fleet.prefix = "w";
-  fleet.heartbeat_interval = 200ms;
-  fleet.profiles = {vm()};
-  start(fleet, 1);
+  start_fast_liveness("w");
 
   const auto silence_watch = [&] {
     auto names =
@@ -576,14 +582,7 @@ TEST_F(SchedulerFleet, ASilentNodeWatchIsNotTakenForDeadNodes) {
 // The other side of finding 9's fix: when every node dies the watch goes silent too, and the loss
 // is declared once KV confirms the heartbeats are as old as the watch said.
 TEST_F(SchedulerFleet, EveryNodeDeadIsStillDeclaredLost) {
-  sched_config_.node_ttl = 1500ms;
-  sched_config_.sweep_interval = 100ms;
-  fleetsim::FleetConfig fleet;
-  fleet.nodes = 2;
-  fleet.prefix = "d";
-  fleet.heartbeat_interval = 200ms;
-  fleet.profiles = {vm()};
-  start(fleet, 1);
+  start_fast_liveness("d");
   submit(request("ran"));
   auto running = wait_phase("ran", {cvm::v1::RUNNING, cvm::v1::FAILED});
   ASSERT_TRUE(running.has_value());
