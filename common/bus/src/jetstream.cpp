@@ -333,8 +333,13 @@ Status Connection::ensure_stream(const StreamConfig& config) {
   const natsStatus s = js_AddStream(&raw, impl_->core->js, &cfg, nullptr, &jerr);
   detail::StreamInfoHandle info(raw);
   if (s == NATS_OK) return {};
-  if (jerr != JSStreamNameExistErr) return nats_error(s, "create stream " + config.name, jerr);
-  // Another process created it between the look and the create.
+  // Another process created it between the look and the create. The server says so as "name
+  // already in use" or, when the other create is still being applied, as "subjects overlap with
+  // an existing stream" (seen in CI, BusJetStream.EnsureStreamIsSafeConcurrently): either way,
+  // look again by name; a different stream that overlaps stays an error.
+  if (jerr != JSStreamNameExistErr && jerr != JSStreamSubjectOverlapErr) {
+    return nats_error(s, "create stream " + config.name, jerr);
+  }
   auto now = lookup();
   if (!now) return now.error();
   if (*now && (*now)->Config != nullptr) return reconcile_existing(*(*now)->Config);
