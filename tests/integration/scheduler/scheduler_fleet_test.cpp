@@ -292,21 +292,6 @@ TEST_F(SchedulerFleet, RedeliveryAfterACrashFinishesOnTheRecordedNode) {
 // that crashed after SCHEDULED was stored but before the assignment was must not leave the build
 // stranded: the redelivery finds the record before it looks at events and sends the assignment
 // (and no second SCHEDULED).
-// The same state reached on a *first* delivery: a nats-server killed with -9 forgets the consumer's
-// delivery counts, so the request that got as far as SCHEDULED comes back as delivery 1 (seen in
-// CI, FaultTest.KillNineNatsServerDuringBurstRestartSameStore: one build stayed SCHEDULED). It
-// must be finished from the record, not dropped as a duplicate.
-TEST_F(SchedulerFleet, FirstDeliveryOfAScheduledButUnsentBuildSendsTheAssignment) {
-  ASSERT_NO_FATAL_FAILURE(start_after_crash("f"));
-  auto req = request("forgot");
-  ASSERT_NO_FATAL_FAILURE(record_placement(req, "f-1"));
-  ASSERT_NO_FATAL_FAILURE(store_scheduled(req, "f-1"));
-  submit(req);
-  expect_running_on("forgot", "f-1");
-  EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().scheduled; }), 0u)
-      << "finishing from the record is not a new placement";
-}
-
 TEST_F(SchedulerFleet, RedeliveryAfterScheduledWithoutAssignmentSendsTheAssignment) {
   // The crashed replica recorded s-1 (binpack would pick s-0) and stored SCHEDULED, then crashed
   // before the assignment was stored.
