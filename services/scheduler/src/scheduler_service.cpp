@@ -356,10 +356,6 @@ struct SchedulerService::Placement {
   // before it is in.
   bool lookup_pending = false;
   bool duplicate = false;
-  // The build's last event is SCHEDULED: an earlier delivery may have stopped before its
-  // assignment went out (a nats-server killed with -9 forgets delivery counts, so that delivery
-  // comes back as a first one). Finished from the record, never dropped.
-  bool unfinished = false;
   std::function<void()> after_lookup;
   std::string node_id;  // the candidate holding room
   cvm::v1::NodeAssignment assignment;
@@ -404,11 +400,6 @@ void SchedulerService::place_and_dispatch(const cvm::v1::BuildRequest& req,
                                 p->lookup_pending = false;
                                 p->t_looked_up = unix_ns();
                                 p->duplicate = last.ok() && last->has_value();
-                                if (p->duplicate) {
-                                  cvm::v1::BuildEvent e;
-                                  p->unfinished = e.ParseFromString((*last)->message.data) &&
-                                                  e.phase() == cvm::v1::SCHEDULED;
-                                }
                                 if (auto fn = std::exchange(p->after_lookup, nullptr)) fn();
                               }));
   }
@@ -663,14 +654,6 @@ void SchedulerService::fail_placement(const PlacementPtr& p, cvm::v1::Reason rea
 }
 
 void SchedulerService::drop_duplicate(const PlacementPtr& p) {
-  if (p->unfinished) {
-    // As a redelivery: the record says where it went; the assignment is sent again (its msg-id
-    // drops a copy) or, with no record yet, the request is retried (redelivered_start_action).
-    spdlog::info("build {} is SCHEDULED but not further; finishing it as a redelivery",
-                 p->req.build_id());
-    handle_redelivered_start(p->req, p->msg);
-    return done(p);
-  }
   meters_->duplicate.Increment();
   ++counts_.duplicates;
   spdlog::info("build {} was already handled; dropping the duplicate", p->req.build_id());
