@@ -109,9 +109,9 @@ long rss_kib(pid_t pid) {
   return -1;
 }
 
-// "ext4 on /dev/vda (rw,relatime; rw,discard,...), no journal": the mount that holds PATH (the longest
-// mount point prefix in /proc/self/mountinfo) and, for ext4, whether it has a journal (jbd2 lists
-// a journaled device as /proc/fs/jbd2/<dev>-<journal inode>).
+// "ext4 on /dev/vda (rw,relatime; rw,discard,...), no journal": the mount that holds PATH (the
+// longest mount point prefix in /proc/self/mountinfo) and, for ext4, whether it has a journal (jbd2
+// lists a journaled device as /proc/fs/jbd2/<dev>-<journal inode>).
 std::string describe_filesystem(const std::string& path) {
   std::ifstream in("/proc/self/mountinfo");
   std::string best_point, best;
@@ -124,9 +124,9 @@ std::string describe_filesystem(const std::string& path) {
     }
     std::string type, source, super_options;
     fields >> type >> source >> super_options;
-    const bool inside = path == point || point == "/" ||
-                        (path.rfind(point, 0) == 0 && path.size() > point.size() &&
-                         path[point.size()] == '/');
+    const bool inside =
+        path == point || point == "/" ||
+        (path.rfind(point, 0) == 0 && path.size() > point.size() && path[point.size()] == '/');
     if (!inside || point.size() < best_point.size()) continue;
     best_point = point;
     best = type + " on " + source + " (" + options + "; " + super_options + ")";
@@ -303,8 +303,7 @@ int main(int argc, char** argv) {
     std::cerr << "agent_launch_bench: needs root (runc)\n";
     return 2;
   }
-  const std::string work =
-      fs::path(work_dir) / ("cvm-launch-bench-" + std::to_string(getpid()));
+  const std::string work = fs::path(work_dir) / ("cvm-launch-bench-" + std::to_string(getpid()));
   fs::create_directories(work);
   fs::permissions(work, fs::perms(0755));
   const std::string image = work + "/image";
