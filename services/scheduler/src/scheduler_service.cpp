@@ -356,6 +356,11 @@ struct SchedulerService::Placement {
   // before it is in.
   bool lookup_pending = false;
   bool duplicate = false;
+  // The build's last event is SCHEDULED: an earlier delivery may have stopped before its
+  // assignment went out. A nats-server killed with -9 can forget the consumer's delivery counts,
+  // so that delivery comes back as a first one (finding 10). Finished from the record, never
+  // dropped.
+  bool unfinished = false;
   std::function<void()> after_lookup;
   std::string node_id;  // the candidate holding room
   cvm::v1::NodeAssignment assignment;
@@ -400,6 +405,11 @@ void SchedulerService::place_and_dispatch(const cvm::v1::BuildRequest& req,
                                 p->lookup_pending = false;
                                 p->t_looked_up = unix_ns();
                                 p->duplicate = last.ok() && last->has_value();
+                                if (p->duplicate) {
+                                  cvm::v1::BuildEvent e;
+                                  p->unfinished = e.ParseFromString((*last)->message.data) &&
+                                                  e.phase() == cvm::v1::SCHEDULED;
+                                }
                                 if (auto fn = std::exchange(p->after_lookup, nullptr)) fn();
                               }));
   }
@@ -654,6 +664,7 @@ void SchedulerService::fail_placement(const PlacementPtr& p, cvm::v1::Reason rea
 }
 
 void SchedulerService::drop_duplicate(const PlacementPtr& p) {
+  if (p->unfinished) return finish_as_redelivery(p);
   meters_->duplicate.Increment();
   ++counts_.duplicates;
   spdlog::info("build {} was already handled; dropping the duplicate", p->req.build_id());
@@ -661,10 +672,31 @@ void SchedulerService::drop_duplicate(const PlacementPtr& p) {
   done(p);
 }
 
-void SchedulerService::done(const PlacementPtr& p) {
+void SchedulerService::finish_as_redelivery(const PlacementPtr& p) {
+  // As a redelivery: the record says where it went and the assignment is sent again (its msg-id
+  // drops a copy that was stored), or, with no record yet, the request is retried
+  // (redelivered_start_action). That path may hand the request to a placement of its own, which
+  // then holds this request's in-flight slot: releasing it here as well would count one request
+  // out twice (the first try at this fix did, and the unsigned count wrapped and stalled the
+  // consumer).
+  spdlog::info("build {} is SCHEDULED but not further; finishing it as a redelivery",
+               p->req.build_id());
+  const bool outer = std::exchange(went_async_, false);
+  handle_redelivered_start(p->req, p->msg);
+  const bool handed_on = std::exchange(went_async_, outer);
+  done(p, /*release_slot=*/!handed_on);
+}
+
+void SchedulerService::done(const PlacementPtr& p, bool release_slot) {
   meters_->handling.Observe(
       std::chrono::duration<double>(std::chrono::steady_clock::now() - p->started).count());
-  --in_flight_;
+  if (!release_slot) return;
+  if (in_flight_ == 0) {
+    // A bug, never a reason to stop consuming: a wrapped count would refuse every request.
+    spdlog::error("scheduler: in-flight count would go below zero; keeping it at zero");
+  } else {
+    --in_flight_;
+  }
   if (!waiting_.empty() && !pump_posted_) {
     // Posted, not called: a completion must not run the next request's whole chain inside it.
     pump_posted_ = true;

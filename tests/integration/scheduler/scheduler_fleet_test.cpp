@@ -292,6 +292,42 @@ TEST_F(SchedulerFleet, RedeliveryAfterACrashFinishesOnTheRecordedNode) {
 // that crashed after SCHEDULED was stored but before the assignment was must not leave the build
 // stranded: the redelivery finds the record before it looks at events and sends the assignment
 // (and no second SCHEDULED).
+// The same state reached on a *first* delivery (finding 10): a nats-server killed with -9 forgets
+// the consumer's delivery counts, so the request that got as far as SCHEDULED comes back as
+// delivery 1 (seen in CI, FaultTest.KillNineNatsServerDuringBurstRestartSameStore: one build
+// stayed SCHEDULED). It must be finished from the record, not dropped as a duplicate; and
+// finishing it must count the request out of the pipeline once (a first fix counted it out twice,
+// the unsigned in-flight count wrapped and the scheduler took no more requests).
+TEST_F(SchedulerFleet, FirstDeliveryOfAScheduledButUnsentBuildIsFinishedFromTheRecord) {
+  sched_config_.max_in_flight = 2;
+  ASSERT_NO_FATAL_FAILURE(start_after_crash("f"));
+  std::vector<cvm::v1::BuildRequest> forgotten;
+  for (int i = 0; i < 4; ++i) {
+    auto req = request("forgot" + std::to_string(i));
+    ASSERT_NO_FATAL_FAILURE(record_placement(req, "f-1"));
+    ASSERT_NO_FATAL_FAILURE(store_scheduled(req, "f-1"));
+    forgotten.push_back(req);
+  }
+  for (const auto& req : forgotten) submit(req);
+  for (const auto& req : forgotten) {
+    ASSERT_NO_FATAL_FAILURE(expect_running_on(req.build_id(), "f-1"));
+  }
+  EXPECT_EQ(finished_from_record(), forgotten.size());
+  EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().scheduled; }), 0u)
+      << "finishing from the record is not a new placement";
+  EXPECT_EQ(harness_->on_scheduler(0, [](auto& s) { return s.counts().duplicates; }), 0u);
+  // The pipeline still takes requests, more of them than its in-flight limit.
+  for (int i = 0; i < 4; ++i) submit(request("after" + std::to_string(i), 500));
+  for (int i = 0; i < 4; ++i) {
+    auto e = wait_phase("after" + std::to_string(i), {cvm::v1::RUNNING, cvm::v1::FAILED});
+    ASSERT_TRUE(e.has_value()) << "after" << i << " was never placed: the scheduler stalled";
+    EXPECT_EQ(e->phase(), cvm::v1::RUNNING) << e->message();
+  }
+  EXPECT_TRUE(test::wait_until(
+      [&] { return harness_->on_scheduler(0, [](auto& s) { return s.in_flight(); }) == 0; }, 10s))
+      << "in flight: " << harness_->on_scheduler(0, [](auto& s) { return s.in_flight(); });
+}
+
 TEST_F(SchedulerFleet, RedeliveryAfterScheduledWithoutAssignmentSendsTheAssignment) {
   // The crashed replica recorded s-1 (binpack would pick s-0) and stored SCHEDULED, then crashed
   // before the assignment was stored.

@@ -126,6 +126,8 @@ class SchedulerService {
     uint64_t moved_no_room = 0;
   };
   [[nodiscard]] const Counts& counts() const { return counts_; }
+  // Requests between fetch and ack/nak/term (tests: back to 0 once the stream is drained).
+  [[nodiscard]] size_t in_flight() const { return in_flight_; }
   [[nodiscard]] size_t nodes() const { return index_.size(); }
   // The index's copy of a node's NodeStatus (null when unknown); on the service's thread.
   [[nodiscard]] const NodeRecord* node(std::string_view node_id) const {
@@ -187,7 +189,9 @@ class SchedulerService {
   void dispatch(const PlacementPtr& p);
   void fail_placement(const PlacementPtr& p, cvm::v1::Reason reason, const std::string& message);
   void drop_duplicate(const PlacementPtr& p);
-  void done(const PlacementPtr& p);
+  void finish_as_redelivery(const PlacementPtr& p);
+  // release_slot=false: the request's in-flight slot went on to another placement.
+  void done(const PlacementPtr& p, bool release_slot = true);
   void publish_assignment_async(const cvm::v1::NodeAssignment& a, bool placed_again,
                                 std::function<void(Status)> then);
   void publish_scheduled_async(const cvm::v1::NodeAssignment& a, const std::string& lost_node,
