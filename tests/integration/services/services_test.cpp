@@ -118,6 +118,19 @@ class Services : public ::testing::Test {
     return test::wait_build_phase(*client_, build_id, phases, 15s);
   }
 
+  // Free GPUs of `node_id` in the scheduler's own index, read on its thread.
+  size_t scheduler_free_gpus(const std::string& node_id) {
+    std::promise<size_t> free;
+    boost::asio::post(io_, [&] {
+      size_t n = 0;
+      if (const auto* rec = scheduler_->node(node_id)) {
+        for (const auto& g : rec->gpus) n += g.leased ? 0 : 1;
+      }
+      free.set_value(n);
+    });
+    return free.get_future().get();
+  }
+
   cvm::v1::BuildRequest request(const std::string& build, const std::string& ws) {
     cvm::v1::BuildRequest r;
     r.set_build_id(build);
@@ -301,6 +314,11 @@ TEST_F(Services, GpuBuildsGetLeasesAndNoGpuIsLeasedTwice) {
   cvm::v1::GpuReleaseReply released;
   ASSERT_TRUE(released.ParseFromString(reply->data));
   EXPECT_EQ(released.released(), 1u);
+  // The scheduler learns of the release through its cvm_gpu_leases watch; a build submitted
+  // before that is decided on a view with no free GPU and fails (the likely cause of this test's
+  // one failure under parallel load). Wait until its view has the GPU back.
+  ASSERT_TRUE(test::wait_until([&] { return scheduler_free_gpus("gpu-node") == 1; }, 10s))
+      << "the scheduler never saw the release";
   auto fourth = request("g3", "gws3");
   fourth.mutable_resources()->mutable_gpu()->set_count(1);
   submit(fourth);
