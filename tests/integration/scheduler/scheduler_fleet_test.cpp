@@ -288,16 +288,13 @@ TEST_F(SchedulerFleet, RedeliveryAfterACrashFinishesOnTheRecordedNode) {
   EXPECT_EQ(f->node_id(), "n-1") << "binpack fills the node that already runs crash1";
 }
 
-// The pipelined scheduler sends the assignment and SCHEDULED together, after the record. A replica
-// that crashed after SCHEDULED was stored but before the assignment was must not leave the build
-// stranded: the redelivery finds the record before it looks at events and sends the assignment
-// (and no second SCHEDULED).
-// The same state reached on a *first* delivery (finding 10): a nats-server killed with -9 forgets
-// the consumer's delivery counts, so the request that got as far as SCHEDULED comes back as
-// delivery 1 (seen in CI, FaultTest.KillNineNatsServerDuringBurstRestartSameStore: one build
-// stayed SCHEDULED). It must be finished from the record, not dropped as a duplicate; and
-// finishing it must count the request out of the pipeline once (a first fix counted it out twice,
-// the unsigned in-flight count wrapped and the scheduler took no more requests).
+// A build left SCHEDULED with no assignment sent (as in the next test), reached on a *first*
+// delivery (finding 10): a nats-server killed with -9 forgets the consumer's delivery counts, so
+// the request that got as far as SCHEDULED comes back as delivery 1 (seen in CI,
+// FaultTest.KillNineNatsServerDuringBurstRestartSameStore: one build stayed SCHEDULED). It must be
+// finished from the record, not dropped as a duplicate; and finishing it must count the request out
+// of the pipeline once (a first fix counted it out twice, the unsigned in-flight count wrapped and
+// the scheduler took no more requests).
 TEST_F(SchedulerFleet, FirstDeliveryOfAScheduledButUnsentBuildIsFinishedFromTheRecord) {
   sched_config_.max_in_flight = 2;
   ASSERT_NO_FATAL_FAILURE(start_after_crash("f"));
@@ -328,6 +325,10 @@ TEST_F(SchedulerFleet, FirstDeliveryOfAScheduledButUnsentBuildIsFinishedFromTheR
       << "in flight: " << harness_->on_scheduler(0, [](auto& s) { return s.in_flight(); });
 }
 
+// The pipelined scheduler sends the assignment and SCHEDULED together, after the record. A replica
+// that crashed after SCHEDULED was stored but before the assignment was must not leave the build
+// stranded: the redelivery finds the record before it looks at events and sends the assignment
+// (and no second SCHEDULED).
 TEST_F(SchedulerFleet, RedeliveryAfterScheduledWithoutAssignmentSendsTheAssignment) {
   // The crashed replica recorded s-1 (binpack would pick s-0) and stored SCHEDULED, then crashed
   // before the assignment was stored.
