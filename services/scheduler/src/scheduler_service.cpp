@@ -1347,17 +1347,21 @@ void SchedulerService::on_node(const std::optional<bus::KvEntry>& entry) {
       spdlog::warn("ignoring unreadable NodeStatus under key {}", entry->key);
       return;
     }
-    const bool known = index_.find(status.node_id()) != nullptr;
-    bool builds_changed = false;
-    index_.upsert(status, entry->revision, &builds_changed);
-    liveness_.observe(status.node_id(), status.heartbeat_unix_ms());
-    // Holds read before the node registered could not be applied then; and which holds count
-    // depends on the builds this status says it runs (allocated_builds), when that changed.
-    if ((!known || builds_changed) && ledgers_.contains(status.node_id())) {
-      apply_holds(status.node_id());
-    }
+    take_status(status, entry->revision);
   }
   meters_->nodes.Set(static_cast<double>(index_.size()));
+}
+
+void SchedulerService::take_status(const cvm::v1::NodeStatus& status, uint64_t revision) {
+  const bool known = index_.find(status.node_id()) != nullptr;
+  bool builds_changed = false;
+  index_.upsert(status, revision, &builds_changed);
+  liveness_.observe(status.node_id(), status.heartbeat_unix_ms());
+  // Holds read before the node registered could not be applied then; and which holds count
+  // depends on the builds this status says it runs (allocated_builds), when that changed.
+  if ((!known || builds_changed) && ledgers_.contains(status.node_id())) {
+    apply_holds(status.node_id());
+  }
 }
 
 void SchedulerService::on_settings(const std::optional<bus::KvEntry>& entry) {
@@ -1478,8 +1482,7 @@ void SchedulerService::confirm_lost(const LostNode& lost) {
           // it again later, and older entries change nothing in the liveness tracker).
           spdlog::warn("node {} heartbeats in KV while the node watch is silent; keeping it",
                        lost.node_id);
-          index_.upsert(status, (*last)->stream_sequence);
-          liveness_.observe(status.node_id(), status.heartbeat_unix_ms());
+          take_status(status, (*last)->stream_sequence);
           return;
         }
         publish_lost(lost, clock_.now_unix_ms());

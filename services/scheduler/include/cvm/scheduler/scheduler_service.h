@@ -237,6 +237,8 @@ class SchedulerService {
   void release_gpus(const std::string& workspace_id, const std::string& lease_id);
 
   void on_node(const std::optional<bus::KvEntry>& entry);
+  // A NodeStatus into the index and the liveness tracker, from the watch or a direct KV read.
+  void take_status(const cvm::v1::NodeStatus& status, uint64_t revision);
   void on_settings(const std::optional<bus::KvEntry>& entry);
   void on_lease(const std::optional<bus::KvEntry>& entry);
   void on_ledger(const std::optional<bus::KvEntry>& entry);
