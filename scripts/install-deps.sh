@@ -11,6 +11,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libarchive-dev
   runc umoci skopeo busybox-static
+  mmdebstrap  # the Debian workspace image (scripts/build-debian-image.sh) of the machine tests
   docker-registry prometheus python3 python3-yaml
   clang-format clang-tidy
   clang libclang-rt-14-dev  # libFuzzer and the sanitizer runtimes for scripts/fuzz.sh

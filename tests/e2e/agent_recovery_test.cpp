@@ -6,6 +6,7 @@
 //   - docker:// images from Debian's docker-registry on a free loopback port: the node cache with
 //     Caching on (reused with the registry gone), nothing kept with it off, IMAGE_UNAVAILABLE with
 //     the tool's message.
+#include <signal.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -417,6 +418,63 @@ TEST_F(AgentProcess, DockerImagesCachedWithCachingOnAndNotKeptWithItOff) {
   EXPECT_EQ(e5->reason(), cvm::v1::IMAGE_UNAVAILABLE);
   EXPECT_NE(e5->message().find("skopeo"), std::string::npos) << e5->message();
   EXPECT_TRUE(fs::is_empty(state_dir() + "/staging"));
+}
+
+// The host pid of the inner init: the supervisor's child.
+int inner_pid_of(int supervisor_pid) {
+  std::istringstream in(read_file("/proc/" + std::to_string(supervisor_pid) + "/task/" +
+                                  std::to_string(supervisor_pid) + "/children"));
+  int pid = 0;
+  in >> pid;
+  return pid;
+}
+
+// The agent tells the truth about a running workspace: its init killed -> FAILED at once, with
+// the exit status, the container gone and capacity free; START then works again.
+TEST_F(AgentProcess, InitKilledIsFailedAtOnceWithItsStatus) {
+  start_agent();
+  assign("b-killed", "killed", image_ref());
+  ASSERT_TRUE(wait_phase("b-killed", {cvm::v1::RUNNING}, 60s)) << logs();
+  const int inner = inner_pid_of(container_pid("cvm-killed"));
+  ASSERT_GT(inner, 0);
+  ASSERT_EQ(::kill(inner, SIGKILL), 0);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto failed = wait_phase("b-killed", {cvm::v1::FAILED, cvm::v1::STOPPED}, 20s);
+  ASSERT_TRUE(failed) << logs();
+  EXPECT_EQ(failed->phase(), cvm::v1::FAILED);
+  EXPECT_EQ(failed->reason(), cvm::v1::RUNTIME_ERROR);
+  EXPECT_NE(failed->message().find("status 137"), std::string::npos) << failed->message();
+  std::cout
+      << "init killed -> FAILED in "
+      << std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count()
+      << " ms\n";
+  ASSERT_TRUE(wait_until([&] { return containers().empty(); }, 10s)) << logs();
+  auto r = record("killed");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->phase(), cvm::v1::FAILED);
+  // The ID range stays (the files do, as after STOP); a new START runs it again.
+  assign("b-killed-2", "killed", image_ref());
+  ASSERT_TRUE(wait_phase("b-killed-2", {cvm::v1::RUNNING}, 60s)) << logs();
+}
+
+// An init that ends cleanly (exit 0: the sleep entrypoint's TERM trap, as systemd's poweroff
+// ends with the kernel's SIGINT) is a shutdown: STOPPED, not FAILED.
+TEST_F(AgentProcess, InitShutDownFromInsideIsStopped) {
+  start_agent();
+  assign("b-down", "down", image_ref());
+  ASSERT_TRUE(wait_phase("b-down", {cvm::v1::RUNNING}, 60s)) << logs();
+  const int inner = inner_pid_of(container_pid("cvm-down"));
+  ASSERT_GT(inner, 0);
+  ASSERT_EQ(::kill(inner, SIGTERM), 0);
+  auto stopped = wait_phase("b-down", {cvm::v1::FAILED, cvm::v1::STOPPED}, 20s);
+  ASSERT_TRUE(stopped) << logs();
+  EXPECT_EQ(stopped->phase(), cvm::v1::STOPPED) << stopped->message();
+  ASSERT_TRUE(wait_until(
+      [&] {
+        auto r = record("down");
+        return r && r->phase() == cvm::v1::STOPPED && r->desired() == cvm::v1::STOP;
+      },
+      10s));
 }
 
 }  // namespace

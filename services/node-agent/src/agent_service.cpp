@@ -2,6 +2,7 @@
 
 #include <malloc.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/utsname.h>
 
 #include <cerrno>
@@ -262,6 +263,12 @@ void AgentService::stop() {
   stopping_ = true;
   consumer_.reset();
   heartbeat_timer_.cancel();
+  // The workspaces keep running without the agent; a restarted one adopts and watches them.
+  for (auto& [id, watch] : exit_watches_) {
+    boost::system::error_code ec;
+    watch->cancel(ec);
+  }
+  exit_watches_.clear();
   worker_.join();
 }
 
@@ -642,7 +649,8 @@ AgentService::LaunchResult AgentService::launch(const cvm::v1::NodeAssignment& a
   r.cvm = a.cvm();
   r.caching = a.caching();
   r.auto_load_shiftfs = a.auto_load_shiftfs();
-  r.cpu_millicores = cpu_of(req.resources());
+  // A CPU quota only when the request asks for one; capacity still counts 1 CPU (cpu_of).
+  r.cpu_millicores = req.resources().cpu_millicores();
   r.memory_bytes = memory_of(req.resources());
   r.tun = req.options().tun();
   r.fuse = req.options().fuse();
@@ -772,6 +780,7 @@ void AgentService::finish_start(const cvm::v1::NodeAssignment& a, IdRange ids, L
     spdlog::info("build {}: workspace {} RUNNING as {} ({}, pid {}, uid base {})", req.build_id(),
                  req.workspace_id(), container_id(req.workspace_id()),
                  a.cvm() ? "CVM" : "plain container", outcome.pid, ids.base);
+    watch_exit(req.workspace_id(), req.build_id(), outcome.pid);
     (void)msg->ack();
     heartbeat();
     return;
@@ -806,6 +815,7 @@ void AgentService::handle_stop(const cvm::v1::NodeAssignment& a, const bus::JsMe
                                bool remove) {
   const auto& req = a.request();
   busy_.insert(req.workspace_id());
+  unwatch_exit(req.workspace_id());  // this end is asked for: STOPPED comes from here
   const int64_t stopping_ms = clock_.now_unix_ms();
   publish(a, cvm::v1::STOPPING);
   boost::asio::post(worker_, [this, a, msg, remove, stopping_ms] {
@@ -997,9 +1007,10 @@ void AgentService::reconcile() {
       keep.insert(ws_id);  // stopped (files kept) or failed (nothing there): nothing to adopt
       continue;
     }
-    if (running(ws_id) > 0) {
+    if (const int pid = running(ws_id); pid > 0) {
       keep.insert(ws_id);
       spdlog::info("reconcile: adopted running workspace {} ({})", ws_id, container_id(ws_id));
+      watch_exit(ws_id, r.build_id(), pid);
       continue;
     }
     // Gone while the agent was away (node reboot, killed by hand): say so in its record.
@@ -1042,6 +1053,105 @@ void AgentService::reconcile() {
   }
   if (auto st = save_id_ranges(); !st) spdlog::error("{}", st.error().message);
   update_running_gauge();
+}
+
+void AgentService::watch_exit(const std::string& workspace_id, const std::string& build_id,
+                              int pid) {
+  unwatch_exit(workspace_id);
+  if (pid <= 0) return;
+  const int fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  if (fd < 0) {
+    if (errno == ESRCH) {
+      // Gone already, between the launch and now.
+      boost::asio::post(io_, [this, workspace_id, build_id] { on_exit(workspace_id, build_id); });
+    } else {
+      spdlog::warn(
+          "workspace {}: cannot watch its init (pidfd_open: {}); its end is seen only "
+          "on the next STOP or restart",
+          workspace_id, std::strerror(errno));
+    }
+    return;
+  }
+  auto watch = std::make_unique<boost::asio::posix::stream_descriptor>(io_, fd);
+  auto* raw = watch.get();
+  exit_watches_[workspace_id] = std::move(watch);
+  // A pidfd turns readable when the process exits.
+  raw->async_wait(boost::asio::posix::stream_descriptor::wait_read,
+                  [this, workspace_id, build_id, raw](const boost::system::error_code& ec) {
+                    if (ec == boost::asio::error::operation_aborted) return;
+                    auto it = exit_watches_.find(workspace_id);
+                    if (it == exit_watches_.end() || it->second.get() != raw) return;
+                    exit_watches_.erase(it);
+                    on_exit(workspace_id, build_id);
+                  });
+}
+
+void AgentService::unwatch_exit(const std::string& workspace_id) {
+  auto it = exit_watches_.find(workspace_id);
+  if (it == exit_watches_.end()) return;
+  boost::system::error_code ec;
+  it->second->cancel(ec);
+  it->second->close(ec);
+  exit_watches_.erase(it);
+}
+
+void AgentService::on_exit(const std::string& workspace_id, const std::string& build_id) {
+  if (stopping_) return;
+  auto it = workspaces_.find(workspace_id);
+  // A STOP, DELETE or new START is under way, or the record moved on: theirs to report.
+  if (busy_.contains(workspace_id) || it == workspaces_.end() ||
+      it->second.record.phase() != cvm::v1::RUNNING || it->second.record.build_id() != build_id) {
+    return;
+  }
+  busy_.insert(workspace_id);
+  boost::asio::post(worker_, [this, workspace_id, build_id] {
+    const InitExit how = launcher_->exit_report(workspace_id);
+    // The container is gone; remove what runc keeps of it and unmount, keeping the files (a
+    // START afterwards works as after a STOP).
+    Status removed = launcher_->remove(workspace_id, false);
+    boost::asio::post(io_, [this, workspace_id, build_id, how, removed] {
+      busy_.erase(workspace_id);
+      if (!removed) spdlog::error("workspace {}: {}", workspace_id, removed.error().message);
+      auto it = workspaces_.find(workspace_id);
+      if (it == workspaces_.end() || it->second.record.build_id() != build_id) return;
+      auto& ws = it->second;
+      auto& r = ws.record;
+      release_gpus(r);
+      r.clear_gpu_uuids();
+      r.clear_lease_id();
+      const int64_t now = clock_.now_unix_ms();
+      r.set_phase(how.shutdown ? cvm::v1::STOPPED : cvm::v1::FAILED);
+      if (how.shutdown) {
+        r.set_desired(cvm::v1::STOP);
+        r.clear_reason();
+        r.clear_message();
+      } else {
+        r.set_reason(cvm::v1::RUNTIME_ERROR);
+        r.set_message(how.message);
+      }
+      r.set_updated_unix_ms(now);
+      auto* t = r.add_phase_times();
+      t->set_phase(r.phase());
+      t->set_unix_ms(now);
+      (void)put_workspace(ws);  // a refusal is logged: the record is another node's
+      cvm::v1::NodeAssignment a;
+      a.mutable_request()->set_workspace_id(workspace_id);
+      a.mutable_request()->set_build_id(build_id);
+      if (how.shutdown) {
+        spdlog::info("build {}: workspace {} shut down from inside: STOPPED", build_id,
+                     workspace_id);
+        meters_->stopped.Increment();
+        publish(a, cvm::v1::STOPPED, cvm::v1::REASON_UNSPECIFIED,
+                "the workspace was shut down from inside");
+      } else {
+        spdlog::warn("build {}: workspace {} FAILED: {}", build_id, workspace_id, how.message);
+        meters_->failed.Increment();
+        publish(a, cvm::v1::FAILED, cvm::v1::RUNTIME_ERROR, how.message);
+      }
+      update_running_gauge();
+      heartbeat();  // the freed capacity, now
+    });
+  });
 }
 
 void AgentService::release_gpus(const cvm::v1::WorkspaceRecord& record) {

@@ -1,6 +1,7 @@
 #include "cvm/agent/launcher.h"
 
 #include <poll.h>
+#include <signal.h>
 #include <sys/inotify.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -11,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <future>
 #include <sstream>
 #include <thread>
@@ -181,6 +183,155 @@ std::string WorkspaceLauncher::container_id(const std::string& workspace_id) {
 
 std::string WorkspaceLauncher::workspace_dir(const std::string& workspace_id) const {
   return detail::join_path(config_.workspaces_dir, workspace_id);
+}
+
+std::string WorkspaceLauncher::storage_dir(const std::string& workspace_id) const {
+  const std::string root =
+      !config_.storage_dir.empty()
+          ? config_.storage_dir
+          : (fs::path(config_.workspaces_dir).lexically_normal().parent_path() / "storage")
+                .string();
+  return detail::join_path(root, workspace_id);
+}
+
+Status WorkspaceLauncher::prepare_storage(const std::string& workspace_id, IdRange ids) {
+  const std::string dir = storage_dir(workspace_id);
+  const std::string docker = dir + "/docker";
+  std::error_code ec;
+  fs::create_directories(docker, ec);
+  if (ec) return make_error(ErrorDomain::kSystem, "cannot create " + docker + ": " + ec.message());
+  // The storage dir is the node's (the console log is written there by the supervisor); the
+  // inner Docker's directory belongs to the workspace's root.
+  fs::permissions(dir, fs::perms(0755), ec);
+  struct stat st {};
+  if (::lstat(docker.c_str(), &st) != 0) {
+    return make_error(ErrorDomain::kSystem, docker + ": " + std::strerror(errno));
+  }
+  if (st.st_uid != ids.base) {
+    // Made now, or kept from a life on another ID range: shift what is there onto this one.
+    if (auto shifted = shift_tree_ownership(docker, st.st_uid, ids); !shifted) return shifted;
+  }
+  ::chmod(docker.c_str(), 0710);
+  // /etc/hostname and /etc/hosts, the workspace root's to edit: kept when they exist already.
+  const std::string etc = dir + "/etc";
+  fs::create_directories(etc, ec);
+  const std::pair<std::string, std::string> files[] = {{etc + "/hostname", workspace_id + "\n"},
+                                                       {etc + "/hosts", etc_hosts(workspace_id)}};
+  for (const auto& [path, content] : files) {
+    if (fs::exists(path, ec)) continue;
+    {
+      std::ofstream out(path, std::ios::binary | std::ios::trunc);
+      out << content;
+      if (!out.flush()) return make_error(ErrorDomain::kSystem, "cannot write " + path);
+    }
+    if (::chown(path.c_str(), ids.base, ids.base) != 0) {
+      return make_error(ErrorDomain::kSystem, "chown " + path + ": " + std::strerror(errno));
+    }
+  }
+  return {};
+}
+
+std::string etc_hosts(std::string_view hostname) {
+  std::string h(hostname);
+  return "127.0.0.1\tlocalhost\n127.0.1.1\t" + h +
+         "\n::1\tlocalhost ip6-localhost ip6-loopback\nff02::1\tip6-allnodes\n"
+         "ff02::2\tip6-allrouters\n";
+}
+
+std::string console_tail(std::string_view console, size_t max_lines, size_t max_bytes) {
+  // Strip CSI escape sequences (ESC [ ... final byte) and other ESC pairs, and carriage returns.
+  std::string clean;
+  clean.reserve(console.size());
+  for (size_t i = 0; i < console.size(); ++i) {
+    const char c = console[i];
+    if (c == '\x1b') {
+      if (i + 1 < console.size() && console[i + 1] == '[') {
+        i += 2;
+        while (i < console.size() && !(console[i] >= 0x40 && console[i] <= 0x7e)) ++i;
+      } else {
+        ++i;
+      }
+      continue;
+    }
+    if (c == '\r') continue;
+    clean += c;
+  }
+  std::vector<std::string_view> lines;
+  for (std::string_view line : detail::trimmed_lines(clean)) {
+    if (!line.empty()) lines.push_back(line);
+  }
+  const size_t first = lines.size() > max_lines ? lines.size() - max_lines : 0;
+  std::string out;
+  for (size_t i = first; i < lines.size(); ++i) {
+    if (!out.empty()) out += '\n';
+    out += lines[i];
+  }
+  if (out.size() > max_bytes) out = "..." + out.substr(out.size() - max_bytes);
+  return out;
+}
+
+InitExit classify_init_exit(const std::optional<SupervisorStatus>& status,
+                            std::string_view console) {
+  using S = SupervisorStatus::State;
+  InitExit out;
+  if (status && status->state == S::kExited && is_shutdown_exit(status->code)) {
+    out.shutdown = true;
+    return out;
+  }
+  if (status && status->state == S::kExited) {
+    out.message = "the workspace's init exited with status " + std::to_string(status->code);
+    if (status->code > 128 && status->code < 128 + 65) {
+      out.message += " (signal " + std::to_string(status->code - 128) + ")";
+    }
+  } else if (status && status->state == S::kFailed) {
+    out.message = "the supervisor failed: " + status->message;
+  } else {
+    out.message = "the workspace's container ended without a report";
+  }
+  if (auto tail = console_tail(console); !tail.empty()) out.message += "; console:\n" + tail;
+  return out;
+}
+
+bool is_shutdown_exit(int code) {
+  return code == 0 || code == 128 + SIGINT || code == 128 + SIGHUP;
+}
+
+std::string stop_signal_for_init(std::string_view init_path) {
+  const size_t slash = init_path.rfind('/');
+  const std::string_view name =
+      slash == std::string_view::npos ? init_path : init_path.substr(slash + 1);
+  return name == "systemd" ? "RTMIN+3" : "TERM";
+}
+
+Status shift_tree_ownership(const std::string& root, uid_t old_base, IdRange ids) {
+  const auto shift = [&](uint32_t id) -> uint32_t {
+    // IDs of the old range keep their offset; anything else (a fresh directory is the node's
+    // root) becomes the range's root.
+    if (id >= old_base && id - old_base < ids.count) return ids.base + (id - old_base);
+    return ids.base;
+  };
+  std::vector<std::string> todo = {root};
+  while (!todo.empty()) {
+    const std::string path = std::move(todo.back());
+    todo.pop_back();
+    struct stat st {};
+    if (::lstat(path.c_str(), &st) != 0) continue;
+    if (::lchown(path.c_str(), shift(st.st_uid), shift(st.st_gid)) != 0) {
+      return make_error(ErrorDomain::kSystem, "chown " + path + ": " + std::strerror(errno));
+    }
+    // chown clears setuid/setgid bits: put them back (never on links).
+    if (!S_ISLNK(st.st_mode) && (st.st_mode & (S_ISUID | S_ISGID)) != 0) {
+      (void)::chmod(path.c_str(), st.st_mode & 07777);
+    }
+    if (S_ISDIR(st.st_mode)) {
+      std::error_code ec;
+      for (fs::directory_iterator it(path, ec); !ec && it != fs::directory_iterator();
+           it.increment(ec)) {
+        todo.push_back(it->path().string());
+      }
+    }
+  }
+  return {};
 }
 
 Status WorkspaceLauncher::prepare() {
@@ -369,6 +520,27 @@ Result<SpecInput> workspace_spec(const LauncherConfig& config, const LaunchReque
   in.cpu_millicores = r.cpu_millicores;
   in.tun = r.tun;
   in.fuse = r.fuse;
+  if (r.cvm) {
+    // A machine: systemd as PID 1 with its console, setuid programs (sudo, su) allowed, and the
+    // inner Docker's storage on the workspace's own storage (overlay2 cannot stack on the
+    // overlay rootfs, and images must outlive a STOP).
+    in.machine = true;
+    in.console = true;
+    in.no_new_privileges = false;
+    in.binds.push_back(BindMount{std::string(kSupervisorStorageDir) + "/docker", "/var/lib/docker",
+                                 /*read_only=*/false, /*nosuid=*/false});
+    // The machine's name and its resolution are the workspace's, whatever the image says.
+    for (const char* f : {"hostname", "hosts"}) {
+      in.binds.push_back(BindMount{std::string(kSupervisorStorageDir) + "/etc/" + f,
+                                   std::string("/etc/") + f, /*read_only=*/false});
+    }
+    // How the supervisor stops this init (it reads the inner spec; runc ignores annotations).
+    std::string init;
+    if (image.has_sbin_init) {
+      if (auto resolved = resolve_in_rootfs(image.rootfs, "/sbin/init")) init = *resolved;
+    }
+    in.annotations[std::string(kStopSignalAnnotation)] = stop_signal_for_init(init);
+  }
   in.annotations["io.cvm.workspace"] = r.workspace_id;
   in.annotations["io.cvm.build"] = r.build_id;
   if (!r.gpus.empty()) {
@@ -485,6 +657,12 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootf
   s.runtime_binary = config_.inner_runtime;
   s.inner_bundle = dir + "/bundle";
   s.run_dir = run_dir;
+  if (auto st = prepare_storage(r.workspace_id, r.ids); !st) {
+    (void)take_image();
+    return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, st.error().message, std::move(out));
+  }
+  s.storage_dir = storage_dir(r.workspace_id);
+  s.console_log_max_bytes = config_.console_log_max_bytes;
   if (!r.gpus.empty()) s.gpu_library_dir = config_.gpu_library_dir;
   for (const auto& row : supervisor_host_paths(r.caching, r.auto_load_shiftfs)) {
     const std::string source = detail::join_path(config_.host_paths_root, row.path);
@@ -566,6 +744,7 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootf
       std::string why = "the workspace's init exited (status " + std::to_string(status->code) +
                         ") right after it started";
       if (auto t = tail_of(run_dir + "/inner.log"); !t.empty()) why += ": " + t;
+      if (auto t = tail_of(console_log(r.workspace_id)); !t.empty()) why += "; console: " + t;
       return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, std::move(why), std::move(out));
     }
   }
@@ -650,6 +829,19 @@ Result<SupervisorStatus> WorkspaceLauncher::wait_ready(const std::string& worksp
   }
 }
 
+InitExit WorkspaceLauncher::exit_report(const std::string& workspace_id) const {
+  std::optional<SupervisorStatus> status;
+  if (auto text = detail::read_file(workspace_dir(workspace_id) + "/run/status.json", 64 * 1024)) {
+    if (auto parsed = parse_supervisor_status(*text)) status = *parsed;
+  }
+  // The end of the log is what matters: read at most its last 64 KiB.
+  std::string console;
+  if (auto text = detail::read_file(console_log(workspace_id), 1 << 20)) {
+    console = text->size() > 65536 ? text->substr(text->size() - 65536) : *text;
+  }
+  return classify_init_exit(status, console);
+}
+
 Status WorkspaceLauncher::stop(const std::string& workspace_id) {
   // A CVM's supervisor spends up to stop_grace on the inner container before it exits.
   const auto grace = config_.stop_grace + std::chrono::seconds(5);
@@ -661,7 +853,11 @@ Status WorkspaceLauncher::stop(const std::string& workspace_id) {
 Status WorkspaceLauncher::remove(const std::string& workspace_id, bool remove_files) {
   Status st = runtime_.remove(container_id(workspace_id), true);
   if (!st && !st.error().is_not_found()) return st;
-  if (remove_files) return remove_tree(workspace_dir(workspace_id));
+  if (remove_files) {
+    if (auto removed = remove_tree(workspace_dir(workspace_id)); !removed) return removed;
+    // Deleted: the workspace's own storage (its Docker images, its console log) goes with it.
+    return remove_tree(storage_dir(workspace_id));
+  }
   // Stopped: the files (the overlay's upper dir) stay, nothing stays mounted.
   return unmount_under(workspace_dir(workspace_id));
 }

@@ -16,8 +16,10 @@ bool has_env_key(const std::vector<std::string>& env, std::string_view key) {
   });
 }
 
-std::vector<std::string> process_env(const std::vector<std::string>& given) {
+std::vector<std::string> process_env(const std::vector<std::string>& given, bool machine) {
   std::vector<std::string> env = given;
+  // systemd reads it to know it runs in a container (systemd-detect-virt: container-other).
+  if (machine && !has_env_key(env, "container")) env.emplace_back("container=cvm");
   if (!has_env_key(env, "PATH")) {
     env.emplace_back("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
   }
@@ -47,7 +49,7 @@ json mounts(const SpecInput& in) {
                                      "mode=0620"};
   // gid=5 (tty) must exist inside the user namespace or the devpts mount fails.
   if (in.ids.count > 5) devpts.emplace_back("gid=5");
-  return json::array({
+  json all = json::array({
       {{"destination", "/proc"}, {"type", "proc"}, {"source", "proc"}},
       {{"destination", "/dev"},
        {"type", "tmpfs"},
@@ -68,12 +70,24 @@ json mounts(const SpecInput& in) {
        {"type", "sysfs"},
        {"source", "sysfs"},
        {"options", {"nosuid", "noexec", "nodev", "ro"}}},
-      // The container's own cgroup (cgroup namespace), read-only: systemd as PID 1 needs it.
-      {{"destination", "/sys/fs/cgroup"},
-       {"type", "cgroup"},
-       {"source", "cgroup"},
-       {"options", {"nosuid", "noexec", "nodev", "relatime", "ro"}}},
   });
+  // The container's own cgroup (cgroup namespace). A machine's init manages it (writable, and
+  // delegated to its root by the supervisor); anything else only reads it.
+  all.push_back({{"destination", "/sys/fs/cgroup"},
+                 {"type", "cgroup"},
+                 {"source", "cgroup"},
+                 {"options", {"nosuid", "noexec", "nodev", "relatime", in.machine ? "rw" : "ro"}}});
+  if (in.machine) {
+    all.push_back({{"destination", "/run"},
+                   {"type", "tmpfs"},
+                   {"source", "tmpfs"},
+                   {"options", {"nosuid", "nodev", "mode=755", "size=20%"}}});
+    all.push_back({{"destination", "/run/lock"},
+                   {"type", "tmpfs"},
+                   {"source", "tmpfs"},
+                   {"options", {"nosuid", "nodev", "noexec", "mode=1777", "size=5m"}}});
+  }
+  return all;
 }
 
 json device_rule(bool allow, std::string_view type, std::optional<int64_t> major,
@@ -126,11 +140,20 @@ json resources(const SpecInput& in) {
 }
 
 json bind_mount(const BindMount& b) {
-  std::vector<std::string> options = {"rbind", b.read_only ? "ro" : "rw", "nosuid"};
+  std::vector<std::string> options = {"rbind", b.read_only ? "ro" : "rw"};
+  if (b.nosuid) options.emplace_back("nosuid");
   return {{"destination", b.destination},
           {"type", "bind"},
           {"source", b.source},
           {"options", std::move(options)}};
+}
+
+json readonly_paths(const SpecInput& in) {
+  json paths = {"/proc/bus", "/proc/fs", "/proc/irq", "/proc/sysrq-trigger"};
+  // dockerd writes net.ipv4.ip_forward, systemd-sysctl the rest of the namespaced ones; writes to
+  // node-wide sysctls still fail (their files belong to a root the user namespace does not map).
+  if (!in.machine) paths.push_back("/proc/sys");
+  return paths;
 }
 
 json id_mappings(IdRange ids) {
@@ -153,10 +176,10 @@ nlohmann::json build_runtime_spec(const SpecInput& in) {
       in.host_nofile_hard ? std::min(in.nofile, *in.host_nofile_hard) : in.nofile;
 
   json process = {
-      {"terminal", false},
+      {"terminal", in.console},
       {"user", {{"uid", 0}, {"gid", 0}}},
       {"args", process_args(in)},
-      {"env", process_env(in.env)},
+      {"env", process_env(in.env, in.machine)},
       {"cwd", in.cwd.empty() ? "/" : in.cwd},
       {"capabilities", capabilities(in)},
       {"rlimits", json::array({{{"type", "RLIMIT_NOFILE"}, {"hard", nofile}, {"soft", nofile}}})},
@@ -181,7 +204,7 @@ nlohmann::json build_runtime_spec(const SpecInput& in) {
        {"/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
         "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware",
         "/proc/scsi"}},
-      {"readonlyPaths", {"/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"}},
+      {"readonlyPaths", readonly_paths(in)},
   };
   if (!devices.empty()) linux_section["devices"] = std::move(devices);
   if (!in.cgroups_path.empty()) linux_section["cgroupsPath"] = in.cgroups_path;

@@ -17,11 +17,14 @@ json tmpfs(std::string_view destination, std::string_view mode) {
           {"options", {"nosuid", "nodev", "mode=" + std::string(mode)}}};
 }
 
-json bind_json(const std::string& source, std::string_view destination, bool read_only) {
+json bind_json(const std::string& source, std::string_view destination, bool read_only,
+               bool nosuid = true) {
+  json options = {"rbind", read_only ? "ro" : "rw"};
+  if (nosuid) options.push_back("nosuid");
   return {{"destination", destination},
           {"type", "bind"},
           {"source", source},
-          {"options", {"rbind", read_only ? "ro" : "rw", "nosuid"}}};
+          {"options", std::move(options)}};
 }
 
 }  // namespace
@@ -91,7 +94,12 @@ std::vector<std::string> supervisor_args(const SupervisorSpecInput& in) {
           "--grace-ms",
           std::to_string(in.stop_grace.count()),
           "--bundle-wait-ms",
-          std::to_string(in.bundle_wait.count())};
+          std::to_string(in.bundle_wait.count()),
+          "--console-log",
+          in.storage_dir.empty() ? std::string(kSupervisorRunDir) + "/console.log"
+                                 : std::string(kSupervisorStorageDir) + "/console.log",
+          "--console-log-max",
+          std::to_string(in.console_log_max_bytes)};
 }
 
 nlohmann::json build_supervisor_spec(const SupervisorSpecInput& in) {
@@ -148,7 +156,11 @@ nlohmann::json build_supervisor_spec(const SupervisorSpecInput& in) {
   mounts.push_back(tmpfs("/tmp", "1777"));
   for (const auto& file : in.files) mounts.push_back(bind_json(file, file, true));
   mounts.push_back(bind_json(in.supervisor_binary, kSupervisorBinary, true));
-  mounts.push_back(bind_json(in.inner_bundle, kSupervisorInnerBundle, false));
+  // Not nosuid: the inner rootfs would inherit it, and sudo, su and ping would not work there.
+  mounts.push_back(bind_json(in.inner_bundle, kSupervisorInnerBundle, false, /*nosuid=*/false));
+  if (!in.storage_dir.empty()) {
+    mounts.push_back(bind_json(in.storage_dir, kSupervisorStorageDir, false, /*nosuid=*/false));
+  }
   mounts.push_back(bind_json(in.run_dir, kSupervisorRunDir, false));
   if (!in.gpu_library_dir.empty()) {
     mounts.push_back(bind_json(in.gpu_library_dir, kSupervisorGpuLibDir, true));

@@ -1,8 +1,13 @@
 // cvm-supervisor: PID 1 of a CVM's supervising container. Launches the inner container with the
 // configured OCI runtime (sysbox-runc, or runc with a user namespace), reports the outcome to the
 // agent through <run-dir>/status.json, reaps orphans as an init must, and on SIGTERM stops the
-// inner container (TERM, grace, KILL) before it exits. When the inner container's init exits, so
-// does the supervisor, and the agent sees the workspace stopped.
+// inner container (its stop signal, grace, KILL) before it exits. When the inner container's init
+// exits, so does the supervisor, and the agent sees the workspace stopped.
+//
+// Between the runtime's `create` and `start` it hands the inner container's cgroup to the inner
+// root (cgroup_delegation.h): systemd as PID 1 must own its cgroup to boot. When the inner spec
+// asks for a terminal, the pseudo-terminal's master comes over a console socket and everything the
+// inner init writes to /dev/console is copied to a size-capped, rotated console log.
 //
 // Deliberately small and free of the agent's libraries: it runs inside the supervising container,
 // whose rootfs holds only this binary, the runtime and their shared libraries.
@@ -10,7 +15,11 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/inotify.h>
+#include <sys/ioctl.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -28,6 +37,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cgroup_delegation.h"
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -41,8 +52,43 @@ struct Options {
   std::string run_dir = "/cvm/run";
   milliseconds grace{10000};
   milliseconds tool_timeout{60000};
-  milliseconds bundle_wait{0};  // 0: the bundle is complete when the supervisor starts
+  milliseconds bundle_wait{0};        // 0: the bundle is complete when the supervisor starts
+  std::string stop_signal = "TERM";   // systemd halts on RTMIN+3 (TERM makes it re-execute)
+  std::string console_log;            // empty: <run-dir>/console.log
+  int64_t console_log_max = 1 << 20;  // bytes per file; one rotated file (.1) is kept
 };
+
+// What the supervisor needs of the inner container's config.json.
+struct InnerSpec {
+  std::string cgroups_path;
+  uid_t root_uid = 0;  // the host ID inner root maps to
+  gid_t root_gid = 0;
+  bool terminal = false;
+  std::string stop_signal;  // annotation io.cvm.stop-signal; empty: --stop-signal
+};
+
+std::optional<InnerSpec> read_inner_spec(const std::string& path, std::string& error) {
+  std::ifstream in(path);
+  const auto j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object()) {
+    error = path + " is not a JSON object";
+    return std::nullopt;
+  }
+  InnerSpec s;
+  const auto& linux_section = j.value("linux", nlohmann::json::object());
+  s.cgroups_path = linux_section.value("cgroupsPath", "");
+  const auto root_of = [&](const char* key) -> int64_t {
+    for (const auto& m : linux_section.value(key, nlohmann::json::array())) {
+      if (m.value("containerID", int64_t{-1}) == 0) return m.value("hostID", int64_t{0});
+    }
+    return 0;
+  };
+  s.root_uid = static_cast<uid_t>(root_of("uidMappings"));
+  s.root_gid = static_cast<gid_t>(root_of("gidMappings"));
+  s.terminal = j.value("process", nlohmann::json::object()).value("terminal", false);
+  s.stop_signal = j.value("annotations", nlohmann::json::object()).value("io.cvm.stop-signal", "");
+  return s;
+}
 
 class Supervisor {
  public:
@@ -67,13 +113,44 @@ class Supervisor {
       }
       return fail(waited);
     }
-    // One `run --detach` rather than `create` then `start`: one runtime process fewer on the launch
-    // path (each is a Go binary's start, several ms here). A stop requested meanwhile is handled
-    // right after it, as it was between the two.
-    auto ran = tool({"run", "--detach", "--bundle", o_.bundle, "--pid-file", pid_file, o_.id});
-    if (!ran.empty()) {
-      (void)tool({"delete", "--force", o_.id});  // a failed run may leave a created container
-      return fail(ran);
+    std::string spec_error;
+    const auto spec = read_inner_spec(o_.bundle + "/config.json", spec_error);
+    if (!spec) return fail(spec_error);
+    if (!spec->stop_signal.empty()) o_.stop_signal = spec->stop_signal;
+    // runc kill knows signals by their names, but not the real-time ones: those go by number
+    // (glibc's SIGRTMIN, which systemd's SIGRTMIN+3 means, is above the kernel's).
+    if (o_.stop_signal.rfind("RTMIN+", 0) == 0) {
+      try {
+        o_.stop_signal = std::to_string(SIGRTMIN + std::stoi(o_.stop_signal.substr(6)));
+      } catch (const std::exception&) {
+        return fail("bad stop signal " + o_.stop_signal);
+      }
+    }
+    std::vector<std::string> create = {"create", "--bundle", o_.bundle, "--pid-file", pid_file};
+    const std::string console_socket = o_.root + "/console.sock";
+    if (spec->terminal) {
+      if (auto st = listen_console(console_socket); !st.empty()) return fail(st);
+      create.insert(create.end(), {"--console-socket", console_socket});
+    }
+    create.push_back(o_.id);
+    // create, delegate, start: the inner root must own its cgroup before its init runs.
+    if (auto created = tool(create); !created.empty()) {
+      (void)tool({"delete", "--force", o_.id});  // a failed create may leave a container
+      return fail(created);
+    }
+    if (spec->terminal) {
+      if (auto st = accept_console(); !st.empty()) {
+        (void)tool({"delete", "--force", o_.id});
+        return fail(st);
+      }
+    }
+    if (auto st = delegate_cgroup(*spec); !st.empty()) {
+      (void)tool({"delete", "--force", o_.id});
+      return fail(st);
+    }
+    if (auto started = tool({"start", o_.id}); !started.empty()) {
+      (void)tool({"delete", "--force", o_.id});
+      return fail(started);
     }
     inner_pid_ = read_pid(pid_file);
     if (inner_pid_ <= 0) {
@@ -92,7 +169,8 @@ class Supervisor {
       if (stop_requested_) return stop();
       wait_signal(std::nullopt);
     }
-    // The inner init exited on its own: the workspace stopped (the user shut it down).
+    // The inner init exited on its own: shut down by the user, or died.
+    drain_console();
     (void)tool({"delete", "--force", o_.id});
     const int code = *inner_exit_;
     write_status({{"state", "exited"}, {"code", code}});
@@ -154,7 +232,7 @@ class Supervisor {
 
   int stop() {
     write_status({{"state", "stopping"}, {"pid", inner_pid_}});
-    (void)tool({"kill", o_.id, "TERM"});
+    (void)tool({"kill", o_.id, o_.stop_signal});
     const auto deadline = Clock::now() + o_.grace;
     while (!inner_exit_ && Clock::now() < deadline) wait_signal(deadline);
     if (!inner_exit_) {
@@ -162,9 +240,129 @@ class Supervisor {
       const auto kill_deadline = Clock::now() + std::chrono::seconds(5);
       while (!inner_exit_ && Clock::now() < kill_deadline) wait_signal(kill_deadline);
     }
+    drain_console();
     (void)tool({"delete", "--force", o_.id});
     write_status({{"state", "stopped"}});
     return 0;
+  }
+
+  // The console socket runc sends the terminal's master to (`create --console-socket`). Listening
+  // before runc starts lets runc's connect and send complete before the accept.
+  std::string listen_console(const std::string& path) {
+    sockaddr_un addr{};
+    if (path.size() >= sizeof addr.sun_path) return "console socket path too long: " + path;
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    // The runtime's root (where the socket lives) is made by its first command: not run yet.
+    if (::mkdir(o_.root.c_str(), 0700) != 0 && errno != EEXIST) {
+      return "mkdir " + o_.root + ": " + errno_text();
+    }
+    ::unlink(path.c_str());
+    console_listen_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (console_listen_ < 0) return "console socket: " + errno_text();
+    if (::bind(console_listen_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+        ::listen(console_listen_, 1) != 0) {
+      return "console socket " + path + ": " + errno_text();
+    }
+    return {};
+  }
+
+  std::string accept_console() {
+    const int conn = ::accept4(console_listen_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    ::close(console_listen_);
+    console_listen_ = -1;
+    if (conn < 0) return "the runtime sent no console: " + errno_text();
+    char data[256];
+    iovec iov{data, sizeof data};
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    const ssize_t n = ::recvmsg(conn, &msg, MSG_CMSG_CLOEXEC);
+    ::close(conn);
+    const cmsghdr* c = n >= 0 ? CMSG_FIRSTHDR(&msg) : nullptr;
+    if (c == nullptr || c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) {
+      return "the runtime's console message carried no terminal";
+    }
+    std::memcpy(&console_, CMSG_DATA(c), sizeof(int));
+    const int flags = ::fcntl(console_, F_GETFL);
+    (void)::fcntl(console_, F_SETFL, flags | O_NONBLOCK);
+    // Hold a slave end ourselves: while none is open (systemd closes /dev/console between
+    // messages) the master reads EIO, and a master closed on that would leave every later open of
+    // /dev/console failing with EIO inside.
+    console_peer_ = ::ioctl(console_, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (console_peer_ < 0) return "console peer: " + errno_text();
+    return {};
+  }
+
+  std::string delegate_cgroup(const InnerSpec& spec) {
+    if (spec.cgroups_path.empty() || spec.root_uid == 0) return {};
+    std::ifstream in("/proc/self/mountinfo");
+    const std::string mountinfo((std::istreambuf_iterator<char>(in)),
+                                std::istreambuf_iterator<char>());
+    const auto paths = cvm::supervisor::delegation_paths(
+        cvm::supervisor::parse_cgroup_mounts(mountinfo), spec.cgroups_path);
+    return cvm::supervisor::apply_delegation(paths, spec.root_uid, spec.root_gid);
+  }
+
+  // Copies what the inner init wrote to its console into the console log, rotating it at
+  // console_log_max (the previous file becomes .1; older output is dropped).
+  void pump_console() {
+    if (console_ < 0) return;
+    char buf[16384];
+    for (;;) {
+      const ssize_t n = ::read(console_, buf, sizeof buf);
+      if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+        // Not with our own slave end open; on some other error nothing more will come.
+        ::close(console_);
+        console_ = -1;
+        return;
+      }
+      if (n < 0) return;
+      write_console(buf, static_cast<size_t>(n));
+    }
+  }
+
+  void write_console(const char* data, size_t size) {
+    const std::string& path = console_log_path();
+    if (console_out_ < 0) {
+      console_out_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+      struct stat st {};
+      console_written_ = console_out_ >= 0 && ::fstat(console_out_, &st) == 0 ? st.st_size : 0;
+    }
+    if (console_out_ < 0) return;
+    if (console_written_ > 0 &&
+        console_written_ + static_cast<int64_t>(size) > o_.console_log_max) {
+      ::close(console_out_);
+      std::rename(path.c_str(), (path + ".1").c_str());
+      console_out_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+      console_written_ = 0;
+      if (console_out_ < 0) return;
+    }
+    while (size > 0) {
+      const ssize_t w = ::write(console_out_, data, size);
+      if (w <= 0) return;
+      data += w;
+      size -= static_cast<size_t>(w);
+      console_written_ += w;
+    }
+  }
+
+  const std::string& console_log_path() {
+    if (o_.console_log.empty()) o_.console_log = o_.run_dir + "/console.log";
+    return o_.console_log;
+  }
+
+  void drain_console() {
+    pump_console();
+    if (console_peer_ >= 0) ::close(console_peer_);
+    console_peer_ = -1;
+    if (console_ >= 0) ::close(console_);
+    console_ = -1;
+    if (console_out_ >= 0) ::close(console_out_);
+    console_out_ = -1;
   }
 
   // Waits for one batch of signals (or the deadline) and handles it: reaps every exited child,
@@ -175,9 +373,11 @@ class Supervisor {
       const auto left = std::chrono::duration_cast<milliseconds>(*deadline - Clock::now()).count();
       timeout = static_cast<int>(std::max<int64_t>(0, left));
     }
-    pollfd fd{sfd_, POLLIN, 0};
-    const int ready = ::poll(&fd, 1, timeout);
+    pollfd fds[2] = {{sfd_, POLLIN, 0}, {console_, POLLIN, 0}};
+    const int ready = ::poll(fds, console_ >= 0 ? 2 : 1, timeout);
     if (ready <= 0) return;
+    if (console_ >= 0 && (fds[1].revents & (POLLIN | POLLHUP | POLLERR))) pump_console();
+    if (!(fds[0].revents & POLLIN)) return;
     signalfd_siginfo info{};
     while (::read(sfd_, &info, sizeof info) == static_cast<ssize_t>(sizeof info)) {
       if (info.ssi_signo == SIGCHLD) {
@@ -296,6 +496,11 @@ class Supervisor {
   Options o_;
   int sfd_ = -1;
   int bundle_watch_ = -1;  // wait_for_bundle's inotify instance, until release_bundle_watch()
+  int console_listen_ = -1;
+  int console_ = -1;       // the inner terminal's master, non-blocking
+  int console_peer_ = -1;  // a slave end of it, held open (see accept_console)
+  int console_out_ = -1;   // the console log
+  int64_t console_written_ = 0;
   std::string log_;
   pid_t inner_pid_ = -1;
   std::optional<int> inner_exit_;
@@ -309,7 +514,8 @@ int main(int argc, char** argv) {
   Options o;
   const auto usage = [] {
     std::cerr << "usage: cvm-supervisor --runtime PATH --root DIR --bundle DIR --id ID "
-                 "--run-dir DIR [--grace-ms N] [--bundle-wait-ms N]\n";
+                 "--run-dir DIR [--grace-ms N] [--bundle-wait-ms N] [--stop-signal SIG] "
+                 "[--console-log PATH] [--console-log-max BYTES]\n";
     return 2;
   };
   for (int i = 1; i < argc; ++i) {
@@ -329,6 +535,16 @@ int main(int argc, char** argv) {
     } else if (flag == "--bundle-wait-ms") {
       try {
         o.bundle_wait = milliseconds(std::stoll(value));
+      } catch (const std::exception&) {
+        return usage();
+      }
+    } else if (flag == "--stop-signal") {
+      o.stop_signal = value;
+    } else if (flag == "--console-log") {
+      o.console_log = value;
+    } else if (flag == "--console-log-max") {
+      try {
+        o.console_log_max = std::stoll(value);
       } catch (const std::exception&) {
         return usage();
       }

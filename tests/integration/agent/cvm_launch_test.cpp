@@ -476,7 +476,7 @@ TEST_F(CvmLaunchTest, RuntimeErrorCarriesTheRuntimesMessageAndLeavesNothing) {
   ASSERT_FALSE(out.ok);
   EXPECT_EQ(out.reason, cvm::v1::RUNTIME_ERROR);
   EXPECT_NE(out.message.find("/bin/sh"), std::string::npos) << out.message;
-  EXPECT_NE(out.message.find("runc run"), std::string::npos) << out.message;
+  EXPECT_NE(out.message.find("runc create"), std::string::npos) << out.message;
   auto listed = runtime_->list();
   ASSERT_TRUE(listed.ok());
   EXPECT_TRUE(listed->empty()) << "a half-made container was left";

@@ -255,6 +255,80 @@ TEST(OciSpec, AnnotationsPassThrough) {
 
 // ---- capabilities -------------------------------------------------------------------------------
 
+TEST(OciSpec, AnythingButAMachineReadsItsCgroupAndSysctlsOnly) {
+  const json spec = build_runtime_spec(base_input());
+  const json* cgroup = find_by(spec["mounts"], "destination", "/sys/fs/cgroup");
+  ASSERT_NE(cgroup, nullptr);
+  const auto options = (*cgroup)["options"].get<std::vector<std::string>>();
+  EXPECT_NE(std::find(options.begin(), options.end(), "ro"), options.end());
+  const auto ro = spec["linux"]["readonlyPaths"].get<std::vector<std::string>>();
+  EXPECT_NE(std::find(ro.begin(), ro.end(), "/proc/sys"), ro.end());
+  EXPECT_EQ(find_by(spec["mounts"], "destination", "/run"), nullptr);
+  EXPECT_FALSE(spec["process"]["terminal"].get<bool>());
+  const auto env = spec["process"]["env"].get<std::vector<std::string>>();
+  EXPECT_EQ(std::find(env.begin(), env.end(), "container=cvm"), env.end());
+}
+
+TEST(OciSpec, AMachineOwnsItsCgroupSysctlsRunAndConsole) {
+  SpecInput in = base_input();
+  in.machine = true;
+  in.console = true;
+  const json spec = build_runtime_spec(in);
+  const json* cgroup = find_by(spec["mounts"], "destination", "/sys/fs/cgroup");
+  ASSERT_NE(cgroup, nullptr);
+  const auto options = (*cgroup)["options"].get<std::vector<std::string>>();
+  EXPECT_NE(std::find(options.begin(), options.end(), "rw"), options.end());
+  EXPECT_EQ(std::find(options.begin(), options.end(), "ro"), options.end());
+  // Namespaced sysctls are the machine's (dockerd writes ip_forward); the rest stays read-only.
+  const auto ro = spec["linux"]["readonlyPaths"].get<std::vector<std::string>>();
+  EXPECT_EQ(std::find(ro.begin(), ro.end(), "/proc/sys"), ro.end());
+  EXPECT_NE(std::find(ro.begin(), ro.end(), "/proc/sysrq-trigger"), ro.end());
+  for (const char* tmpfs : {"/run", "/run/lock"}) {
+    const json* m = find_by(spec["mounts"], "destination", tmpfs);
+    ASSERT_NE(m, nullptr) << tmpfs;
+    EXPECT_EQ((*m)["type"], "tmpfs") << tmpfs;
+  }
+  // /run comes after /sys/fs/cgroup and before /run/lock: mounts are made in order.
+  std::vector<std::string> order;
+  for (const auto& m : spec["mounts"]) order.push_back(m["destination"]);
+  const auto run = std::find(order.begin(), order.end(), "/run");
+  EXPECT_LT(run, std::find(order.begin(), order.end(), "/run/lock"));
+  EXPECT_TRUE(spec["process"]["terminal"].get<bool>());
+  auto env = spec["process"]["env"].get<std::vector<std::string>>();
+  EXPECT_NE(std::find(env.begin(), env.end(), "container=cvm"), env.end());
+  // An image that says what container it is keeps its word.
+  in.env = {"container=lxc"};
+  env = build_runtime_spec(in)["process"]["env"].get<std::vector<std::string>>();
+  EXPECT_EQ(std::count_if(env.begin(), env.end(),
+                          [](const std::string& e) { return e.rfind("container=", 0) == 0; }),
+            1);
+}
+
+TEST(OciSpec, BindsAreNosuidUnlessSaidOtherwise) {
+  SpecInput in = base_input();
+  in.binds = {{"/a", "/x", true, true}, {"/b", "/var/lib/docker", false, false}};
+  const json spec = build_runtime_spec(in);
+  const json* x = find_by(spec["mounts"], "destination", "/x");
+  const json* docker = find_by(spec["mounts"], "destination", "/var/lib/docker");
+  ASSERT_NE(x, nullptr);
+  ASSERT_NE(docker, nullptr);
+  const auto xo = (*x)["options"].get<std::vector<std::string>>();
+  const auto dop = (*docker)["options"].get<std::vector<std::string>>();
+  EXPECT_NE(std::find(xo.begin(), xo.end(), "nosuid"), xo.end());
+  EXPECT_NE(std::find(xo.begin(), xo.end(), "ro"), xo.end());
+  EXPECT_EQ(std::find(dop.begin(), dop.end(), "nosuid"), dop.end());
+  EXPECT_NE(std::find(dop.begin(), dop.end(), "rw"), dop.end());
+}
+
+TEST(OciSpec, NoCpuSectionWithoutAQuota) {
+  SpecInput in = base_input();
+  in.cpu_millicores = 0;
+  in.memory_limit_bytes = 1 << 30;
+  const json spec = build_runtime_spec(in);
+  EXPECT_FALSE(spec["linux"]["resources"].contains("cpu"));
+  EXPECT_TRUE(spec["linux"]["resources"].contains("memory"));
+}
+
 TEST(Capabilities, NamesAndNumbers) {
   EXPECT_EQ(capability_name(0), "CAP_CHOWN");
   EXPECT_EQ(capability_name(21), "CAP_SYS_ADMIN");

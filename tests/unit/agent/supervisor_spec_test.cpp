@@ -94,6 +94,8 @@ TEST(SupervisorSpec, RunsTheSupervisorOnTheInnerBundle) {
   ASSERT_NE(inner, nullptr);
   EXPECT_EQ((*inner)["source"], "/var/lib/cvm-agent/workspaces/ws1/bundle");
   EXPECT_TRUE(has_option(*inner, "rw"));
+  EXPECT_FALSE(has_option(*inner, "nosuid")) << "the inner rootfs would inherit nosuid (sudo)";
+  EXPECT_EQ(find_mount(spec, std::string(kSupervisorStorageDir)), nullptr) << "none was given";
   const json* run = find_mount(spec, std::string(kSupervisorRunDir));
   ASSERT_NE(run, nullptr);
   EXPECT_TRUE(has_option(*run, "rw"));
@@ -101,6 +103,25 @@ TEST(SupervisorSpec, RunsTheSupervisorOnTheInnerBundle) {
   ASSERT_NE(cgroup, nullptr);
   EXPECT_TRUE(has_option(*cgroup, "rw")) << "runc makes the inner cgroup below the supervisor's";
   EXPECT_EQ(find_mount(spec, std::string(kSupervisorGpuLibDir)), nullptr);
+}
+
+TEST(SupervisorSpec, WorkspaceStorageAndItsConsoleLog) {
+  auto in = sample_input();
+  in.storage_dir = "/var/lib/cvm-agent/storage/ws1";
+  in.console_log_max_bytes = 4096;
+  const json spec = build_supervisor_spec(in);
+  const json* storage = find_mount(spec, std::string(kSupervisorStorageDir));
+  ASSERT_NE(storage, nullptr);
+  EXPECT_EQ((*storage)["source"], in.storage_dir);
+  EXPECT_TRUE(has_option(*storage, "rw"));
+  EXPECT_FALSE(has_option(*storage, "nosuid")) << "the inner Docker's layers hold setuid files";
+  const std::vector<std::string> args = spec["process"]["args"];
+  const auto at = std::find(args.begin(), args.end(), "--console-log");
+  ASSERT_NE(at, args.end());
+  EXPECT_EQ(*(at + 1), std::string(kSupervisorStorageDir) + "/console.log");
+  const auto max = std::find(args.begin(), args.end(), "--console-log-max");
+  ASSERT_NE(max, args.end());
+  EXPECT_EQ(*(max + 1), "4096");
 }
 
 TEST(SupervisorSpec, HostPathsFromTheTableWithTheirModes) {

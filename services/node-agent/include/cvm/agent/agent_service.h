@@ -29,6 +29,7 @@
 #include <string>
 
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/thread_pool.hpp>
 
@@ -169,6 +170,14 @@ class AgentService {
   // Gives a GPU lease back to the broker (empty: none).
   void release_lease(const std::string& workspace_id, const std::string& lease_id);
 
+  // A running workspace's end, seen at once: a pidfd of its container's init (the supervisor for
+  // a CVM) in the io loop. When it exits without a STOP (poweroff inside, a crash, a kill), the
+  // workspace is STOPPED (a shutdown) or FAILED (the exit status and the console's last lines),
+  // its container is removed (files kept, as after STOP), its capacity and GPUs released.
+  void watch_exit(const std::string& workspace_id, const std::string& build_id, int pid);
+  void unwatch_exit(const std::string& workspace_id);
+  void on_exit(const std::string& workspace_id, const std::string& build_id);
+
   // Restart recovery (see the top of this file); runs in start() before work is consumed.
   void reconcile();
   Status write_inflight(const cvm::v1::NodeAssignment& a);
@@ -227,6 +236,7 @@ class AgentService {
   int64_t started_ms_ = 0;
   std::map<std::string, Workspace> workspaces_;  // by workspace id, running or stopped here
   std::set<std::string> busy_;                   // workspaces with an operation in flight
+  std::map<std::string, std::unique_ptr<boost::asio::posix::stream_descriptor>> exit_watches_;
   bool stopping_ = false;
 };
 

@@ -32,8 +32,12 @@
 namespace cvm::agent {
 
 struct LauncherConfig {
-  std::string workspaces_dir;         // <state-dir>/workspaces
-  std::string supervisor_binary;      // host path of cvm-supervisor
+  std::string workspaces_dir;  // <state-dir>/workspaces
+  // Per-workspace storage that outlives STOP/START and a failed start (the inner Docker's
+  // /var/lib/docker, the console log) and goes with DELETE; empty: <workspaces_dir>/../storage.
+  std::string storage_dir;
+  int64_t console_log_max_bytes = 1 << 20;  // per file; the supervisor keeps one rotated file
+  std::string supervisor_binary;            // host path of cvm-supervisor
   std::string inner_runtime;          // host path of sysbox-runc, or of runc standing in for it
   std::string host_paths_root = "/";  // where the mount table's hostPaths are taken from
   std::string dev_root = "/dev";      // where the NVIDIA device nodes are looked up
@@ -58,7 +62,7 @@ struct LaunchRequest {
   bool cvm = true;
   bool caching = false;
   bool auto_load_shiftfs = false;
-  uint64_t cpu_millicores = 1000;
+  uint64_t cpu_millicores = 0;  // 0: no CPU quota
   uint64_t memory_bytes = 512ULL << 20;
   bool tun = false;
   bool fuse = false;
@@ -90,6 +94,11 @@ struct SupervisorStatus {
   int pid = 0;  // the inner init, in the supervisor's PID namespace
   int code = 0;
   std::string message;
+};
+// How a running workspace ended on its own (its init exited; nobody asked the agent to stop it).
+struct InitExit {
+  bool shutdown = false;  // the user shut it down (poweroff, halt, reboot, exit 0): STOPPED
+  std::string message;    // for FAILED: the exit status and the console's last lines
 };
 // Parses status.json text; kInvalid when it is not one.
 [[nodiscard]] Result<SupervisorStatus> parse_supervisor_status(std::string_view text);
@@ -131,12 +140,21 @@ class WorkspaceLauncher {
 
   [[nodiscard]] static std::string container_id(const std::string& workspace_id);
   [[nodiscard]] std::string workspace_dir(const std::string& workspace_id) const;
+  // <storage_dir>/<workspace>: docker/ (the inner /var/lib/docker), console.log (+ .1).
+  [[nodiscard]] std::string storage_dir(const std::string& workspace_id) const;
+  [[nodiscard]] std::string console_log(const std::string& workspace_id) const {
+    return storage_dir(workspace_id) + "/console.log";
+  }
+  // After a running workspace's container ended by itself: what its supervisor reported and its
+  // console said (reads files only).
+  [[nodiscard]] InitExit exit_report(const std::string& workspace_id) const;
   [[nodiscard]] const std::vector<std::string>& supervisor_files() const { return files_; }
   // Whether an overlay over an ID-mapped lower layer works on this host (probed once, on real
   // mounts in the image cache's directory).
   const IdmapSupport& idmap_support();
 
  private:
+  Status prepare_storage(const std::string& workspace_id, IdRange ids);
   LaunchOutcome launch_plain(const LaunchRequest& r, const UnpackedImage& image,
                              const StartingCallback& on_starting, LaunchOutcome out);
   // The rootfs of a launch: ready (the overlay, or an unpack done first) or being applied on
@@ -168,5 +186,31 @@ class WorkspaceLauncher {
 // Removes a directory tree, first detaching anything mounted below it (a workspace's overlay),
 // retrying while something (an orphaned tool of a killed agent) may still be writing into it.
 Status remove_tree(const std::string& path);
+
+// chowns every entry below (and at) `root` from the range starting at `old_base` onto `ids`
+// (same offset; IDs outside the old range become the new range's root), keeping setuid bits.
+// Never follows a link. For storage kept from a life on another ID range.
+Status shift_tree_ownership(const std::string& root, uid_t old_base, IdRange ids);
+
+// From the supervisor's last report (nullopt: none, e.g. a plain container or a supervisor that
+// was killed) and the console log's text. Pure.
+[[nodiscard]] InitExit classify_init_exit(const std::optional<SupervisorStatus>& status,
+                                          std::string_view console);
+// The last `max_lines` non-empty lines of console output, terminal escape sequences (systemd's
+// colours) and carriage returns removed, at most `max_bytes` (the end kept). Pure.
+[[nodiscard]] std::string console_tail(std::string_view console, size_t max_lines = 15,
+                                       size_t max_bytes = 2000);
+
+// A machine's /etc/hosts: localhost and its own name (127.0.1.1, as Debian's installer writes it).
+[[nodiscard]] std::string etc_hosts(std::string_view hostname);
+
+// Whether an inner init's exit status (the supervisor's `code`: the exit code, or 128 + the
+// signal) is a shutdown its user asked for: exit 0, or the kernel ending a PID namespace's init
+// after reboot(2) inside it (SIGINT for halt and poweroff, SIGHUP for reboot).
+[[nodiscard]] bool is_shutdown_exit(int code);
+
+// The signal that stops an inner init gracefully: systemd halts on SIGRTMIN+3 (SIGTERM only
+// makes it re-execute itself), anything else gets TERM. `init_path` is the init's resolved path.
+[[nodiscard]] std::string stop_signal_for_init(std::string_view init_path);
 
 }  // namespace cvm::agent

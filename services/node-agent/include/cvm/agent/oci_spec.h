@@ -35,6 +35,7 @@ struct BindMount {
   std::string source;
   std::string destination;
   bool read_only = true;
+  bool nosuid = true;
   bool operator==(const BindMount&) const = default;
 };
 
@@ -82,6 +83,15 @@ struct SpecInput {
   // no_new_privs also disables setuid binaries (sudo) inside; a workspace that needs them sets
   // this to false.
   bool no_new_privileges = true;
+  // The container is a machine (a CVM's inner container): its init is a system manager such as
+  // systemd, which must own its cgroup (the mount is writable; the supervisor delegates the
+  // directory), write namespaced sysctls (/proc/sys is not read-only: the kernel still refuses
+  // the node-wide ones to a user namespace), and find tmpfs on /run and /run/lock. `container=`
+  // in its environment tells systemd it is one and skips units that need a kernel of its own.
+  bool machine = false;
+  // PID 1 gets a terminal as /dev/console (the runtime's console socket hands its master to
+  // whoever keeps the console log); without one its console output goes nowhere.
+  bool console = false;
 
   std::string cgroups_path;         // e.g. "/cvm/<container id>"; empty: runc chooses
   uint64_t memory_limit_bytes = 0;  // 0: unlimited

@@ -30,6 +30,10 @@ inline constexpr std::string_view kSupervisorBinary = "/cvm/bin/cvm-supervisor";
 inline constexpr std::string_view kSupervisorInnerBundle = "/cvm/inner";  // the inner bundle
 inline constexpr std::string_view kSupervisorRunDir = "/cvm/run";  // status + inner log (shared)
 inline constexpr std::string_view kSupervisorGpuLibDir = "/cvm/gpu-lib";
+// The workspace's storage (inner /var/lib/docker below it, the console log in it).
+inline constexpr std::string_view kSupervisorStorageDir = "/cvm/storage";
+// The inner spec's annotation naming the signal that stops its init (runc kill's syntax).
+inline constexpr std::string_view kStopSignalAnnotation = "io.cvm.stop-signal";
 inline constexpr std::string_view kSupervisorRuntimeRoot = "/run/cvm-runtime";  // inner's --root
 inline constexpr std::string_view kInnerContainerId = "inner";
 // The inner container's cgroup, relative to the supervisor's own (cgroup namespace): on the host it
@@ -74,7 +78,9 @@ struct SupervisorSpecInput {
   std::string runtime_binary;     // host path; also its path inside (it is in `files` too)
   std::string inner_bundle;       // host path of the inner bundle
   std::string run_dir;            // host path shared with the agent (status file, inner log)
-  std::string gpu_library_dir;    // host path of the NVIDIA libraries; empty: none
+  std::string storage_dir;        // host path of the workspace's storage; empty: none
+  int64_t console_log_max_bytes = 1 << 20;
+  std::string gpu_library_dir;  // host path of the NVIDIA libraries; empty: none
   // The table's rows that exist on this host, each with its host source (host_paths_root + path).
   struct HostPath {
     std::string source;

@@ -1,0 +1,326 @@
+// The workspace is a real machine: a CVM made from an ordinary Debian image (mmdebstrap with
+// systemd, dbus, docker.io, sudo; scripts/build-debian-image.sh, cached by its recipe) is launched
+// by WorkspaceLauncher with real runc and cvm-supervisor, and checked from inside: systemd as PID 1
+// reaches `running`, dockerd runs on overlay2 and runs and builds containers, sudo/su/ping work for
+// a non-root user in the docker group, namespaced sysctls are writable and the node's are not, the
+// cgroup limits cannot be raised from inside, the console goes to the console log, Docker's images
+// survive STOP/START and go with DELETE, and `poweroff` ends the workspace.
+//
+// Needs root, runc, umoci and mmdebstrap (the README's install step adds them) and the apt mirror
+// the first time. Fails, not skips, when the image cannot be built as root: that is the CVM test.
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "cvm/agent/host_probe.h"
+#include "cvm/agent/id_range.h"
+#include "cvm/agent/image.h"
+#include "cvm/agent/launcher.h"
+#include "cvm/agent/process.h"
+#include "cvm/agent/runtime.h"
+#include "cvm/test/files.h"
+
+namespace cvm::agent {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+using cvm::test::read_file;
+
+std::string make_temp_dir(const std::string& prefix) {
+  std::string templ = (fs::temp_directory_path() / (prefix + ".XXXXXX")).string();
+  if (::mkdtemp(templ.data()) == nullptr) return {};
+  fs::permissions(templ, fs::perms(0755));
+  return templ;
+}
+
+std::string image_cache() {
+  const char* dir = std::getenv("CVM_TEST_IMAGE_CACHE");
+  return dir != nullptr && *dir != '\0' ? dir : "/var/cache/cvm-control/images";
+}
+
+class MachineTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    if (::geteuid() != 0) {
+      skip_ = new std::string("needs root (runc, umoci, nested containers)");
+      return;
+    }
+    skip_ = new std::string();
+    ProcessOptions o;
+    o.timeout = 900s;  // the first build downloads ~100 MB of packages
+    auto built = run_tool({"/bin/sh", CVM_BUILD_DEBIAN_IMAGE_SCRIPT, image_cache(), "debian"}, o);
+    build_error_ = new std::string(built ? "" : built.error().message);
+    // A tiny image for the inner Docker (no registry is reachable from here).
+    busybox_tar_ = new std::string(make_temp_dir("cvm-machine-bb") + "/bb.tar");
+    const std::string root = fs::path(*busybox_tar_).parent_path().string() + "/root";
+    auto made = run_tool({"/bin/sh", "-c",
+                          "set -e; mkdir -p " + root + "/bin; cp /bin/busybox " + root +
+                              "/bin/; for a in sh echo cat id sleep; do ln -s busybox " + root +
+                              "/bin/$a; done; tar -C " + root + " -cf " + *busybox_tar_ + " ."});
+    if (!made && build_error_->empty()) *build_error_ = made.error().message;
+  }
+  static void TearDownTestSuite() {
+    if (busybox_tar_ != nullptr) fs::remove_all(fs::path(*busybox_tar_).parent_path());
+    delete skip_;
+    delete build_error_;
+    delete busybox_tar_;
+    skip_ = build_error_ = busybox_tar_ = nullptr;
+  }
+
+  void SetUp() override {
+    if (!skip_->empty()) GTEST_SKIP() << *skip_;
+    ASSERT_TRUE(build_error_->empty()) << "the Debian image: " << *build_error_;
+    work_ = make_temp_dir("cvm-machine");
+    ASSERT_FALSE(work_.empty());
+    runtime_ = std::make_unique<RuncRuntime>(RuncOptions{"runc", work_ + "/runc", 60s});
+    images_ =
+        std::make_unique<ImageTool>(ImageToolOptions{.tools = ToolPaths{.unpack = CVM_UNPACK_BIN},
+                                                     .staging_dir = work_ + "/staging",
+                                                     .cache_dir = work_ + "/cache"});
+    LauncherConfig c;
+    c.workspaces_dir = work_ + "/workspaces";
+    c.supervisor_binary = CVM_SUPERVISOR_BIN;
+    c.inner_runtime = "runc";
+    c.host_paths_root = work_ + "/host";  // no host paths: the rows are not what is tested here
+    c.stop_grace = 20s;
+    c.ready_timeout = 120s;
+    if (auto b = read_cap_bounding(HostRoots{})) c.host_cap_bounding = *b;
+    rlimit nofile{};
+    if (::getrlimit(RLIMIT_NOFILE, &nofile) == 0) c.host_nofile_hard = nofile.rlim_max;
+    config_ = c;
+    launcher_ = std::make_unique<WorkspaceLauncher>(c, *runtime_, *images_);
+    ASSERT_TRUE(launcher_->prepare().ok());
+    auto pool = IdRangeAllocator::create(IdPool{4000000, 65536 * 4});
+    ASSERT_TRUE(pool.ok());
+    ids_ = std::make_unique<IdRangeAllocator>(std::move(*pool));
+  }
+
+  void TearDown() override {
+    if (launcher_) {
+      for (const auto& ws : launched_) {
+        (void)launcher_->stop(ws);
+        (void)launcher_->remove(ws, true);
+      }
+    }
+    std::error_code ec;
+    if (!work_.empty() && !HasFailure()) fs::remove_all(work_, ec);
+  }
+
+  LaunchRequest request(const std::string& name, bool caching = true) {
+    LaunchRequest r;
+    r.workspace_id = name + "-" + std::to_string(::getpid());
+    r.build_id = "b-" + r.workspace_id;
+    r.image = "oci:" + image_cache() + ":debian";
+    r.caching = caching;
+    r.memory_bytes = 1ULL << 30;
+    r.cpu_millicores = 0;  // no quota asked for: none applied
+    r.tun = true;
+    r.fuse = true;
+    auto ids = ids_->allocate(r.workspace_id);
+    EXPECT_TRUE(ids.ok());
+    if (ids) r.ids = *ids;
+    return r;
+  }
+
+  // Launches and waits for systemd to finish booting; returns the inner init's host pid.
+  int boot(const LaunchRequest& r) {
+    if (std::find(launched_.begin(), launched_.end(), r.workspace_id) == launched_.end()) {
+      launched_.push_back(r.workspace_id);
+    }
+    auto out = launcher_->launch(r, nullptr);
+    EXPECT_TRUE(out.ok) << out.message;
+    if (!out.ok) return 0;
+    supervisor_pid_ = out.pid;
+    const int inner = find_inner_host_pid("/proc", out.pid);
+    EXPECT_GT(inner, 0);
+    inner_ = inner;
+    // systemctl needs systemd's private socket, made a moment into the boot.
+    auto state =
+        sh("for i in $(seq 600); do [ -S /run/systemd/private ] && break; sleep 0.1; done; "
+           "timeout 90 systemctl is-system-running --wait; true");
+    state_ = state;
+    return inner;
+  }
+
+  // Runs a shell command inside the inner container as its root (all of its namespaces).
+  std::string sh(const std::string& command, int* exit_code = nullptr) {
+    ProcessOptions o;
+    o.timeout = 180s;
+    auto r = run_process({"nsenter", "-t", std::to_string(inner_), "-a", "/usr/bin/env", "-i",
+                          "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                          "HOME=/root", "/bin/sh", "-c", command},
+                         o);
+    if (!r) return "<nsenter: " + r.error().message + ">";
+    if (exit_code != nullptr) *exit_code = r->exit_code;
+    return r->out + r->err;
+  }
+
+  std::string why(const std::string& ws) {
+    return "\nfailed units: " + sh("systemctl --failed --no-pager --no-legend") +
+           "\nconsole: " + read_file(launcher_->console_log(ws)).substr(0, 4000) +
+           "\ninner.log: " + read_file(launcher_->workspace_dir(ws) + "/run/inner.log");
+  }
+
+  static std::string trimmed(std::string s) {
+    while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+    return s;
+  }
+
+  static inline std::string* skip_ = nullptr;
+  static inline std::string* build_error_ = nullptr;
+  static inline std::string* busybox_tar_ = nullptr;
+  std::string work_;
+  LauncherConfig config_;
+  std::unique_ptr<RuncRuntime> runtime_;
+  std::unique_ptr<ImageTool> images_;
+  std::unique_ptr<WorkspaceLauncher> launcher_;
+  std::unique_ptr<IdRangeAllocator> ids_;
+  std::vector<std::string> launched_;
+  int inner_ = 0;
+  int supervisor_pid_ = 0;
+  std::string state_;
+};
+
+TEST_F(MachineTest, SystemdBootsToRunningAndDockerRunsAndBuilds) {
+  auto r = request("machine");
+  ASSERT_GT(boot(r), 0);
+  EXPECT_EQ(trimmed(state_), "running") << why(r.workspace_id);
+  EXPECT_EQ(trimmed(sh("cat /proc/1/comm")), "systemd");
+  EXPECT_EQ(trimmed(sh("systemd-detect-virt --container")), "container-other");
+
+  // dockerd started at boot, on overlay2 (its storage is the workspace's, not the overlay rootfs).
+  EXPECT_EQ(trimmed(sh("systemctl is-active docker")), "active") << why(r.workspace_id);
+  EXPECT_EQ(trimmed(sh("docker info --format '{{.Driver}}'")), "overlay2");
+  EXPECT_NE(sh("findmnt -n -o TARGET /var/lib/docker"), "");
+
+  // docker run and docker build, from an image imported from a tarball.
+  fs::copy_file(*busybox_tar_, "/proc/" + std::to_string(inner_) + "/root/root/bb.tar",
+                fs::copy_options::overwrite_existing);
+  int code = -1;
+  sh("docker import /root/bb.tar bb:1", &code);
+  ASSERT_EQ(code, 0);
+  EXPECT_EQ(trimmed(sh("docker run --rm bb:1 echo hello-from-docker")), "hello-from-docker");
+  const std::string built = sh(
+      "mkdir -p /root/ctx && printf 'FROM bb:1\\nRUN echo built > /built\\n' > "
+      "/root/ctx/Dockerfile && DOCKER_BUILDKIT=0 docker build -q -t bb:2 /root/ctx >/dev/null && "
+      "docker run --rm bb:2 cat /built");
+  EXPECT_EQ(trimmed(built), "built");
+  // Docker's bridge network works inside (its own iptables in the workspace's netns).
+  EXPECT_NE(sh("docker network inspect bridge --format '{{range .IPAM.Config}}{{.Subnet}}{{end}}'"),
+            "");
+}
+
+TEST_F(MachineTest, UserToolsWorkAndNodeBoundariesHold) {
+  auto r = request("tools");
+  ASSERT_GT(boot(r), 0);
+  ASSERT_EQ(trimmed(state_), "running") << why(r.workspace_id);
+
+  // A non-root user: sudo (setuid: the rootfs is not nosuid), docker through the docker group.
+  EXPECT_EQ(trimmed(sh("su -s /bin/sh dev -c 'id -u; sudo -n id -u' 2>&1")), "1000\n0");
+  // The machine's name is the workspace's, and resolves.
+  EXPECT_EQ(trimmed(sh("hostname")), r.workspace_id);
+  EXPECT_NE(sh("getent hosts " + r.workspace_id), "");
+  EXPECT_NE(sh("su -s /bin/sh dev -c 'docker ps' 2>&1").find("CONTAINER ID"), std::string::npos);
+  EXPECT_NE(sh("su -s /bin/sh dev -c 'ping -c1 -W2 127.0.0.1' 2>&1").find("1 received"),
+            std::string::npos)
+      << sh("su -s /bin/sh dev -c 'ping -c1 -W2 127.0.0.1' 2>&1; getcap /usr/bin/ping");
+  EXPECT_EQ(trimmed(sh("exec 3<>/dev/fuse && echo ok")), "ok");
+  EXPECT_EQ(trimmed(sh("exec 3<>/dev/net/tun && echo ok")), "ok");
+
+  // Namespaced sysctls are the workspace's; the node's are not.
+  int code = -1;
+  sh("echo 1 > /proc/sys/net/ipv4/ip_forward", &code);
+  EXPECT_EQ(code, 0);
+  sh("echo 3 > /proc/sys/vm/drop_caches", &code);
+  EXPECT_NE(code, 0) << "a node-wide sysctl was writable";
+  sh("echo 10 > /proc/sys/vm/swappiness", &code);
+  EXPECT_NE(code, 0) << "a node-wide sysctl was writable";
+  sh("echo 100000 > /proc/sys/fs/file-max", &code);
+  EXPECT_NE(code, 0) << "a node-wide sysctl was writable";
+
+  // systemd owns its cgroup (it made init.scope), but the limits on it stay the node's.
+  EXPECT_EQ(trimmed(sh("grep -q 'name=systemd:/init.scope$' /proc/1/cgroup && echo yes")), "yes")
+      << sh("cat /proc/1/cgroup");
+  sh("echo -1 > /sys/fs/cgroup/memory/memory.limit_in_bytes", &code);
+  EXPECT_NE(code, 0) << "the workspace raised its own memory limit";
+  sh("echo -1 > /sys/fs/cgroup/pids/pids.max", &code);
+  EXPECT_NE(code, 0) << "the workspace raised its own pids limit";
+  // No CPU quota was asked for: none is applied.
+  EXPECT_EQ(trimmed(sh("cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us")), "-1");
+  // uid 0 inside is the range's first ID outside.
+  struct stat st {};
+  ASSERT_EQ(::stat(("/proc/" + std::to_string(inner_)).c_str(), &st), 0);
+  EXPECT_EQ(st.st_uid, r.ids.base);
+
+  // The console of PID 1 is in the console log.
+  EXPECT_NE(read_file(launcher_->console_log(r.workspace_id)).find("Welcome to"), std::string::npos)
+      << read_file(launcher_->console_log(r.workspace_id));
+}
+
+TEST_F(MachineTest, DockerImagesSurviveStopStartAndGoWithDelete) {
+  auto r = request("persist");
+  ASSERT_GT(boot(r), 0);
+  ASSERT_EQ(trimmed(state_), "running") << why(r.workspace_id);
+  fs::copy_file(*busybox_tar_, "/proc/" + std::to_string(inner_) + "/root/root/bb.tar",
+                fs::copy_options::overwrite_existing);
+  int code = -1;
+  sh("docker import /root/bb.tar kept:1", &code);
+  ASSERT_EQ(code, 0);
+
+  // STOP: systemd halts (SIGRTMIN+3) well within the grace, rather than being killed after it.
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(launcher_->stop(r.workspace_id).ok());
+  const auto took = std::chrono::steady_clock::now() - t0;
+  EXPECT_LT(took, config_.stop_grace) << "systemd did not halt on the stop signal";
+  ASSERT_TRUE(launcher_->remove(r.workspace_id, false).ok());
+  EXPECT_NE(read_file(launcher_->console_log(r.workspace_id)).find("System Halt"),
+            std::string::npos)
+      << "no orderly shutdown on the console";
+
+  // START again: the image is still there.
+  ASSERT_GT(boot(r), 0);
+  ASSERT_EQ(trimmed(state_), "running") << why(r.workspace_id);
+  EXPECT_EQ(trimmed(sh("docker images --format '{{.Repository}}:{{.Tag}}' kept")), "kept:1");
+
+  // DELETE: the storage goes.
+  (void)launcher_->stop(r.workspace_id);
+  ASSERT_TRUE(launcher_->remove(r.workspace_id, true).ok());
+  EXPECT_FALSE(fs::exists(launcher_->storage_dir(r.workspace_id)));
+}
+
+TEST_F(MachineTest, PoweroffEndsTheWorkspace) {
+  auto r = request("poweroff", /*caching=*/false);  // the unpack path, once
+  ASSERT_GT(boot(r), 0);
+  ASSERT_EQ(trimmed(state_), "running") << why(r.workspace_id);
+  sh("systemctl poweroff");
+  const std::string status = launcher_->workspace_dir(r.workspace_id) + "/run/status.json";
+  const auto deadline = std::chrono::steady_clock::now() + 60s;
+  while (std::chrono::steady_clock::now() < deadline &&
+         read_file(status).find("\"exited\"") == std::string::npos) {
+    std::this_thread::sleep_for(200ms);
+  }
+  auto parsed = parse_supervisor_status(read_file(status));
+  ASSERT_TRUE(parsed.ok()) << read_file(status);
+  EXPECT_EQ(parsed->state, SupervisorStatus::State::kExited) << read_file(status);
+  EXPECT_TRUE(is_shutdown_exit(parsed->code)) << "poweroff exit status " << parsed->code;
+  // The supervising container ends with its inner init.
+  bool stopped = false;
+  while (std::chrono::steady_clock::now() < deadline && !stopped) {
+    auto state = runtime_->state(WorkspaceLauncher::container_id(r.workspace_id));
+    stopped = !state || state->status == ContainerStatus::kStopped;
+    if (!stopped) std::this_thread::sleep_for(100ms);
+  }
+  EXPECT_TRUE(stopped) << "the supervisor outlived its inner init";
+}
+
+}  // namespace
+}  // namespace cvm::agent
