@@ -113,10 +113,7 @@ Result<std::string> oci_blob_path(std::string_view layout, std::string_view dige
 }
 
 Result<std::string> normalize_layer_path(std::string_view name) {
-  if (!name.empty() && name.front() == '/') {
-    return make_error(ErrorDomain::kInvalid,
-                      "layer entry '" + std::string(name) + "' has an absolute path");
-  }
+  // Empty components (leading '/' included) are skipped below: "/etc" is "etc", "/" the root.
   std::string out;
   size_t pos = 0;
   while (pos <= name.size()) {

@@ -40,9 +40,12 @@ TEST(NormalizeLayerPath, DropsDotsAndRefusesEscapes) {
   EXPECT_FALSE(normalize_layer_path("../x").ok());
   EXPECT_FALSE(normalize_layer_path("a/../../x").ok());
   EXPECT_FALSE(normalize_layer_path("a/..").ok());
-  auto abs = normalize_layer_path("/etc/passwd");
-  ASSERT_FALSE(abs.ok());
-  EXPECT_NE(abs.error().message.find("absolute"), std::string::npos);
+  // Absolute names are the rootfs's, as umoci, containerd and Docker read them.
+  EXPECT_EQ(normalize_layer_path("/etc/passwd").value(), "etc/passwd");
+  EXPECT_EQ(normalize_layer_path("/").value(), "") << "umoci insert's root entry";
+  EXPECT_EQ(normalize_layer_path("//").value(), "");
+  EXPECT_FALSE(normalize_layer_path("/../etc").ok());
+  EXPECT_NE(normalize_layer_path("/a/../../x").error().message.find(".."), std::string::npos);
   EXPECT_EQ(normalize_layer_path("a/..b/c").value(), "a/..b/c") << "'..b' is a name";
 }
 
@@ -204,11 +207,13 @@ TEST_F(ApplyLayer, RefusesDotDotEscapes) {
   EXPECT_TRUE(outside_intact());
 }
 
-TEST_F(ApplyLayer, RefusesAbsolutePaths) {
-  const auto st = apply({file(outside_ + "/pwned", "x")});
-  ASSERT_FALSE(st.ok());
-  EXPECT_NE(st.error().message.find("absolute"), std::string::npos) << st.error().message;
+TEST_F(ApplyLayer, AbsolutePathsAreTakenFromTheRootfs) {
+  // As umoci, containerd and Docker read them: "/x" is the rootfs's x, never the host's.
+  const auto st = apply({file(outside_ + "/pwned", "x"), file("/etc/abs", "abs")});
+  ASSERT_TRUE(st.ok()) << st.error().message;
   EXPECT_TRUE(outside_intact());
+  EXPECT_EQ(slurp(rootfs_ + outside_ + "/pwned"), "x");
+  EXPECT_EQ(slurp(rootfs_ + "/etc/abs"), "abs");
 }
 
 TEST_F(ApplyLayer, RefusesToWriteThroughASymlink) {
@@ -248,8 +253,13 @@ TEST_F(ApplyLayer, AnEntryOverASymlinkReplacesTheLinkNotItsTarget) {
 
 TEST_F(ApplyLayer, RefusesHardlinksOutOfTheRootfs) {
   EXPECT_FALSE(apply({hardlink("stolen", "../outside/victim")}).ok());
-  EXPECT_FALSE(apply({hardlink("stolen", outside_ + "/victim")}).ok());
+  // An absolute target is the rootfs's (where there is no such file), never the host's.
+  const auto abs = apply({hardlink("stolen", outside_ + "/victim")});
+  ASSERT_FALSE(abs.ok());
+  EXPECT_NE(abs.error().message.find("not in the rootfs"), std::string::npos)
+      << abs.error().message;
   EXPECT_FALSE(fs::exists(rootfs_ + "/stolen"));
+  EXPECT_TRUE(outside_intact());
 }
 
 TEST_F(ApplyLayer, RefusesOwnersOutsideTheRange) {

@@ -53,8 +53,10 @@ struct OciImageConfig {
 // (nothing else may reach a path).
 [[nodiscard]] Result<std::string> oci_blob_path(std::string_view layout, std::string_view digest);
 
-// A layer entry's path relative to the rootfs, "" for the root itself ("./" or "."). Leading "./"
-// and repeated '/' are dropped. kInvalid for an absolute path or any ".." component.
+// A layer entry's path relative to the rootfs, "" for the root itself ("./", ".", "/"). Leading
+// "./" and '/' and repeated '/' are dropped: an absolute name ("/etc/passwd", "/" from `umoci
+// insert ... /`) is taken from the rootfs, as umoci, containerd and Docker take it. kInvalid for
+// any ".." component (refused rather than clamped: no real tool writes one).
 [[nodiscard]] Result<std::string> normalize_layer_path(std::string_view name);
 
 // An OCI whiteout entry (normalized path): kFile removes `target` from the lower layers, kOpaque
