@@ -8,6 +8,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <utility>
@@ -106,7 +107,9 @@ Result<ProcessResult> run_process(const std::vector<std::string>& argv,
   }
 
   SpawnActions actions;
-  ::posix_spawn_file_actions_addopen(actions.get(), 0, "/dev/null", O_RDONLY, 0);
+  ::posix_spawn_file_actions_addopen(
+      actions.get(), 0, options.stdin_file.empty() ? "/dev/null" : options.stdin_file.c_str(),
+      O_RDONLY, 0);
   constexpr int kFileFlags = O_WRONLY | O_CREAT | O_APPEND;
   if (out_write.get() >= 0) {
     ::posix_spawn_file_actions_adddup2(actions.get(), out_write.get(), 1);
@@ -141,8 +144,25 @@ Result<ProcessResult> run_process(const std::vector<std::string>& argv,
   for (const auto& a : argv) cargv.push_back(const_cast<char*>(a.c_str()));
   cargv.push_back(nullptr);
 
+  std::vector<std::string> env_storage;
+  std::vector<char*> cenv;
+  char** envp = environ;
+  if (!options.env.empty()) {
+    const auto name_of = [](std::string_view kv) { return kv.substr(0, kv.find('=')); };
+    for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
+      const std::string_view kv(*e);
+      const bool replaced = std::any_of(options.env.begin(), options.env.end(),
+                                        [&](const std::string& o) { return name_of(o) == name_of(kv); });
+      if (!replaced) env_storage.emplace_back(kv);
+    }
+    env_storage.insert(env_storage.end(), options.env.begin(), options.env.end());
+    for (auto& kv : env_storage) cenv.push_back(kv.data());
+    cenv.push_back(nullptr);
+    envp = cenv.data();
+  }
+
   pid_t pid = -1;
-  const int rc = ::posix_spawnp(&pid, cargv[0], actions.get(), attr.get(), cargv.data(), environ);
+  const int rc = ::posix_spawnp(&pid, cargv[0], actions.get(), attr.get(), cargv.data(), envp);
   if (rc != 0) {
     if (rc == ENOENT) {
       return make_error(ErrorDomain::kNotFound, argv.front() + ": not found", rc);

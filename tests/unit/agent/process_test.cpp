@@ -83,6 +83,29 @@ TEST(Process, OutputToFileIsAppended) {
   EXPECT_EQ(ss.str(), "one\ntwo\nthree\n");
 }
 
+TEST(Process, StdinFromFileAndEnvironmentOverrides) {
+  testing::FixtureTree tree;
+  const std::string in = tree.path("in.json");
+  {
+    std::ofstream f(in);
+    f << "{\"cniVersion\":\"1.0.0\"}";
+  }
+  ::setenv("CVM_PROCESS_TEST_KEEP", "kept", 1);
+  ::setenv("CVM_PROCESS_TEST_REPLACE", "old", 1);
+  ProcessOptions options;
+  options.stdin_file = in;
+  options.env = {"CVM_PROCESS_TEST_REPLACE=new", "CVM_PROCESS_TEST_ADDED=added"};
+  const auto r = run_process(
+      {"/bin/sh", "-c",
+       "cat; echo; echo $CVM_PROCESS_TEST_KEEP $CVM_PROCESS_TEST_REPLACE $CVM_PROCESS_TEST_ADDED; "
+       "env | grep -c '^CVM_PROCESS_TEST_REPLACE='"},
+      options);
+  ::unsetenv("CVM_PROCESS_TEST_KEEP");
+  ::unsetenv("CVM_PROCESS_TEST_REPLACE");
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->out, "{\"cniVersion\":\"1.0.0\"}\nkept new added\n1\n");
+}
+
 TEST(RunTool, NonZeroExitCarriesToolMessage) {
   const auto r = run_tool({"/bin/sh", "-c", "echo 'it broke: reason' >&2; exit 2"});
   ASSERT_FALSE(r.ok());

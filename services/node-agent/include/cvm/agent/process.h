@@ -17,6 +17,10 @@ struct ProcessOptions {
   // stay open as long as the container lives.
   std::string stdout_file;
   std::string stderr_file;
+  // The tool's stdin is this file (empty: /dev/null). CNI plugins read their config there.
+  std::string stdin_file;
+  // NAME=VALUE entries added to (or replacing those of) the agent's environment.
+  std::vector<std::string> env;
 };
 
 struct ProcessResult {
