@@ -82,6 +82,8 @@ Result<SupervisorStatus> parse_supervisor_status(std::string_view text) {
   using S = SupervisorStatus::State;
   if (state == "running") {
     s.state = S::kRunning;
+  } else if (state == "created") {
+    s.state = S::kCreated;
   } else if (state == "failed") {
     s.state = S::kFailed;
   } else if (state == "exited") {
@@ -530,7 +532,7 @@ Result<SpecInput> workspace_spec(const LauncherConfig& config, const LaunchReque
     in.binds.push_back(BindMount{std::string(kSupervisorStorageDir) + "/docker", "/var/lib/docker",
                                  /*read_only=*/false, /*nosuid=*/false});
     // The machine's name and its resolution are the workspace's, whatever the image says.
-    for (const char* f : {"hostname", "hosts"}) {
+    for (const char* f : {"hostname", "hosts", "resolv.conf"}) {
       in.binds.push_back(BindMount{std::string(kSupervisorStorageDir) + "/etc/" + f,
                                    std::string("/etc/") + f, /*read_only=*/false});
     }
@@ -569,7 +571,7 @@ Result<SpecInput> workspace_spec(const LauncherConfig& config, const LaunchReque
     auto plan = plan_gpu_passthrough(g);
     if (!plan) return plan.error();
     in.devices = plan->devices;
-    in.binds = plan->libraries;
+    in.binds.insert(in.binds.end(), plan->libraries.begin(), plan->libraries.end());
     in.env.insert(in.env.end(), plan->env.begin(), plan->env.end());
     warnings.insert(warnings.end(), plan->warnings.begin(), plan->warnings.end());
   }
@@ -662,6 +664,33 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootf
     return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, st.error().message, std::move(out));
   }
   s.storage_dir = storage_dir(r.workspace_id);
+  WorkspaceNetwork* network = config_.network != nullptr && config_.network->ready()
+                                  ? config_.network
+                                  : nullptr;
+  if (network != nullptr) {
+    s.network_wait = config_.ready_timeout;
+  } else {
+    out.warnings.push_back(
+        "no network: the workspace has only lo (" +
+        (config_.network == nullptr ? std::string("the node's workspace network is off")
+                                    : config_.network->ready().error().message) +
+        ")");
+  }
+  {
+    // Rewritten at each start: the node's resolvers may have changed since the last one.
+    const std::string resolv = s.storage_dir + "/etc/resolv.conf";
+    const std::string text =
+        network != nullptr ? network->workspace_resolv_conf()
+                           : resolv_conf(detail::read_file("/etc/resolv.conf", 65536).value_or(""),
+                                         {}, {});
+    std::ofstream f(resolv, std::ios::binary | std::ios::trunc);
+    f << text;
+    if (!f.flush() || ::chown(resolv.c_str(), r.ids.base, r.ids.base) != 0) {
+      (void)take_image();
+      return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, "cannot write " + resolv,
+                  std::move(out));
+    }
+  }
   s.console_log_max_bytes = config_.console_log_max_bytes;
   if (!r.gpus.empty()) s.gpu_library_dir = config_.gpu_library_dir;
   for (const auto& row : supervisor_host_paths(r.caching, r.auto_load_shiftfs)) {
@@ -723,7 +752,34 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootf
                 std::move(out));
   }
   const auto t_ready = Clock::now();
-  auto status = wait_ready(r.workspace_id, *supervisor_pid, config_.ready_timeout);
+  auto status = wait_ready(r.workspace_id, *supervisor_pid, config_.ready_timeout,
+                           /*until_created=*/network != nullptr);
+  if (status && status->state == SupervisorStatus::State::kCreated) {
+    // The inner container exists, its init waits: give its namespace the interface, then let
+    // it go on.
+    const int inner = find_inner_host_pid("/proc", *supervisor_pid);
+    Result<Attachment> attached =
+        inner > 0 ? network->attach(r.workspace_id, "/proc/" + std::to_string(inner) + "/ns/net")
+                  : Result<Attachment>(make_error(ErrorDomain::kNotFound,
+                                                  "the inner container's init was not found"));
+    if (!attached) {
+      (void)stop(r.workspace_id);
+      (void)network->detach(r.workspace_id);
+      return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR,
+                  "network: " + attached.error().message, std::move(out));
+    }
+    out.address = attached->address;
+    spdlog::info("launch {}: eth0 {} via {} ({})", r.workspace_id, attached->address,
+                 attached->gateway, attached->host_interface);
+    const std::string ready = run_dir + "/network-ready";
+    if (std::ofstream f(ready); !f) {
+      (void)stop(r.workspace_id);
+      (void)network->detach(r.workspace_id);
+      return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, "cannot write " + ready,
+                  std::move(out));
+    }
+    status = wait_ready(r.workspace_id, *supervisor_pid, config_.ready_timeout);
+  }
   spdlog::debug(
       "launch {}: specs {:.1f} ms, on_starting {:.1f} ms, runc run {:.1f} ms, rootfs "
       "wait {:.1f} ms, supervisor report {:.1f} ms",
@@ -752,7 +808,8 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootf
 
 Result<SupervisorStatus> WorkspaceLauncher::wait_ready(const std::string& workspace_id,
                                                        int supervisor_pid,
-                                                       std::chrono::milliseconds timeout) {
+                                                       std::chrono::milliseconds timeout,
+                                                       bool until_created) {
   const std::string run_dir = workspace_dir(workspace_id) + "/run";
   const std::string path = run_dir + "/status.json";
   std::error_code ec;
@@ -789,7 +846,8 @@ Result<SupervisorStatus> WorkspaceLauncher::wait_ready(const std::string& worksp
   const bool gone_at_start = pidfd.get() < 0 && errno == ESRCH;
   const auto deadline = Clock::now() + timeout;
   for (;;) {
-    if (auto s = read_status(); s && s->state != SupervisorStatus::State::kStarting) {
+    if (auto s = read_status(); s && s->state != SupervisorStatus::State::kStarting &&
+                                (until_created || s->state != SupervisorStatus::State::kCreated)) {
       // How long the report waited to be read (its mtime is the supervisor's rename): the
       // wake-up latency of this thread, which the raw baseline has too.
       struct stat st {};
@@ -853,6 +911,9 @@ Status WorkspaceLauncher::stop(const std::string& workspace_id) {
 Status WorkspaceLauncher::remove(const std::string& workspace_id, bool remove_files) {
   Status st = runtime_.remove(container_id(workspace_id), true);
   if (!st && !st.error().is_not_found()) return st;
+  if (config_.network != nullptr) {
+    if (auto released = config_.network->detach(workspace_id); !released) return released;
+  }
   if (remove_files) {
     if (auto removed = remove_tree(workspace_dir(workspace_id)); !removed) return removed;
     // Deleted: the workspace's own storage (its Docker images, its console log) goes with it.

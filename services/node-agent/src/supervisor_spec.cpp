@@ -80,7 +80,7 @@ Result<std::vector<std::string>> parse_ldd_output(std::string_view output) {
 }
 
 std::vector<std::string> supervisor_args(const SupervisorSpecInput& in) {
-  return {std::string(kSupervisorBinary),
+  std::vector<std::string> args = {std::string(kSupervisorBinary),
           "--runtime",
           in.runtime_binary,
           "--root",
@@ -100,6 +100,10 @@ std::vector<std::string> supervisor_args(const SupervisorSpecInput& in) {
                                  : std::string(kSupervisorStorageDir) + "/console.log",
           "--console-log-max",
           std::to_string(in.console_log_max_bytes)};
+  if (in.network_wait.count() > 0) {
+    args.insert(args.end(), {"--network-wait-ms", std::to_string(in.network_wait.count())});
+  }
+  return args;
 }
 
 nlohmann::json build_supervisor_spec(const SupervisorSpecInput& in) {

@@ -53,6 +53,9 @@ struct Options {
   milliseconds grace{10000};
   milliseconds tool_timeout{60000};
   milliseconds bundle_wait{0};        // 0: the bundle is complete when the supervisor starts
+  // > 0: between create and start, report "created" and wait this long for the agent to give the
+  // inner network namespace its interface (it writes <run-dir>/network-ready).
+  milliseconds network_wait{0};
   std::string stop_signal = "TERM";   // systemd halts on RTMIN+3 (TERM makes it re-execute)
   std::string console_log;            // empty: <run-dir>/console.log
   int64_t console_log_max = 1 << 20;  // bytes per file; one rotated file (.1) is kept
@@ -148,6 +151,19 @@ class Supervisor {
       (void)tool({"delete", "--force", o_.id});
       return fail(st);
     }
+    if (o_.network_wait.count() > 0) {
+      write_status({{"state", "created"}, {"pid", read_pid(pid_file)}});
+      if (auto waited = wait_for(o_.run_dir, o_.run_dir + "/network-ready", o_.network_wait,
+                                 "the workspace's network");
+          !waited.empty()) {
+        (void)tool({"delete", "--force", o_.id});
+        if (stop_requested_) {
+          write_status({{"state", "stopped"}});
+          return 0;
+        }
+        return fail(waited);
+      }
+    }
     if (auto started = tool({"start", o_.id}); !started.empty()) {
       (void)tool({"delete", "--force", o_.id});
       return fail(started);
@@ -198,25 +214,31 @@ class Supervisor {
   // renames the inner config.json into place last: wait for it (inotify, no polling), or for a
   // stop request. Returns "" once it is there.
   std::string wait_for_bundle() {
-    const std::string config = o_.bundle + "/config.json";
-    if (o_.bundle_wait.count() <= 0 || ::access(config.c_str(), F_OK) == 0) return {};
-    const int watch = ::inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
+    if (o_.bundle_wait.count() <= 0) return {};
+    return wait_for(o_.bundle, o_.bundle + "/config.json", o_.bundle_wait, "the inner bundle");
+  }
+
+  // Waits for `path` to appear in `dir` (inotify, no polling), up to `timeout`, or for a stop
+  // request. Returns "" once it is there.
+  std::string wait_for(const std::string& dir, const std::string& path, milliseconds timeout,
+                       const std::string& what) {
+    if (::access(path.c_str(), F_OK) == 0) return {};
+    if (bundle_watch_ < 0) bundle_watch_ = ::inotify_init1(IN_CLOEXEC | IN_NONBLOCK);
+    const int watch = bundle_watch_;
     if (watch < 0) return "inotify_init1: " + errno_text();
-    bundle_watch_ = watch;
-    if (::inotify_add_watch(watch, o_.bundle.c_str(), IN_MOVED_TO | IN_CREATE) < 0) {
-      return "inotify_add_watch " + o_.bundle + ": " + errno_text();
+    if (::inotify_add_watch(watch, dir.c_str(), IN_MOVED_TO | IN_CREATE) < 0) {
+      return "inotify_add_watch " + dir + ": " + errno_text();
     }
-    const auto deadline = Clock::now() + o_.bundle_wait;
+    const auto deadline = Clock::now() + timeout;
     std::string why;
-    while (::access(config.c_str(), F_OK) != 0) {
+    while (::access(path.c_str(), F_OK) != 0) {
       if (stop_requested_) {
-        why = "stopped before the inner bundle was ready";
+        why = "stopped before " + what + " was ready";
         break;
       }
       const auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
       if (left <= 0) {
-        why = "the inner bundle was not ready within " + std::to_string(o_.bundle_wait.count()) +
-              " ms";
+        why = what + " was not ready within " + std::to_string(timeout.count()) + " ms";
         break;
       }
       pollfd fds[2] = {{watch, POLLIN, 0}, {sfd_, POLLIN, 0}};
@@ -514,7 +536,7 @@ int main(int argc, char** argv) {
   Options o;
   const auto usage = [] {
     std::cerr << "usage: cvm-supervisor --runtime PATH --root DIR --bundle DIR --id ID "
-                 "--run-dir DIR [--grace-ms N] [--bundle-wait-ms N] [--stop-signal SIG] "
+                 "--run-dir DIR [--grace-ms N] [--bundle-wait-ms N] [--network-wait-ms N] [--stop-signal SIG] "
                  "[--console-log PATH] [--console-log-max BYTES]\n";
     return 2;
   };
@@ -535,6 +557,12 @@ int main(int argc, char** argv) {
     } else if (flag == "--bundle-wait-ms") {
       try {
         o.bundle_wait = milliseconds(std::stoll(value));
+      } catch (const std::exception&) {
+        return usage();
+      }
+    } else if (flag == "--network-wait-ms") {
+      try {
+        o.network_wait = milliseconds(std::stoll(value));
       } catch (const std::exception&) {
         return usage();
       }

@@ -24,6 +24,7 @@
 #include "cvm/agent/id_range.h"
 #include "cvm/agent/idmap_mount.h"
 #include "cvm/agent/image.h"
+#include "cvm/agent/network.h"
 #include "cvm/agent/oci_spec.h"
 #include "cvm/agent/runtime.h"
 #include "cvm/base/result.h"
@@ -48,6 +49,9 @@ struct LauncherConfig {
   std::chrono::milliseconds ready_timeout{60000};  // supervisor started -> inner running
   std::optional<uint64_t> host_cap_bounding;
   std::optional<uint64_t> host_nofile_hard;
+  // The workspaces' network (CNI). nullptr, or one whose prepare() failed: CVMs get only `lo`,
+  // and each launch says so in a warning.
+  WorkspaceNetwork* network = nullptr;
 };
 
 struct AssignedGpu {
@@ -82,6 +86,7 @@ struct LaunchOutcome {
   // Which rootfs path the launch took (ID-mapped overlay of the node cache, or an unpack), for the
   // build's STARTING event.
   std::string rootfs_note;
+  std::string address;  // the workspace's eth0 address (CIDR); empty: no network
 };
 
 // Called once the bundles are written, before the runtime: the launch is STARTING.
@@ -89,7 +94,9 @@ using StartingCallback = std::function<void(const std::string& rootfs_note)>;
 
 // What the supervisor reported in run/status.json.
 struct SupervisorStatus {
-  enum class State { kStarting, kRunning, kFailed, kExited, kStopping, kStopped };
+  // kCreated: the inner container exists, its init has not run yet; the supervisor waits for the
+  // agent to give it its network.
+  enum class State { kStarting, kCreated, kRunning, kFailed, kExited, kStopping, kStopped };
   State state = State::kStarting;
   int pid = 0;  // the inner init, in the supervisor's PID namespace
   int code = 0;
@@ -129,13 +136,16 @@ class WorkspaceLauncher {
 
   // For a workspace whose container runs (an agent restart): the supervisor's report, waiting up
   // to `timeout` while it is still starting.
+  // `until_created`: a kCreated report is an answer too (otherwise it is waited past).
   Result<SupervisorStatus> wait_ready(const std::string& workspace_id, int supervisor_pid,
-                                      std::chrono::milliseconds timeout);
+                                      std::chrono::milliseconds timeout,
+                                      bool until_created = false);
 
   // SIGTERM (a CVM's supervisor then stops the inner container with its grace), then SIGKILL.
   // A container already gone is success.
   Status stop(const std::string& workspace_id);
-  // Deletes the container and, with `remove_files`, the workspace's directory.
+  // Deletes the container, releases its network (address, interface, NAT rules) and, with
+  // `remove_files`, the workspace's directory.
   Status remove(const std::string& workspace_id, bool remove_files);
 
   [[nodiscard]] static std::string container_id(const std::string& workspace_id);

@@ -93,6 +93,9 @@ struct SupervisorSpecInput {
   // How long the supervisor waits for the inner bundle's config.json: the agent may start the
   // supervising container while it still unpacks the image, and writes config.json last.
   std::chrono::milliseconds bundle_wait{60000};
+  // > 0: the supervisor stops between the inner runtime's create and start ("created") until the
+  // agent has given the inner network namespace its interface, at most this long.
+  std::chrono::milliseconds network_wait{0};
 
   std::string cgroups_path;         // e.g. "/cvm/cvm-<ws>"
   uint64_t memory_limit_bytes = 0;  // the workspace's; the supervisor adds its overhead
