@@ -214,7 +214,28 @@ Status AgentService::start() {
     lc.host_cap_bounding = cap_bounding_;
     rlimit nofile{};
     if (getrlimit(RLIMIT_NOFILE, &nofile) == 0) lc.host_nofile_hard = nofile.rlim_max;
+    if (config_.network.enabled) {
+      NetworkConfig nc = config_.network;
+      if (nc.state_dir.empty()) nc.state_dir = config_.state_dir + "/network";
+      network_ = std::make_unique<WorkspaceNetwork>(std::move(nc));
+      if (auto st = network_->prepare(); !st) {
+        spdlog::error("workspace network: {}; CVMs get only lo", st.error().message);
+      }
+      lc.network = network_.get();
+    }
     launcher_ = std::make_unique<WorkspaceLauncher>(lc, *runtime_, *images_);
+  }
+  {
+    const std::string net =
+        network_ == nullptr ? "network off (workspaces get only lo)"
+        : network_->ready() ? "network " + network_->config().bridge + " " +
+                                  network_->config().subnet +
+                                  (network_->config().workspace_to_workspace
+                                       ? ", workspaces reach each other"
+                                       : ", workspaces isolated")
+                            : "no network: " + network_->ready().error().message;
+    runtime_info_.set_detail(runtime_info_.detail().empty() ? net
+                                                            : runtime_info_.detail() + "; " + net);
   }
   runtime_info_.set_supervisor(true);
   if (auto st = launcher_->prepare(); !st) {
@@ -1035,6 +1056,14 @@ void AgentService::reconcile() {
     spdlog::warn("reconcile: removing orphan container {} ({})", id, to_string(c.status));
     (void)runtime_->remove(id, true);
     meters_->orphans.Increment();
+  }
+  // Network attachments of workspaces that no longer run (addresses, NAT rules, pinned namespaces).
+  if (network_ != nullptr) {
+    for (const auto& ws_id : network_->attached()) {
+      if (keep.contains(ws_id) && running(ws_id) > 0) continue;
+      spdlog::warn("reconcile: releasing the network of {}", ws_id);
+      if (auto st = network_->detach(ws_id); !st) spdlog::error("{}", st.error().message);
+    }
   }
   std::error_code ec;
   for (fs::directory_iterator it(config_.state_dir + "/workspaces", ec);

@@ -79,6 +79,22 @@ int main(int argc, char** argv) {
   double grace_s = 10;
   app.add_option("--stop-grace", grace_s, "seconds between SIGTERM and SIGKILL on stop")
       ->capture_default_str();
+  config.network.enabled = true;
+  app.add_option("--network", config.network.enabled,
+                 "give each CVM an eth0 through CNI (bridge, host-local, firewall)")
+      ->capture_default_str();
+  app.add_option("--network-subnet", config.network.subnet, "the workspaces' subnet")
+      ->capture_default_str();
+  app.add_option("--network-bridge", config.network.bridge, "the node's bridge")
+      ->capture_default_str();
+  app.add_option("--cni-bin-dir", config.network.cni_bin_dir, "where the CNI plugins are")
+      ->capture_default_str();
+  app.add_option("--network-dns", config.network.nameservers,
+                 "the workspaces' DNS servers (default: the node's, less loopback ones)");
+  app.add_option("--network-search", config.network.search, "the workspaces' DNS search domains");
+  app.add_option("--allow-workspace-traffic", config.network.workspace_to_workspace,
+                 "let workspaces on this node reach each other")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   config.heartbeat_interval = std::chrono::milliseconds(static_cast<int64_t>(heartbeat_s * 1000));
   config.stop_grace = std::chrono::milliseconds(static_cast<int64_t>(grace_s * 1000));

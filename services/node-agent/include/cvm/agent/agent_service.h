@@ -38,6 +38,7 @@
 #include "cvm/agent/id_range.h"
 #include "cvm/agent/image.h"
 #include "cvm/agent/launcher.h"
+#include "cvm/agent/network.h"
 #include "cvm/agent/runtime.h"
 #include "cvm/agent/tool_paths.h"
 #include "cvm/base/clock.h"
@@ -81,6 +82,8 @@ struct AgentConfig {
   std::string image_cache_dir;      // empty: <state-dir>/image-cache (under /var/lib by default)
   bool registry_tls_verify = true;  // false: plain-HTTP / self-signed registries (tests)
   std::chrono::milliseconds ready_timeout{60000};
+  // The workspaces' network (CNI); off: CVMs get only lo. state_dir empty: <state-dir>/network.
+  NetworkConfig network;
 };
 
 class AgentService {
@@ -222,6 +225,7 @@ class AgentService {
   boost::asio::steady_timer heartbeat_timer_;
   std::unique_ptr<RuncRuntime> runtime_;
   std::unique_ptr<ImageTool> images_;
+  std::unique_ptr<WorkspaceNetwork> network_;  // before launcher_, which points at it
   std::unique_ptr<WorkspaceLauncher> launcher_;
   std::optional<IdRangeAllocator> ids_;
   std::optional<bus::KeyValue> nodes_kv_;
