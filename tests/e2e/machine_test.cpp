@@ -24,6 +24,7 @@
 #include "cvm/agent/id_range.h"
 #include "cvm/agent/image.h"
 #include "cvm/agent/launcher.h"
+#include "cvm/agent/network.h"
 #include "cvm/agent/process.h"
 #include "cvm/agent/runtime.h"
 #include "cvm/test/files.h"
@@ -162,6 +163,12 @@ class MachineTest : public ::testing::Test {
     if (!r) return "<nsenter: " + r.error().message + ">";
     if (exit_code != nullptr) *exit_code = r->exit_code;
     return r->out + r->err;
+  }
+
+  // A shell command on the node; its stdout.
+  static std::string read_tool(const std::string& command) {
+    auto r = run_process({"/bin/bash", "-c", command});
+    return r ? r->out : "";
   }
 
   std::string why(const std::string& ws) {
@@ -320,6 +327,142 @@ TEST_F(MachineTest, PoweroffEndsTheWorkspace) {
     if (!stopped) std::this_thread::sleep_for(100ms);
   }
   EXPECT_TRUE(stopped) << "the supervisor outlived its inner init";
+}
+
+// The workspace's network: eth0 from CNI, NAT out to a server in a namespace this test made, DNS
+// servers from the config, the node and other workspaces out of reach, Docker's -p reachable, and
+// everything released on STOP. Traffic goes only to namespaces made here.
+TEST_F(MachineTest, NetworkReachesOutButNotTheNodeOrOtherWorkspaces) {
+  const std::string tag = std::to_string(::getpid() % 10000);
+  const std::string srv_ns = "cvmsrv" + tag;
+  const std::string veth = "cvmv" + tag;
+  NetworkConfig nc;
+  nc.enabled = true;
+  nc.name = "cvmtest" + tag;
+  nc.bridge = "cvmt" + tag;
+  nc.subnet = "10.251.0.0/24";
+  nc.state_dir = work_ + "/network";
+  nc.nameservers = {"10.250.0.2"};
+  nc.search = {"test"};
+  // The server's namespace, reached through a veth pair on 10.250.0.0/30.
+  auto made = run_tool(
+      {"/bin/sh", "-c",
+       "set -e; ip netns add " + srv_ns + "; ip link add " + veth + " type veth peer name eth0 netns " +
+           srv_ns + "; ip addr add 10.250.0.1/30 dev " + veth + "; ip link set " + veth +
+           " up; ip -n " + srv_ns + " addr add 10.250.0.2/30 dev eth0; ip -n " + srv_ns +
+           " link set eth0 up; ip -n " + srv_ns + " link set lo up"});
+  struct Cleanup {
+    std::string ns, veth, bridge;
+    ~Cleanup() {
+      (void)run_process({"/bin/sh", "-c",
+                         "ip netns pids " + ns + " | xargs -r kill; ip netns del " + ns +
+                             "; ip link del " + veth + "; ip link del " + bridge +
+                             "; iptables -w -D INPUT -i " + bridge + " -j CVM-ISOLATE; "
+                             "pkill -f cvm-net-probe-" + ns + "; true"});
+    }
+  } cleanup{srv_ns, veth, nc.bridge};
+  ASSERT_TRUE(made.ok()) << made.error().message;
+  const std::string server_root = work_ + "/www";
+  fs::create_directories(server_root);
+  std::ofstream(server_root + "/index.html") << "hello-from-the-test-server\n";
+  // Bounded servers: each ends by itself.
+  ASSERT_TRUE(run_tool({"/bin/sh", "-c",
+                        "cd " + server_root + " && ip netns exec " + srv_ns +
+                            " timeout 300 python3 -m http.server --bind 10.250.0.2 8000 "
+                            ">/dev/null 2>&1 & "
+                            "timeout 300 python3 -c 'import socket,sys; s=socket.socket(); "
+                            "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+                            "s.bind((\"0.0.0.0\", 47999)); s.listen(8); "
+                            "[c.close() for c in iter(lambda: s.accept()[0], None)]' "
+                            "cvm-net-probe-" + srv_ns + " >/dev/null 2>&1 &"})
+                  .ok());
+
+  WorkspaceNetwork network(nc);
+  ASSERT_TRUE(network.prepare().ok()) << network.ready().error().message;
+  LauncherConfig c = config_;
+  c.network = &network;
+  launcher_ = std::make_unique<WorkspaceLauncher>(c, *runtime_, *images_);
+  ASSERT_TRUE(launcher_->prepare().ok());
+
+  auto ra = request("neta");
+  auto rb = request("netb");
+  ASSERT_GT(boot(rb), 0);
+  const int inner_b = inner_;
+  ASSERT_GT(boot(ra), 0);
+  const int inner_a = inner_;
+  ASSERT_EQ(trimmed(state_), "running") << why(ra.workspace_id);
+  const auto a = network.find(ra.workspace_id);
+  const auto b = network.find(rb.workspace_id);
+  ASSERT_TRUE(a && b);
+  ASSERT_NE(a->ip, "");
+  EXPECT_EQ(a->gateway, "10.251.0.1");
+
+  // eth0 with its address and a default route, a resolver from the config.
+  EXPECT_NE(sh("ip -4 -o addr show dev eth0").find(a->address), std::string::npos);
+  EXPECT_NE(sh("ip route show default").find("via 10.251.0.1"), std::string::npos);
+  const std::string resolv = sh("cat /etc/resolv.conf");
+  EXPECT_NE(resolv.find("nameserver 10.250.0.2"), std::string::npos) << resolv;
+  EXPECT_NE(resolv.find("search test"), std::string::npos) << resolv;
+
+  // Out through the node's NAT to the test's server.
+  const std::string get =
+      "timeout 10 bash -c 'exec 3<>/dev/tcp/10.250.0.2/8000; printf \"GET / HTTP/1.0\\r\\n\\r\\n\" "
+      ">&3; cat <&3'";
+  EXPECT_NE(sh(get).find("hello-from-the-test-server"), std::string::npos) << sh(get);
+  const std::string nat = read_tool("iptables -w -t nat -S POSTROUTING");
+  EXPECT_NE(nat.find("-s " + a->ip + "/32"), std::string::npos) << nat;
+
+  // The node: a listener on all its addresses answers the node itself, not the workspace (the
+  // connection times out: dropped, not refused).
+  EXPECT_NE(read_tool("timeout 5 bash -c '</dev/tcp/127.0.0.1/47999' && echo reached"), "");
+  int code = -1;
+  sh("timeout 3 bash -c '</dev/tcp/10.251.0.1/47999'", &code);
+  EXPECT_EQ(code, 124) << "the workspace reached (or was refused by) the node";
+  EXPECT_NE(read_tool("iptables -w -L CVM-ISOLATE -v -n -x | awk '/DROP/ {print $1}'"), "0\n");
+
+  // The other workspace: its listener answers the node, not workspace A (isolated bridge ports).
+  fs::copy_file("/bin/busybox", "/proc/" + std::to_string(inner_b) + "/root/root/busybox",
+                fs::copy_options::overwrite_existing);
+  inner_ = inner_b;
+  sh("mkdir -p /root/www && echo from-b > /root/www/index.html && "
+     "(timeout 300 /root/busybox httpd -f -p 7000 -h /root/www >/dev/null 2>&1 &)");
+  EXPECT_NE(read_tool("sleep 0.5; timeout 5 bash -c 'exec 3<>/dev/tcp/" + b->ip +
+                      "/7000; printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3; cat <&3'")
+                .find("from-b"),
+            std::string::npos);
+  inner_ = inner_a;
+  code = -1;
+  sh("timeout 3 bash -c '</dev/tcp/" + b->ip + "/7000'", &code);
+  EXPECT_NE(code, 0) << "workspace A reached workspace B";
+
+  // Docker's -p inside the workspace, reached at the workspace's address.
+  fs::copy_file(*busybox_tar_, "/proc/" + std::to_string(inner_a) + "/root/root/bb.tar",
+                fs::copy_options::overwrite_existing);
+  sh("docker import /root/bb.tar bb:1 >/dev/null", &code);
+  ASSERT_EQ(code, 0);
+  sh("mkdir -p /root/www && echo from-docker > /root/www/index.html && docker run -d -p 8080:80 "
+     "-v /root/www:/www bb:1 /bin/busybox httpd -f -p 80 -h /www",
+     &code);
+  ASSERT_EQ(code, 0);
+  std::string published;
+  for (int i = 0; i < 50 && published.find("from-docker") == std::string::npos; ++i) {
+    published = read_tool("timeout 5 bash -c 'exec 3<>/dev/tcp/" + a->ip +
+                          "/8080; printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3; cat <&3'");
+    if (published.find("from-docker") == std::string::npos) std::this_thread::sleep_for(200ms);
+  }
+  EXPECT_NE(published.find("from-docker"), std::string::npos) << published;
+
+  // STOP: the address, the veth and the NAT rules are released.
+  ASSERT_TRUE(launcher_->stop(ra.workspace_id).ok());
+  ASSERT_TRUE(launcher_->remove(ra.workspace_id, false).ok());
+  EXPECT_FALSE(fs::exists(nc.state_dir + "/ipam/" + nc.name + "/" + a->ip));
+  EXPECT_FALSE(network.find(ra.workspace_id));
+  EXPECT_EQ(read_tool("ip link show " + a->host_interface + " 2>/dev/null"), "");
+  EXPECT_EQ(read_tool("iptables -w -t nat -S POSTROUTING").find("-s " + a->ip + "/32"),
+            std::string::npos);
+  (void)launcher_->stop(rb.workspace_id);
+  ASSERT_TRUE(launcher_->remove(rb.workspace_id, true).ok());
+  EXPECT_TRUE(network.attached().empty());
 }
 
 }  // namespace
