@@ -232,6 +232,22 @@ TEST(SupervisorStatus, ParsesEveryState) {
   EXPECT_EQ(s->code, 3);
   EXPECT_EQ(parse_supervisor_status(R"({"state":"stopped"})")->state, S::kStopped);
   EXPECT_EQ(parse_supervisor_status(R"({"state":"stopping"})")->state, S::kStopping);
+  s = parse_supervisor_status(R"({"state":"created","pid":12})");
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ(s->state, S::kCreated);
+  EXPECT_EQ(s->pid, 12);
+}
+
+TEST(SupervisorArgs, NetworkWaitOnlyWhenTheNetworkIsOn) {
+  SupervisorSpecInput in = sample_input();
+  const auto without = supervisor_args(in);
+  EXPECT_EQ(std::find(without.begin(), without.end(), "--network-wait-ms"), without.end());
+  in.network_wait = std::chrono::milliseconds(45000);
+  const auto with = supervisor_args(in);
+  auto it = std::find(with.begin(), with.end(), "--network-wait-ms");
+  ASSERT_NE(it, with.end());
+  ASSERT_NE(it + 1, with.end());
+  EXPECT_EQ(*(it + 1), "45000");
 }
 
 TEST(SupervisorStatus, RejectsGarbage) {
