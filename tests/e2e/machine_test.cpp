@@ -465,5 +465,46 @@ TEST_F(MachineTest, NetworkReachesOutButNotTheNodeOrOtherWorkspaces) {
   EXPECT_TRUE(network.attached().empty());
 }
 
+// lxcfs (an instance this test starts on its own mount point): free, /proc/meminfo and uptime
+// inside show the workspace's 1 GiB and its own boot, not the node's.
+TEST_F(MachineTest, LxcfsShowsTheWorkspacesOwnMemoryAndUptime) {
+  if (::access("/usr/bin/lxcfs", X_OK) != 0 || ::access("/dev/fuse", R_OK) != 0) {
+    GTEST_SKIP() << "lxcfs or /dev/fuse missing (apt install lxcfs)";
+  }
+  const std::string mnt = work_ + "/lxcfs";
+  fs::create_directories(mnt);
+  ASSERT_TRUE(run_tool({"/bin/sh", "-c",
+                        "/usr/bin/lxcfs -p " + work_ + "/lxcfs.pid " + mnt +
+                            " >" + work_ + "/lxcfs.log 2>&1 & for i in $(seq 100); do "
+                            "[ -r " + mnt + "/proc/meminfo ] && exit 0; sleep 0.1; done; exit 1"})
+                  .ok())
+      << read_file(work_ + "/lxcfs.log");
+  struct Cleanup {
+    std::string mnt, pidfile;
+    ~Cleanup() {
+      (void)run_process({"/bin/sh", "-c",
+                         "kill $(cat " + pidfile + ") 2>/dev/null; sleep 0.3; fusermount -u " +
+                             mnt + " 2>/dev/null; umount -l " + mnt + " 2>/dev/null; true"});
+    }
+  } cleanup{mnt, work_ + "/lxcfs.pid"};
+  LauncherConfig c = config_;
+  c.lxcfs_dir = mnt;
+  launcher_ = std::make_unique<WorkspaceLauncher>(c, *runtime_, *images_);
+  ASSERT_TRUE(launcher_->prepare().ok());
+  auto r = request("lxcfs");
+  ASSERT_GT(boot(r), 0);
+  ASSERT_EQ(trimmed(state_), "running") << why(r.workspace_id);
+  EXPECT_EQ(trimmed(sh("awk '/^MemTotal:/ {print $2}' /proc/meminfo")), "1048576");
+  EXPECT_EQ(trimmed(sh("free -b | awk '/^Mem:/ {print $2}'")), std::to_string(1ULL << 30));
+  EXPECT_NE(read_file("/proc/meminfo").find("MemTotal:"), std::string::npos);
+  // The workspace booted seconds ago; the node long before.
+  const double inner_up = std::stod("0" + trimmed(sh("cut -d' ' -f1 /proc/uptime")));
+  const double node_up = std::stod(read_file("/proc/uptime"));
+  EXPECT_LT(inner_up, 300.0);
+  EXPECT_GT(node_up - inner_up, 1.0);
+  (void)launcher_->stop(r.workspace_id);
+  ASSERT_TRUE(launcher_->remove(r.workspace_id, true).ok());
+}
+
 }  // namespace
 }  // namespace cvm::agent

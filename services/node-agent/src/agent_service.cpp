@@ -1,6 +1,7 @@
 #include "cvm/agent/agent_service.h"
 
 #include <malloc.h>
+#include <unistd.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/utsname.h>
@@ -223,9 +224,16 @@ Status AgentService::start() {
       }
       lc.network = network_.get();
     }
+    lc.lxcfs_dir = config_.lxcfs_dir;
     launcher_ = std::make_unique<WorkspaceLauncher>(lc, *runtime_, *images_);
   }
   {
+    const bool lxcfs = !config_.lxcfs_dir.empty() &&
+                       ::access((config_.lxcfs_dir + "/proc/meminfo").c_str(), R_OK) == 0;
+    const std::string note = lxcfs ? "lxcfs at " + config_.lxcfs_dir
+                                   : "no lxcfs (workspaces see the node's memory and CPUs)";
+    runtime_info_.set_detail(runtime_info_.detail().empty() ? note
+                                                            : runtime_info_.detail() + "; " + note);
     const std::string net =
         network_ == nullptr ? "network off (workspaces get only lo)"
         : network_->ready() ? "network " + network_->config().bridge + " " +

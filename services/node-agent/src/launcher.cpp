@@ -233,6 +233,13 @@ Status WorkspaceLauncher::prepare_storage(const std::string& workspace_id, IdRan
   return {};
 }
 
+const std::vector<std::string>& lxcfs_files() {
+  static const std::vector<std::string> files = {
+      "proc/cpuinfo", "proc/diskstats", "proc/loadavg", "proc/meminfo", "proc/stat",
+      "proc/swaps",   "proc/uptime",    "sys/devices/system/cpu/online"};
+  return files;
+}
+
 std::string etc_hosts(std::string_view hostname) {
   std::string h(hostname);
   return "127.0.0.1\tlocalhost\n127.0.1.1\t" + h +
@@ -506,7 +513,8 @@ namespace {
 
 // The inner (or plain) container's spec, GPUs included.
 Result<SpecInput> workspace_spec(const LauncherConfig& config, const LaunchRequest& r,
-                                 const UnpackedImage& image, std::vector<std::string>& warnings) {
+                                 const UnpackedImage& image, std::vector<std::string>& warnings,
+                                 bool lxcfs = false) {
   SpecInput in;
   in.hostname = r.workspace_id;
   in.has_sbin_init = image.has_sbin_init;
@@ -535,6 +543,14 @@ Result<SpecInput> workspace_spec(const LauncherConfig& config, const LaunchReque
     for (const char* f : {"hostname", "hosts", "resolv.conf"}) {
       in.binds.push_back(BindMount{std::string(kSupervisorStorageDir) + "/etc/" + f,
                                    std::string("/etc/") + f, /*read_only=*/false});
+    }
+    // The workspace's own memory, CPU and uptime in /proc (lxcfs, through the supervisor).
+    if (lxcfs) {
+      for (const auto& f : lxcfs_files()) {
+        if (::access((config.lxcfs_dir + "/" + f).c_str(), R_OK) != 0) continue;
+        in.binds.push_back(
+            BindMount{std::string(kSupervisorLxcfsDir) + "/" + f, "/" + f, /*read_only=*/true});
+      }
     }
     // How the supervisor stops this init (it reads the inner spec; runc ignores annotations).
     std::string init;
@@ -615,6 +631,16 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootf
                                             LaunchOutcome out) {
   const auto t_specs0 = Clock::now();
   const std::string dir = workspace_dir(r.workspace_id);
+  // lxcfs: bound into the supervisor, its files onto the inner /proc and /sys (added to the inner
+  // spec below, or by workspace_spec when the spec is written later).
+  bool lxcfs = false;
+  if (!config_.lxcfs_dir.empty()) {
+    lxcfs = ::access((config_.lxcfs_dir + "/proc/meminfo").c_str(), R_OK) == 0;
+    if (!lxcfs) {
+      out.warnings.push_back("lxcfs is not mounted at " + config_.lxcfs_dir +
+                             ": free, top and uptime in the workspace show the node's figures");
+    }
+  }
   const std::string id = container_id(r.workspace_id);
   // Waits for the rootfs (every path out of here must: a background unpack writes into `dir`).
   std::optional<UnpackedImage> image;
@@ -625,7 +651,7 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootf
     if (!got) return got.error();
     image = std::move(*got);
     note_image(*image, out);
-    auto spec = workspace_spec(config_, r, *image, out.warnings);
+    auto spec = workspace_spec(config_, r, *image, out.warnings, lxcfs);
     if (!spec) return spec.error();
     in = std::move(*spec);
     return std::nullopt;
@@ -664,6 +690,7 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootf
     return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, st.error().message, std::move(out));
   }
   s.storage_dir = storage_dir(r.workspace_id);
+  if (lxcfs) s.lxcfs_dir = config_.lxcfs_dir;
   WorkspaceNetwork* network = config_.network != nullptr && config_.network->ready()
                                   ? config_.network
                                   : nullptr;

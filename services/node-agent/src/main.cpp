@@ -95,6 +95,10 @@ int main(int argc, char** argv) {
   app.add_option("--allow-workspace-traffic", config.network.workspace_to_workspace,
                  "let workspaces on this node reach each other")
       ->capture_default_str();
+  app.add_option("--lxcfs-dir", config.lxcfs_dir,
+                 "lxcfs's mount, whose files give workspaces their own /proc/meminfo, ... "
+                 "(empty: not used)")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   config.heartbeat_interval = std::chrono::milliseconds(static_cast<int64_t>(heartbeat_s * 1000));
   config.stop_grace = std::chrono::milliseconds(static_cast<int64_t>(grace_s * 1000));

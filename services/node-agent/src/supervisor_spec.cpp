@@ -169,6 +169,7 @@ nlohmann::json build_supervisor_spec(const SupervisorSpecInput& in) {
   if (!in.gpu_library_dir.empty()) {
     mounts.push_back(bind_json(in.gpu_library_dir, kSupervisorGpuLibDir, true));
   }
+  if (!in.lxcfs_dir.empty()) mounts.push_back(bind_json(in.lxcfs_dir, kSupervisorLxcfsDir, true));
   for (const auto& hp : in.host_paths) {
     mounts.push_back(bind_json(hp.source, hp.mount.path, hp.mount.read_only));
   }

@@ -84,6 +84,8 @@ struct AgentConfig {
   std::chrono::milliseconds ready_timeout{60000};
   // The workspaces' network (CNI); off: CVMs get only lo. state_dir empty: <state-dir>/network.
   NetworkConfig network;
+  // lxcfs's mount (the node's lxcfs.service); empty: not used.
+  std::string lxcfs_dir = "/var/lib/lxcfs";
 };
 
 class AgentService {

@@ -52,6 +52,9 @@ struct LauncherConfig {
   // The workspaces' network (CNI). nullptr, or one whose prepare() failed: CVMs get only `lo`,
   // and each launch says so in a warning.
   WorkspaceNetwork* network = nullptr;
+  // Where lxcfs is mounted (Debian's lxcfs.service: /var/lib/lxcfs); empty: not used. Looked at
+  // at each launch: without it, the workspace runs and its build's warnings say so.
+  std::string lxcfs_dir;
 };
 
 struct AssignedGpu {
@@ -211,6 +214,9 @@ Status shift_tree_ownership(const std::string& root, uid_t old_base, IdRange ids
 [[nodiscard]] std::string console_tail(std::string_view console, size_t max_lines = 15,
                                        size_t max_bytes = 2000);
 
+// The lxcfs files a CVM's /proc and /sys get, relative to the lxcfs mount: they show the
+// workspace's memory, CPU and uptime instead of the node's (free, top, uptime, docker info).
+[[nodiscard]] const std::vector<std::string>& lxcfs_files();
 // A machine's /etc/hosts: localhost and its own name (127.0.1.1, as Debian's installer writes it).
 [[nodiscard]] std::string etc_hosts(std::string_view hostname);
 

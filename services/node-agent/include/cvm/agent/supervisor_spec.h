@@ -30,6 +30,7 @@ inline constexpr std::string_view kSupervisorBinary = "/cvm/bin/cvm-supervisor";
 inline constexpr std::string_view kSupervisorInnerBundle = "/cvm/inner";  // the inner bundle
 inline constexpr std::string_view kSupervisorRunDir = "/cvm/run";  // status + inner log (shared)
 inline constexpr std::string_view kSupervisorGpuLibDir = "/cvm/gpu-lib";
+inline constexpr std::string_view kSupervisorLxcfsDir = "/cvm/lxcfs";  // the node's lxcfs mount
 // The workspace's storage (inner /var/lib/docker below it, the console log in it).
 inline constexpr std::string_view kSupervisorStorageDir = "/cvm/storage";
 // The inner spec's annotation naming the signal that stops its init (runc kill's syntax).
@@ -86,6 +87,7 @@ struct SupervisorSpecInput {
     std::string source;
     HostPathMount mount;
   };
+  std::string lxcfs_dir;  // host path of the lxcfs mount; empty: none
   std::vector<HostPath> host_paths;
   std::vector<BindMount> extra_binds;  // e.g. /run/sysbox for sysbox-runc's daemons
 
