@@ -16,7 +16,7 @@ PACKAGES=(
   clang-format clang-tidy
   clang libclang-rt-14-dev  # libFuzzer and the sanitizer runtimes for scripts/fuzz.sh
   iproute2 procps util-linux jq curl ca-certificates
-  containernetworking-plugins iptables  # the workspaces' network (CNI bridge, host-local, firewall)
+  containernetworking-plugins iptables lxcfs  # network (CNI) and lxcfs of the workspaces
 )
 
 missing=()

@@ -81,6 +81,8 @@ class KubernetesManifests(unittest.TestCase):
 
     def test_services_read_nats_url_and_credentials(self):
         for d in by_kind("Deployment") + by_kind("DaemonSet"):
+            if d["metadata"]["name"] == "cvm-lxcfs":
+                continue  # a node service, no NATS client
             with self.subTest(workload=d["metadata"]["name"]):
                 c = pod_spec(d)["containers"][0]
                 env = {e["name"]: e for e in c.get("env", [])}
@@ -98,10 +100,10 @@ class KubernetesManifests(unittest.TestCase):
             self.assertFalse(pod_spec(names[name])["containers"][0]["securityContext"]["allowPrivilegeEscalation"])
 
     def test_node_agent_daemonset_has_host_paths_and_privileges(self):
-        (ds,) = by_kind("DaemonSet")
+        (ds,) = [d for d in by_kind("DaemonSet") if d["metadata"]["name"] == "cvm-node-agent"]
         spec = pod_spec(ds)
-        self.assertEqual(ds["metadata"]["name"], "cvm-node-agent")
         self.assertTrue(spec["hostPID"])
+        self.assertTrue(spec["hostNetwork"], "the workspaces' bridge and NAT are the node's")
         c = spec["containers"][0]
         self.assertTrue(c["securityContext"]["privileged"])
         host_paths = {v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
@@ -113,6 +115,20 @@ class KubernetesManifests(unittest.TestCase):
         env = {e["name"]: e for e in c["env"]}
         self.assertEqual(env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName")
         self.assertIn('--node-id "$NODE_NAME"', " ".join(c["args"]))
+        (rc,) = by_kind("RuntimeClass")
+        self.assertEqual(spec["nodeSelector"], rc["scheduling"]["nodeSelector"])
+
+    def test_lxcfs_daemonset_shares_its_mount_with_the_agent(self):
+        (ds,) = [d for d in by_kind("DaemonSet") if d["metadata"]["name"] == "cvm-lxcfs"]
+        spec = pod_spec(ds)
+        self.assertTrue(spec["hostPID"], "lxcfs reads each reader's cgroup by its host pid")
+        c = spec["containers"][0]
+        self.assertIn("/var/lib/lxcfs", " ".join(c["args"]))
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        self.assertEqual(mounts["/var/lib/lxcfs"]["mountPropagation"], "Bidirectional")
+        (agent,) = [d for d in by_kind("DaemonSet") if d["metadata"]["name"] == "cvm-node-agent"]
+        agent_mounts = {m["mountPath"]: m for m in pod_spec(agent)["containers"][0]["volumeMounts"]}
+        self.assertIn(agent_mounts["/var/lib"].get("mountPropagation"), ("Bidirectional", "HostToContainer"))
         (rc,) = by_kind("RuntimeClass")
         self.assertEqual(spec["nodeSelector"], rc["scheduling"]["nodeSelector"])
 
