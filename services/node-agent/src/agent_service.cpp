@@ -977,9 +977,14 @@ void AgentService::reconcile() {
     int pid = running(ws_id);
     if (pid > 0 && ids) {
       if (a.cvm()) {
-        auto status = launcher_->wait_ready(ws_id, pid, config_.ready_timeout);
+        // A supervisor at "created" waits for a network the killed agent never gave it: the
+        // launch is not finished, so it is failed (and removed) like any other.
+        auto status = launcher_->wait_ready(ws_id, pid, config_.ready_timeout,
+                                            /*until_created=*/true);
         if (status && status->state == SupervisorStatus::State::kRunning) {
           outcome.ok = true;
+        } else if (status && status->state == SupervisorStatus::State::kCreated) {
+          outcome.message = "its network was never attached";
         } else {
           outcome.message =
               status ? "the workspace's init exited during the launch" : status.error().message;

@@ -696,12 +696,11 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootf
                                   : nullptr;
   if (network != nullptr) {
     s.network_wait = config_.ready_timeout;
-  } else {
-    out.warnings.push_back(
-        "no network: the workspace has only lo (" +
-        (config_.network == nullptr ? std::string("the node's workspace network is off")
-                                    : config_.network->ready().error().message) +
-        ")");
+  } else if (config_.network != nullptr) {
+    // Turned off by the admin (no network configured), the node status says so; broken, each
+    // build says so too.
+    out.warnings.push_back("no network: the workspace has only lo (" +
+                           config_.network->ready().error().message + ")");
   }
   {
     // Rewritten at each start: the node's resolvers may have changed since the last one.
