@@ -938,7 +938,12 @@ Status WorkspaceLauncher::remove(const std::string& workspace_id, bool remove_fi
   Status st = runtime_.remove(container_id(workspace_id), true);
   if (!st && !st.error().is_not_found()) return st;
   if (config_.network != nullptr) {
-    if (auto released = config_.network->detach(workspace_id); !released) return released;
+    // Kept on record when it fails (a plugin gone, iptables locked): the next remove or the
+    // agent's reconcile tries again. The workspace's own stop does not wait on it.
+    if (auto released = config_.network->detach(workspace_id); !released) {
+      spdlog::warn("workspace {}: releasing its network: {}", workspace_id,
+                   released.error().message);
+    }
   }
   if (remove_files) {
     if (auto removed = remove_tree(workspace_dir(workspace_id)); !removed) return removed;
