@@ -167,5 +167,30 @@ TEST(GuardRules, RepliesPassNewConnectionsToTheNodeDrop) {
             (std::vector<std::string>{"-C", "INPUT", "-i", "cvm0", "-j", "CVM-ISOLATE"}));
 }
 
+TEST(WorkspaceNetwork, MissingPluginsSayWhatToInstallAndAttachRefuses) {
+  NetworkConfig c = config();
+  c.cni_bin_dir = "/nonexistent/cni";
+  c.state_dir = "/nonexistent/state";
+  WorkspaceNetwork network(c);
+  EXPECT_FALSE(network.ready().ok());
+  const Status st = network.prepare();
+  ASSERT_FALSE(st.ok());
+  EXPECT_TRUE(st.error().is_not_found());
+  EXPECT_NE(st.error().message.find("containernetworking-plugins"), std::string::npos);
+  auto a = network.attach("w1", "/proc/self/ns/net");
+  ASSERT_FALSE(a.ok());
+  EXPECT_EQ(a.error().message, st.error().message);
+  // Nothing attached: detach is success, nothing listed.
+  EXPECT_TRUE(network.detach("w1").ok());
+  EXPECT_TRUE(network.attached().empty());
+}
+
+TEST(WorkspaceNetwork, TurnedOffIsNotReady) {
+  NetworkConfig c = config();
+  c.enabled = false;
+  WorkspaceNetwork network(c);
+  EXPECT_FALSE(network.prepare().ok());
+}
+
 }  // namespace
 }  // namespace cvm::agent
