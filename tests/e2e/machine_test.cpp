@@ -189,6 +189,7 @@ class MachineTest : public ::testing::Test {
   LauncherConfig config_;
   std::unique_ptr<RuncRuntime> runtime_;
   std::unique_ptr<ImageTool> images_;
+  std::unique_ptr<WorkspaceNetwork> network_;  // before launcher_, which may point at it
   std::unique_ptr<WorkspaceLauncher> launcher_;
   std::unique_ptr<IdRangeAllocator> ids_;
   std::vector<std::string> launched_;
@@ -377,7 +378,9 @@ TEST_F(MachineTest, NetworkReachesOutButNotTheNodeOrOtherWorkspaces) {
                             "cvm-net-probe-" + srv_ns + " >/dev/null 2>&1 &"})
                   .ok());
 
-  WorkspaceNetwork network(nc);
+  // A member: TearDown's launcher still points at it.
+  network_ = std::make_unique<WorkspaceNetwork>(nc);
+  WorkspaceNetwork& network = *network_;
   ASSERT_TRUE(network.prepare().ok()) << network.ready().error().message;
   LauncherConfig c = config_;
   c.network = &network;
