@@ -47,10 +47,10 @@ double ms(Clock::time_point a, Clock::time_point b) {
 std::string in_ws(int pid, const std::string& command, int* code = nullptr) {
   ProcessOptions o;
   o.timeout = 180s;
-  auto r = run_process({"nsenter", "-t", std::to_string(pid), "-a", "/usr/bin/env", "-i",
-                        "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "/bin/sh", "-c",
-                        command},
-                       o);
+  auto r =
+      run_process({"nsenter", "-t", std::to_string(pid), "-a", "/usr/bin/env", "-i",
+                   "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "/bin/sh", "-c", command},
+                  o);
   if (code != nullptr) *code = r ? r->exit_code : -1;
   return r ? r->out : "";
 }
@@ -102,11 +102,13 @@ int main(int argc, char** argv) {
   fs::create_directories(images);
   ProcessOptions long_run;
   long_run.timeout = std::chrono::minutes(15);
-  if (auto b = run_tool({"/bin/sh", CVM_BUILD_DEBIAN_IMAGE_SCRIPT, images, "debian"}, long_run); !b) {
+  if (auto b = run_tool({"/bin/sh", CVM_BUILD_DEBIAN_IMAGE_SCRIPT, images, "debian"}, long_run);
+      !b) {
     std::cerr << "the Debian image: " << b.error().message << "\n";
     return 1;
   }
-  const std::string work = fs::temp_directory_path() / ("machine-ready-bench-" + std::to_string(::getpid()));
+  const std::string work =
+      fs::temp_directory_path() / ("machine-ready-bench-" + std::to_string(::getpid()));
   fs::create_directories(work + "/bb/bin");
   fs::permissions(work, fs::perms(0755));
   (void)run_tool({"/bin/sh", "-c",
@@ -184,7 +186,8 @@ int main(int argc, char** argv) {
     (void)run_process({"runc", "--root", work + "/runc", "delete", "--force", id});
     fs::remove_all(dir + "/run");
     fs::create_directories(dir + "/run");
-    for (const auto& e : fs::directory_iterator(dir + "/supervisor/rootfs")) fs::remove_all(e.path());
+    for (const auto& e : fs::directory_iterator(dir + "/supervisor/rootfs"))
+      fs::remove_all(e.path());
     std::this_thread::sleep_for(200ms);
     Times rt;
     const auto t0 = Clock::now();
@@ -218,7 +221,8 @@ int main(int argc, char** argv) {
   }
   (void)launcher.remove(r.workspace_id, true);
   const char* names[3] = {"running", "systemd running", "first docker run"};
-  std::cout << "\nmedians over " << iterations << " (ms from the launch call; raw: from runc run)\n";
+  std::cout << "\nmedians over " << iterations
+            << " (ms from the launch call; raw: from runc run)\n";
   std::cout << "step               cold      warm      raw runc  warm/raw\n";
   for (int k = 0; k < 3; ++k) {
     const double cw = median(cold[k]), ww = median(warm[k]), rw = median(raw[k]);

@@ -1,10 +1,10 @@
 #include "cvm/agent/agent_service.h"
 
 #include <malloc.h>
-#include <unistd.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/utsname.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <csignal>
@@ -236,12 +236,11 @@ Status AgentService::start() {
                                                             : runtime_info_.detail() + "; " + note);
     const std::string net =
         network_ == nullptr ? "network off (workspaces get only lo)"
-        : network_->ready() ? "network " + network_->config().bridge + " " +
-                                  network_->config().subnet +
-                                  (network_->config().workspace_to_workspace
-                                       ? ", workspaces reach each other"
-                                       : ", workspaces isolated")
-                            : "no network: " + network_->ready().error().message;
+        : network_->ready()
+            ? "network " + network_->config().bridge + " " + network_->config().subnet +
+                  (network_->config().workspace_to_workspace ? ", workspaces reach each other"
+                                                             : ", workspaces isolated")
+            : "no network: " + network_->ready().error().message;
     runtime_info_.set_detail(runtime_info_.detail().empty() ? net
                                                             : runtime_info_.detail() + "; " + net);
   }

@@ -235,8 +235,8 @@ Status WorkspaceLauncher::prepare_storage(const std::string& workspace_id, IdRan
 
 const std::vector<std::string>& lxcfs_files() {
   static const std::vector<std::string> files = {
-      "proc/cpuinfo", "proc/diskstats", "proc/loadavg", "proc/meminfo", "proc/stat",
-      "proc/swaps",   "proc/uptime",    "sys/devices/system/cpu/online"};
+      "proc/cpuinfo", "proc/diskstats", "proc/loadavg", "proc/meminfo",
+      "proc/stat",    "proc/swaps",     "proc/uptime",  "sys/devices/system/cpu/online"};
   return files;
 }
 
@@ -691,9 +691,8 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootf
   }
   s.storage_dir = storage_dir(r.workspace_id);
   if (lxcfs) s.lxcfs_dir = config_.lxcfs_dir;
-  WorkspaceNetwork* network = config_.network != nullptr && config_.network->ready()
-                                  ? config_.network
-                                  : nullptr;
+  WorkspaceNetwork* network =
+      config_.network != nullptr && config_.network->ready() ? config_.network : nullptr;
   if (network != nullptr) {
     s.network_wait = config_.ready_timeout;
   } else if (config_.network != nullptr) {
@@ -706,15 +705,14 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootf
     // Rewritten at each start: the node's resolvers may have changed since the last one.
     const std::string resolv = s.storage_dir + "/etc/resolv.conf";
     const std::string text =
-        network != nullptr ? network->workspace_resolv_conf()
-                           : resolv_conf(detail::read_file("/etc/resolv.conf", 65536).value_or(""),
-                                         {}, {});
+        network != nullptr
+            ? network->workspace_resolv_conf()
+            : resolv_conf(detail::read_file("/etc/resolv.conf", 65536).value_or(""), {}, {});
     std::ofstream f(resolv, std::ios::binary | std::ios::trunc);
     f << text;
     if (!f.flush() || ::chown(resolv.c_str(), r.ids.base, r.ids.base) != 0) {
       (void)take_image();
-      return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, "cannot write " + resolv,
-                  std::move(out));
+      return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, "cannot write " + resolv, std::move(out));
     }
   }
   s.console_log_max_bytes = config_.console_log_max_bytes;
@@ -791,8 +789,8 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootf
     if (!attached) {
       (void)stop(r.workspace_id);
       (void)network->detach(r.workspace_id);
-      return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR,
-                  "network: " + attached.error().message, std::move(out));
+      return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, "network: " + attached.error().message,
+                  std::move(out));
     }
     out.address = attached->address;
     spdlog::info("launch {}: eth0 {} via {} ({})", r.workspace_id, attached->address,
@@ -801,8 +799,7 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootf
     if (std::ofstream f(ready); !f) {
       (void)stop(r.workspace_id);
       (void)network->detach(r.workspace_id);
-      return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, "cannot write " + ready,
-                  std::move(out));
+      return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, "cannot write " + ready, std::move(out));
     }
     status = wait_ready(r.workspace_id, *supervisor_pid, config_.ready_timeout);
   }

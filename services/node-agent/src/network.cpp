@@ -6,10 +6,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <algorithm>
 #include <fstream>
 #include <sstream>
 
@@ -114,7 +114,8 @@ std::string cni_error_text(std::string_view output, std::string_view fallback) {
   const auto j = json::parse(output, nullptr, /*allow_exceptions=*/false);
   if (j.is_object() && j.contains("msg") && j["msg"].is_string()) {
     std::string text = j["msg"];
-    if (j.contains("details") && j["details"].is_string() && !j["details"].get<std::string>().empty()) {
+    if (j.contains("details") && j["details"].is_string() &&
+        !j["details"].get<std::string>().empty()) {
       text += " (" + j["details"].get<std::string>() + ")";
     }
     return text;
@@ -189,8 +190,8 @@ std::vector<GuardRule> host_guard_rules(std::string_view bridge) {
   };
   std::vector<GuardRule> rules;
   // Replies to connections the node opened (the agent probing, a user's port forward) pass.
-  rules.push_back(rule({chain, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j",
-                        "ACCEPT"}));
+  rules.push_back(
+      rule({chain, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"}));
   rules.push_back(rule({chain, "-j", "DROP"}));
   // First in INPUT, ahead of any ACCEPT the node's own firewall has.
   GuardRule jump;
@@ -211,8 +212,9 @@ Status WorkspaceNetwork::prepare() {
     for (const auto& p : conflist_["plugins"]) {
       const std::string bin = config_.cni_bin_dir + "/" + p["type"].get<std::string>();
       if (::access(bin.c_str(), X_OK) != 0) {
-        return make_error(ErrorDomain::kNotFound,
-                          "CNI plugin " + bin + " is missing (install containernetworking-plugins)");
+        return make_error(
+            ErrorDomain::kNotFound,
+            "CNI plugin " + bin + " is missing (install containernetworking-plugins)");
       }
     }
     std::error_code ec;
@@ -223,11 +225,13 @@ Status WorkspaceNetwork::prepare() {
     }
     // The chain: made if missing, its rules added if missing (-C first), so a restarted agent or
     // a second agent on the node adds nothing twice.
-    if (auto r = run_process({config_.iptables, "-w", "-t", "filter", "-S", std::string(kIsolateChain)});
+    if (auto r =
+            run_process({config_.iptables, "-w", "-t", "filter", "-S", std::string(kIsolateChain)});
         !r) {
       return make_error(r.error().domain, config_.iptables + ": " + r.error().message);
     } else if (!r->success()) {
-      if (auto made = run_tool({config_.iptables, "-w", "-t", "filter", "-N", std::string(kIsolateChain)});
+      if (auto made =
+              run_tool({config_.iptables, "-w", "-t", "filter", "-N", std::string(kIsolateChain)});
           !made) {
         return made.error();
       }
@@ -255,8 +259,8 @@ std::string WorkspaceNetwork::pin_path(const std::string& workspace_id) const {
 }
 
 Result<json> WorkspaceNetwork::run_plugin(const std::string& command,
-                                          const std::string& workspace_id,
-                                          const std::string& netns, const json& config) const {
+                                          const std::string& workspace_id, const std::string& netns,
+                                          const json& config) const {
   const std::string type = config.value("type", "");
   const std::string stdin_path = config_.state_dir + "/" + workspace_id + "." + type + ".in";
   if (auto st = write_atomically(stdin_path, config.dump()); !st) return st.error();
@@ -268,7 +272,8 @@ Result<json> WorkspaceNetwork::run_plugin(const std::string& command,
                  "CNI_PATH=" + config_.cni_bin_dir};
   auto r = run_process({config_.cni_bin_dir + "/" + type}, options);
   ::unlink(stdin_path.c_str());
-  if (!r) return make_error(r.error().domain, "CNI " + type + " " + command + ": " + r.error().message);
+  if (!r)
+    return make_error(r.error().domain, "CNI " + type + " " + command + ": " + r.error().message);
   if (!r->success()) {
     return make_error(ErrorDomain::kTool,
                       "CNI " + type + " " + command + ": " +
@@ -305,7 +310,8 @@ Result<Attachment> WorkspaceNetwork::attach(const std::string& workspace_id,
   const std::string pin = pin_path(workspace_id);
   {
     detail::Fd f(::open(pin.c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0444));
-    if (f.get() < 0) return make_error(ErrorDomain::kSystem, "create " + pin + ": " + std::strerror(errno));
+    if (f.get() < 0)
+      return make_error(ErrorDomain::kSystem, "create " + pin + ": " + std::strerror(errno));
   }
   if (::mount(netns_path.c_str(), pin.c_str(), nullptr, MS_BIND, nullptr) != 0) {
     const int e = errno;
@@ -323,7 +329,8 @@ Result<Attachment> WorkspaceNetwork::attach(const std::string& workspace_id,
   json prev;
   for (size_t i = 0; i < conflist_["plugins"].size(); ++i) {
     auto config = plugin_config(conflist_, i, prev);
-    Result<json> r = config ? run_plugin("ADD", workspace_id, pin, *config) : Result<json>(config.error());
+    Result<json> r =
+        config ? run_plugin("ADD", workspace_id, pin, *config) : Result<json>(config.error());
     if (!r) {
       (void)detach(workspace_id);
       return r.error();
@@ -348,7 +355,8 @@ Result<Attachment> WorkspaceNetwork::attach(const std::string& workspace_id,
                            "bridge_slave", "isolated", "on"});
         !r) {
       (void)detach(workspace_id);
-      return make_error(r.error().domain, "isolating the workspace's bridge port: " + r.error().message);
+      return make_error(r.error().domain,
+                        "isolating the workspace's bridge port: " + r.error().message);
     }
   }
   return a;

@@ -61,9 +61,9 @@ struct NetworkConfig {
 // What a workspace got: parsed from the chain's final result.
 struct Attachment {
   std::string workspace_id;
-  std::string address;  // CIDR, e.g. 10.88.0.5/16
-  std::string ip;       // 10.88.0.5
-  std::string gateway;  // 10.88.0.1
+  std::string address;         // CIDR, e.g. 10.88.0.5/16
+  std::string ip;              // 10.88.0.5
+  std::string gateway;         // 10.88.0.1
   std::string host_interface;  // the veth's node end
   std::string netns;           // the pinned namespace's path
   nlohmann::json result;       // the chain's result (prevResult for DEL)
