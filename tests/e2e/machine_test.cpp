@@ -4,7 +4,8 @@
 // reaches `running`, dockerd runs on overlay2 and runs and builds containers, sudo/su/ping work for
 // a non-root user in the docker group, namespaced sysctls are writable and the node's are not, the
 // cgroup limits cannot be raised from inside, the console goes to the console log, Docker's images
-// survive STOP/START and go with DELETE, and `poweroff` ends the workspace.
+// survive STOP/START and go with DELETE, `docker pull` works from a registry the test runs in its
+// own network namespace, and `poweroff` ends the workspace.
 //
 // Needs root, runc, umoci and mmdebstrap (the README's install step adds them) and the apt mirror
 // the first time. Fails, not skips, when the image cannot be built as root: that is the CVM test.
@@ -182,6 +183,19 @@ class MachineTest : public ::testing::Test {
     return s;
   }
 
+  // Relaunches the launcher with a workspace network (a member: TearDown's launcher points at it).
+  ::testing::AssertionResult use_network(const NetworkConfig& nc) {
+    network_ = std::make_unique<WorkspaceNetwork>(nc);
+    if (auto ok = network_->prepare(); !ok.ok()) {
+      return ::testing::AssertionFailure() << network_->ready().error().message;
+    }
+    LauncherConfig c = config_;
+    c.network = network_.get();
+    launcher_ = std::make_unique<WorkspaceLauncher>(c, *runtime_, *images_);
+    if (!launcher_->prepare().ok()) return ::testing::AssertionFailure() << "launcher prepare";
+    return ::testing::AssertionSuccess();
+  }
+
   static inline std::string* skip_ = nullptr;
   static inline std::string* build_error_ = nullptr;
   static inline std::string* busybox_tar_ = nullptr;
@@ -330,39 +344,55 @@ TEST_F(MachineTest, PoweroffEndsTheWorkspace) {
   EXPECT_TRUE(stopped) << "the supervisor outlived its inner init";
 }
 
-// The workspace's network: eth0 from CNI, NAT out to a server in a namespace this test made, DNS
-// servers from the config, the node and other workspaces out of reach, Docker's -p reachable, and
-// everything released on STOP. Traffic goes only to namespaces made here.
-TEST_F(MachineTest, NetworkReachesOutButNotTheNodeOrOtherWorkspaces) {
-  const std::string tag = std::to_string(::getpid() % 10000);
-  const std::string srv_ns = "cvmsrv" + tag;
-  const std::string veth = "cvmv" + tag;
+// A network namespace this test makes for its servers, at 10.250.0.2, reached from the node
+// through a veth pair on 10.250.0.0/30. Traffic goes only to namespaces made here.
+struct ServerNamespace {
+  std::string ns, veth, bridge;
+  std::string error;
+  explicit ServerNamespace(const std::string& tag, std::string workspace_bridge)
+      : ns("cvmsrv" + tag), veth("cvmv" + tag), bridge(std::move(workspace_bridge)) {
+    auto made = run_tool({"/bin/sh", "-c",
+                          "set -e; ip netns add " + ns + "; ip link add " + veth +
+                              " type veth peer name eth0 netns " + ns +
+                              "; ip addr add 10.250.0.1/30 dev " + veth + "; ip link set " + veth +
+                              " up; ip -n " + ns + " addr add 10.250.0.2/30 dev eth0; ip -n " + ns +
+                              " link set eth0 up; ip -n " + ns + " link set lo up"});
+    if (!made) error = made.error().message;
+  }
+  ~ServerNamespace() {
+    (void)run_process({"/bin/sh", "-c",
+                       "ip netns pids " + ns + " | xargs -r kill; ip netns del " + ns +
+                           "; ip link del " + veth + "; ip link del " + bridge +
+                           "; iptables -w -D INPUT -i " + bridge +
+                           " -j CVM-ISOLATE; "
+                           "pkill -f cvm-net-probe-" +
+                           ns + "; true"});
+  }
+  ServerNamespace(const ServerNamespace&) = delete;
+  ServerNamespace& operator=(const ServerNamespace&) = delete;
+};
+
+NetworkConfig test_network(const std::string& tag, const std::string& state_dir) {
   NetworkConfig nc;
   nc.enabled = true;
   nc.name = "cvmtest" + tag;
   nc.bridge = "cvmt" + tag;
   nc.subnet = "10.251.0.0/24";
-  nc.state_dir = work_ + "/network";
+  nc.state_dir = state_dir;
   nc.nameservers = {"10.250.0.2"};
   nc.search = {"test"};
-  // The server's namespace, reached through a veth pair on 10.250.0.0/30.
-  auto made = run_tool(
-      {"/bin/sh", "-c",
-       "set -e; ip netns add " + srv_ns + "; ip link add " + veth + " type veth peer name eth0 netns " +
-           srv_ns + "; ip addr add 10.250.0.1/30 dev " + veth + "; ip link set " + veth +
-           " up; ip -n " + srv_ns + " addr add 10.250.0.2/30 dev eth0; ip -n " + srv_ns +
-           " link set eth0 up; ip -n " + srv_ns + " link set lo up"});
-  struct Cleanup {
-    std::string ns, veth, bridge;
-    ~Cleanup() {
-      (void)run_process({"/bin/sh", "-c",
-                         "ip netns pids " + ns + " | xargs -r kill; ip netns del " + ns +
-                             "; ip link del " + veth + "; ip link del " + bridge +
-                             "; iptables -w -D INPUT -i " + bridge + " -j CVM-ISOLATE; "
-                             "pkill -f cvm-net-probe-" + ns + "; true"});
-    }
-  } cleanup{srv_ns, veth, nc.bridge};
-  ASSERT_TRUE(made.ok()) << made.error().message;
+  return nc;
+}
+
+// The workspace's network: eth0 from CNI, NAT out to a server in a namespace this test made, DNS
+// servers from the config, the node and other workspaces out of reach, Docker's -p reachable, and
+// everything released on STOP.
+TEST_F(MachineTest, NetworkReachesOutButNotTheNodeOrOtherWorkspaces) {
+  const std::string tag = std::to_string(::getpid() % 10000);
+  const NetworkConfig nc = test_network(tag, work_ + "/network");
+  const ServerNamespace server(tag, nc.bridge);
+  ASSERT_EQ(server.error, "");
+  const std::string& srv_ns = server.ns;
   const std::string server_root = work_ + "/www";
   fs::create_directories(server_root);
   std::ofstream(server_root + "/index.html") << "hello-from-the-test-server\n";
@@ -375,17 +405,11 @@ TEST_F(MachineTest, NetworkReachesOutButNotTheNodeOrOtherWorkspaces) {
                             "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
                             "s.bind((\"0.0.0.0\", 47999)); s.listen(8); "
                             "[c.close() for c in iter(lambda: s.accept()[0], None)]' "
-                            "cvm-net-probe-" + srv_ns + " >/dev/null 2>&1 &"})
+                            "cvm-net-probe-" +
+                            srv_ns + " >/dev/null 2>&1 &"})
                   .ok());
-
-  // A member: TearDown's launcher still points at it.
-  network_ = std::make_unique<WorkspaceNetwork>(nc);
+  ASSERT_TRUE(use_network(nc));
   WorkspaceNetwork& network = *network_;
-  ASSERT_TRUE(network.prepare().ok()) << network.ready().error().message;
-  LauncherConfig c = config_;
-  c.network = &network;
-  launcher_ = std::make_unique<WorkspaceLauncher>(c, *runtime_, *images_);
-  ASSERT_TRUE(launcher_->prepare().ok());
 
   auto ra = request("neta");
   auto rb = request("netb");
@@ -468,6 +492,79 @@ TEST_F(MachineTest, NetworkReachesOutButNotTheNodeOrOtherWorkspaces) {
   EXPECT_TRUE(network.attached().empty());
 }
 
+// `docker pull` inside the workspace from a docker-registry the test runs in its own namespace
+// (the image pushed there by skopeo from the node), and the pulled image is still there after
+// STOP/START, with the registry gone.
+TEST_F(MachineTest, DockerPullsFromARegistryAndKeepsTheImageAcrossStopStart) {
+  if (::access("/usr/bin/docker-registry", X_OK) != 0 || ::access("/usr/bin/skopeo", X_OK) != 0) {
+    GTEST_SKIP() << "docker-registry or skopeo missing (scripts/install-deps.sh installs them)";
+  }
+  const std::string tag = std::to_string(::getpid() % 10000);
+  const NetworkConfig nc = test_network(tag, work_ + "/network");
+  const ServerNamespace server(tag, nc.bridge);
+  ASSERT_EQ(server.error, "");
+  const std::string registry = work_ + "/registry";
+  fs::create_directories(registry);
+  std::ofstream(registry + "/config.yml")
+      << "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: " << registry
+      << "/data\nhttp:\n  addr: 10.250.0.2:5000\n";
+  // The busybox tree as an OCI image, pushed as a Docker v2 image once the registry answers.
+  const std::string bb_root = fs::path(*busybox_tar_).parent_path().string() + "/root";
+  const std::string layout = work_ + "/bb-layout";
+  auto pushed = run_tool(
+      {"/bin/sh", "-c",
+       "set -e; ip netns exec " + server.ns + " timeout 600 /usr/bin/docker-registry serve " +
+           registry + "/config.yml >" + registry +
+           "/log 2>&1 & "
+           "umoci init --layout " +
+           layout + "; umoci new --image " + layout +
+           ":bb; "
+           "umoci unpack --image " +
+           layout + ":bb " + work_ +
+           "/bb-bundle; "
+           "cp -a " +
+           bb_root + "/. " + work_ +
+           "/bb-bundle/rootfs/; "
+           "umoci repack --image " +
+           layout + ":bb " + work_ +
+           "/bb-bundle; "
+           "umoci config --image " +
+           layout +
+           ":bb --config.cmd /bin/sh; "
+           "for i in $(seq 100); do (exec 3<>/dev/tcp/10.250.0.2/5000) 2>/dev/null && break; "
+           "sleep 0.1; done; skopeo copy --quiet --format v2s2 --dest-tls-verify=false oci:" +
+           layout + ":bb docker://10.250.0.2:5000/tools/bb:1"});
+  ASSERT_TRUE(pushed.ok()) << pushed.error().message << read_file(registry + "/log");
+  ASSERT_TRUE(use_network(nc));
+
+  auto r = request("pull");
+  ASSERT_GT(boot(r), 0);
+  ASSERT_EQ(trimmed(state_), "running") << why(r.workspace_id);
+  // A plain-HTTP registry is one Docker must be told about, as a user would.
+  int code = -1;
+  const std::string setup =
+      sh("mkdir -p /etc/docker && echo '{\"insecure-registries\": [\"10.250.0.2:5000\"]}' > "
+         "/etc/docker/daemon.json && systemctl restart docker && docker pull -q "
+         "10.250.0.2:5000/tools/bb:1",
+         &code);
+  ASSERT_EQ(code, 0) << setup << sh("journalctl -u docker --no-pager | tail -20");
+  EXPECT_EQ(trimmed(sh("docker run --rm 10.250.0.2:5000/tools/bb:1 echo pulled-and-ran")),
+            "pulled-and-ran");
+  // The pull came over the workspace's own network, through the node's NAT.
+  EXPECT_NE(read_file(registry + "/log").find("/v2/tools/bb/manifests/1"), std::string::npos);
+
+  // The registry goes; STOP/START: the image is still the workspace's, run without a pull.
+  (void)run_process({"/bin/sh", "-c", "ip netns pids " + server.ns + " | xargs -r kill"});
+  ASSERT_TRUE(launcher_->stop(r.workspace_id).ok());
+  ASSERT_TRUE(launcher_->remove(r.workspace_id, false).ok());
+  ASSERT_GT(boot(r), 0);
+  ASSERT_EQ(trimmed(state_), "running") << why(r.workspace_id);
+  EXPECT_EQ(trimmed(sh("docker run --rm --pull never 10.250.0.2:5000/tools/bb:1 echo still-here")),
+            "still-here");
+  (void)launcher_->stop(r.workspace_id);
+  ASSERT_TRUE(launcher_->remove(r.workspace_id, true).ok());
+}
+
 // lxcfs (an instance this test starts on its own mount point): free, /proc/meminfo and uptime
 // inside show the workspace's 1 GiB and its own boot, not the node's.
 TEST_F(MachineTest, LxcfsShowsTheWorkspacesOwnMemoryAndUptime) {
@@ -477,9 +574,10 @@ TEST_F(MachineTest, LxcfsShowsTheWorkspacesOwnMemoryAndUptime) {
   const std::string mnt = work_ + "/lxcfs";
   fs::create_directories(mnt);
   ASSERT_TRUE(run_tool({"/bin/sh", "-c",
-                        "/usr/bin/lxcfs -p " + work_ + "/lxcfs.pid " + mnt +
-                            " >" + work_ + "/lxcfs.log 2>&1 & for i in $(seq 100); do "
-                            "[ -r " + mnt + "/proc/meminfo ] && exit 0; sleep 0.1; done; exit 1"})
+                        "/usr/bin/lxcfs -p " + work_ + "/lxcfs.pid " + mnt + " >" + work_ +
+                            "/lxcfs.log 2>&1 & for i in $(seq 100); do "
+                            "[ -r " +
+                            mnt + "/proc/meminfo ] && exit 0; sleep 0.1; done; exit 1"})
                   .ok())
       << read_file(work_ + "/lxcfs.log");
   struct Cleanup {
