@@ -1,10 +1,11 @@
 // Differential test of the agent's unpacker (cvm-unpack) against `umoci unpack`: for layers made
 // by real tools (mmdebstrap's tar as umoci adds it, `umoci repack`, `umoci insert ... /` with its
 // root entry "/", GNU tar with absolute names, hardlinks, symlink chains, setuid files, xattrs, and
-// a second layer of whiteouts and an opaque directory), the two trees must be the same: names,
-// types, permission bits, owners (shifted onto the same range), link targets, sizes and xattrs.
-// Root only (both tools chown); skips otherwise.
+// a second layer of whiteouts and an opaque directory; device nodes and fifos), the two trees must
+// be the same: names, types, permission bits, owners (shifted onto the same range), link targets,
+// device numbers, sizes and xattrs. Root only (both tools chown); skips otherwise.
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
@@ -60,6 +61,9 @@ std::string describe(const std::string& path) {
       << st.st_gid;
   if (S_ISREG(st.st_mode)) out << " size=" << st.st_size;
   if (S_ISLNK(st.st_mode)) out << " -> " << fs::read_symlink(path).string();
+  if (S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode)) {
+    out << " dev=" << ::major(st.st_rdev) << "," << ::minor(st.st_rdev);
+  }
   // xattrs (names and values), sorted.
   std::string names(65536, '\0');
   const ssize_t n = ::llistxattr(path.c_str(), names.data(), names.size());
@@ -240,6 +244,65 @@ TEST_F(UnpackDiff, GnuTarLayersWithLinksXattrsSetuidAbsoluteNamesAndWhiteouts) {
   EXPECT_NE(ours.at("usr/bin/suid").find("4755"), std::string::npos);
   EXPECT_NE(ours.at("usr/bin/tool").find("[user.cvm.test=cvm]"), std::string::npos);
   EXPECT_NE(ours.at("usr/bin/link3").find("-> /usr/bin/link2"), std::string::npos);
+}
+
+// Device nodes and fifos, as a rootfs tarball of /dev carries them: cvm-unpack runs as the node's
+// root, so it makes them as umoci does (same major/minor, owners shifted onto the range); a second
+// layer replaces one node, whites out another and puts a file over the fifo.
+TEST_F(UnpackDiff, DeviceNodesAndFifosWithAReplacingLayer) {
+  const std::string src = *work_ + "/devsrc";
+  const std::string upper = *work_ + "/devupper";
+  fs::create_directories(src + "/dev");
+  fs::create_directories(src + "/run");
+  fs::create_directories(upper + "/dev");
+  fs::create_directories(upper + "/run");
+  struct Node {
+    std::string path;
+    mode_t type_mode;
+    unsigned major, minor;
+    uid_t uid;
+    gid_t gid;
+  };
+  const std::vector<Node> nodes = {
+      {src + "/dev/null", S_IFCHR | 0666, 1, 3, 0, 0},
+      {src + "/dev/tty", S_IFCHR | 0666, 5, 0, 0, 5},
+      {src + "/dev/loop200", S_IFBLK | 0660, 7, 200, 0, 6},
+      {src + "/dev/sda", S_IFBLK | 0660, 8, 0, 0, 6},
+      {src + "/run/fifo", S_IFIFO | 0620, 0, 0, 1000, 1000},
+      {upper + "/dev/tty", S_IFCHR | 0600, 5, 1, 0, 5},
+  };
+  for (const auto& n : nodes) {
+    ASSERT_EQ(::mknod(n.path.c_str(), n.type_mode, ::makedev(n.major, n.minor)), 0)
+        << n.path << ": " << std::strerror(errno);
+    ASSERT_EQ(::chown(n.path.c_str(), n.uid, n.gid), 0);
+    ASSERT_EQ(::chmod(n.path.c_str(), n.type_mode & 07777), 0);  // the umask is not the layer's
+  }
+  fs::create_hard_link(src + "/dev/null", src + "/dev/null-hard");
+  std::ofstream(upper + "/dev/.wh.sda");
+  std::ofstream(upper + "/run/fifo") << "now a file";
+  const std::string layout = *work_ + "/layout";
+  ASSERT_EQ(sh("set -e; tar -C " + src + " -cf " + *work_ +
+               "/dev.tar --numeric-owner ./dev ./run; "
+               "tar -C " +
+               upper + " -cf " + *work_ +
+               "/devupper.tar --numeric-owner ./dev ./run; "
+               "umoci tag --image " +
+               layout + ":busybox devices; umoci raw add-layer --image " + layout + ":devices " +
+               *work_ + "/dev.tar; umoci raw add-layer --image " + layout + ":devices " + *work_ +
+               "/devupper.tar"),
+            "");
+  const auto ours = compare(layout, "devices");
+  ASSERT_TRUE(ours.contains("dev/null"));
+  const std::string shifted_root = std::to_string(kBase) + ":" + std::to_string(kBase);
+  EXPECT_EQ(ours.at("dev/null"), "c 666 " + shifted_root + " dev=1,3");
+  EXPECT_EQ(ours.at("dev/loop200"),
+            "b 660 " + std::to_string(kBase) + ":" + std::to_string(kBase + 6) + " dev=7,200");
+  EXPECT_EQ(ours.at("dev/tty"),
+            "c 600 " + std::to_string(kBase) + ":" + std::to_string(kBase + 5) + " dev=5,1");
+  EXPECT_FALSE(ours.contains("dev/sda"));
+  EXPECT_EQ(ours.at("run/fifo").substr(0, 2), "f ");
+  // GNU tar stores a second link to a device node as a device entry of its own, not a hardlink.
+  EXPECT_EQ(ours.at("dev/null-hard"), ours.at("dev/null"));
 }
 
 TEST_F(UnpackDiff, MmdebstrapDebianImage) {
