@@ -1,7 +1,8 @@
 // Differential test of the agent's unpacker (cvm-unpack) against `umoci unpack`: for layers made
 // by real tools (mmdebstrap's tar as umoci adds it, `umoci repack`, `umoci insert ... /` with its
 // root entry "/", GNU tar with absolute names, hardlinks, symlink chains, setuid files, xattrs, and
-// a second layer of whiteouts and an opaque directory; device nodes and fifos), the two trees must
+// a second layer of whiteouts and an opaque directory; device nodes and fifos; images copied by
+// skopeo through a docker-registry and back), the two trees must
 // be the same: names, types, permission bits, owners (shifted onto the same range), link targets,
 // device numbers, sizes and xattrs. Root only (both tools chown); skips otherwise.
 #include <sys/stat.h>
@@ -303,6 +304,50 @@ TEST_F(UnpackDiff, DeviceNodesAndFifosWithAReplacingLayer) {
   EXPECT_EQ(ours.at("run/fifo").substr(0, 2), "f ");
   // GNU tar stores a second link to a device node as a device entry of its own, not a hardlink.
   EXPECT_EQ(ours.at("dev/null-hard"), ours.at("dev/null"));
+}
+
+// The busybox and crafted images pushed by skopeo to Debian's docker-registry (on loopback, as
+// Docker v2 images: gzip layers, Docker media types) and pulled back into a new layout: the
+// agent's unpack of what came back equals umoci's.
+TEST_F(UnpackDiff, SkopeoCopiesThroughADockerRegistry) {
+  if (::access("/usr/bin/docker-registry", X_OK) != 0 || ::access("/usr/bin/skopeo", X_OK) != 0) {
+    GTEST_SKIP() << "docker-registry or skopeo missing (scripts/install-deps.sh installs them)";
+  }
+  const std::string reg = *work_ + "/registry";
+  const std::string port = std::to_string(20000 + ::getpid() % 20000);
+  fs::create_directories(reg);
+  std::ofstream(reg + "/config.yml")
+      << "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: " << reg
+      << "/data\nhttp:\n  addr: 127.0.0.1:" << port << "\n";
+  struct Registry {
+    std::string config;
+    ~Registry() { (void)run_process({"pkill", "-f", "docker-registry serve " + config}); }
+  } registry{reg + "/config.yml"};
+  const std::string layout = *work_ + "/layout";
+  const std::string pulled = *work_ + "/pulled";
+  std::string copy = "set -e; timeout 300 /usr/bin/docker-registry serve " + reg + "/config.yml >" +
+                     reg +
+                     "/log 2>&1 & for i in $(seq 100); do "
+                     "(exec 3<>/dev/tcp/127.0.0.1/" +
+                     port +
+                     ") 2>/dev/null && break; sleep 0.1; "
+                     "done; ";
+  for (const std::string tag : {"busybox", "crafted"}) {
+    copy += "skopeo copy --quiet --format v2s2 --dest-tls-verify=false oci:" + layout + ":" + tag +
+            " docker://127.0.0.1:" + port + "/cvm/x:" + tag + "; skopeo copy --quiet " +
+            "--src-tls-verify=false docker://127.0.0.1:" + port + "/cvm/x:" + tag +
+            " oci:" + pulled + ":" + tag + "; ";
+  }
+  ASSERT_EQ(sh(copy), "") << std::ifstream(reg + "/log").rdbuf();
+  // Both tags came back into the new layout.
+  std::ifstream index(pulled + "/index.json");
+  const std::string index_json((std::istreambuf_iterator<char>(index)), {});
+  EXPECT_NE(index_json.find("crafted"), std::string::npos) << index_json;
+  compare(pulled, "busybox");
+  const auto ours = compare(pulled, "crafted");
+  EXPECT_FALSE(ours.contains("etc/gone"));
+  EXPECT_TRUE(ours.contains("opaque/new"));
+  EXPECT_NE(ours.at("usr/bin/tool").find("[user.cvm.test=cvm]"), std::string::npos);
 }
 
 TEST_F(UnpackDiff, MmdebstrapDebianImage) {
