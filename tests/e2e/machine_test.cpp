@@ -508,29 +508,13 @@ TEST_F(MachineTest, DockerPullsFromARegistryAndKeepsTheImageAcrossStopStart) {
   std::ofstream(registry + "/config.yml")
       << "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: " << registry
       << "/data\nhttp:\n  addr: 10.250.0.2:5000\n";
-  // The busybox tree as an OCI image, pushed as a Docker v2 image once the registry answers.
-  const std::string bb_root = fs::path(*busybox_tar_).parent_path().string() + "/root";
+  // The project's busybox image, pushed as a Docker v2 image once the registry answers.
   const std::string layout = work_ + "/bb-layout";
   auto pushed = run_tool(
       {"/bin/sh", "-c",
        "set -e; ip netns exec " + server.ns + " timeout 600 /usr/bin/docker-registry serve " +
-           registry + "/config.yml >" + registry +
-           "/log 2>&1 & "
-           "umoci init --layout " +
-           layout + "; umoci new --image " + layout +
-           ":bb; "
-           "umoci unpack --image " +
-           layout + ":bb " + work_ +
-           "/bb-bundle; "
-           "cp -a " +
-           bb_root + "/. " + work_ +
-           "/bb-bundle/rootfs/; "
-           "umoci repack --image " +
-           layout + ":bb " + work_ +
-           "/bb-bundle; "
-           "umoci config --image " +
-           layout +
-           ":bb --config.cmd /bin/sh; "
+           registry + "/config.yml >" + registry + "/log 2>&1 & /bin/sh " +
+           CVM_BUILD_DEFAULT_IMAGE_SCRIPT + " " + layout + " bb >/dev/null; " +
            "for i in $(seq 100); do (exec 3<>/dev/tcp/10.250.0.2/5000) 2>/dev/null && break; "
            "sleep 0.1; done; skopeo copy --quiet --format v2s2 --dest-tls-verify=false oci:" +
            layout + ":bb docker://10.250.0.2:5000/tools/bb:1"});
