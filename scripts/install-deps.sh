@@ -10,7 +10,7 @@ PACKAGES=(
   libspdlog-dev libfmt-dev libboost-dev prometheus-cpp-dev nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libarchive-dev
-  runc umoci skopeo busybox-static
+  runc umoci skopeo buildah busybox-static
   mmdebstrap  # the Debian workspace image (scripts/build-debian-image.sh) of the machine tests
   docker-registry prometheus python3 python3-yaml
   clang-format clang-tidy

@@ -2,9 +2,11 @@
 // by real tools (mmdebstrap's tar as umoci adds it, `umoci repack`, `umoci insert ... /` with its
 // root entry "/", GNU tar with absolute names, hardlinks, symlink chains, setuid files, xattrs, and
 // a second layer of whiteouts and an opaque directory; device nodes and fifos; images copied by
-// skopeo through a docker-registry and back), the two trees must
-// be the same: names, types, permission bits, owners (shifted onto the same range), link targets,
-// device numbers, sizes and xattrs. Root only (both tools chown); skips otherwise.
+// skopeo through a docker-registry and back; images committed by buildah from its vfs and overlay
+// storage), the two trees must be the same: names, types, permission bits, owners (shifted onto the
+// same range), link targets, device numbers, sizes and xattrs. Root only (both tools chown); skips
+// otherwise.
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/xattr.h>
@@ -44,6 +46,72 @@ std::string sh(const std::string& script) {
   o.timeout = 900s;
   auto r = run_tool({"/bin/sh", "-c", script}, o);
   return r ? "" : r.error().message;
+}
+
+// The standard output of a shell script ("" on failure, with the failure in `error`).
+std::string sh_out(const std::string& script, std::string* error) {
+  ProcessOptions o;
+  o.timeout = 300s;
+  auto r = run_tool({"/bin/sh", "-c", script}, o);
+  if (!r) {
+    *error = r.error().message;
+    return "";
+  }
+  std::string out = r->out;
+  while (!out.empty() && (out.back() == '\n' || out.back() == ' ')) out.pop_back();
+  return out;
+}
+
+// buildah with all its state (images, containers, mounts) under `root`, never the host's
+// /var/lib/containers. It runs in `cwd` so that layouts are named by relative paths: buildah 1.28
+// turns an oci: path into the image's name in its storage and rejects names with upper-case
+// letters, which mkdtemp's directories have.
+struct Buildah {
+  std::string cwd;
+  std::string root;
+  std::string driver;
+
+  Result<std::string> operator()(std::vector<std::string> args) const {
+    std::vector<std::string> argv = {"/bin/sh",   "-c",         "cd \"$0\" && exec \"$@\"",
+                                     cwd,         "buildah",    "--storage-driver",
+                                     driver,      "--root",     root + "/storage",
+                                     "--runroot", root + "/run"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    ProcessOptions o;
+    o.timeout = 300s;
+    auto r = run_tool(argv, o);
+    if (!r) return r.error();
+    std::string out = r->out;
+    while (!out.empty() && out.back() == '\n') out.pop_back();
+    return out;
+  }
+  ~Buildah() {
+    (void)(*this)({"rm", "--all"});
+    (void)(*this)({"rmi", "--all", "--force"});
+    // Whatever buildah left mounted (overlay's merged dirs) goes before the files: removing
+    // through a mount would reach into the layers below it.
+    std::ifstream mounts("/proc/self/mounts");
+    std::vector<std::string> points;
+    for (std::string dev, point, rest; mounts >> dev >> point && std::getline(mounts, rest);) {
+      if (point.rfind(root + "/", 0) == 0) points.push_back(point);
+    }
+    std::sort(points.begin(), points.end(),
+              [](const auto& a, const auto& b) { return a.size() > b.size(); });
+    for (const auto& p : points) ::umount2(p.c_str(), MNT_DETACH);
+    std::error_code ec;
+    fs::remove_all(root, ec);
+  }
+};
+
+// How many layers `layout:tag`'s manifest lists.
+size_t layer_count(const std::string& layout, const std::string& tag, std::string* error) {
+  const std::string manifest = sh_out("skopeo inspect --raw oci:" + layout + ":" + tag, error);
+  size_t n = 0;
+  for (size_t at = 0;
+       (at = manifest.find("application/vnd.oci.image.layer.", at)) != std::string::npos; ++at) {
+    ++n;
+  }
+  return n;
 }
 
 // One entry of a tree, as compared.
@@ -348,6 +416,150 @@ TEST_F(UnpackDiff, SkopeoCopiesThroughADockerRegistry) {
   EXPECT_FALSE(ours.contains("etc/gone"));
   EXPECT_TRUE(ours.contains("opaque/new"));
   EXPECT_NE(ours.at("usr/bin/tool").find("[user.cvm.test=cvm]"), std::string::npos);
+}
+
+// A small tree for `buildah copy --chown`: a file, an executable, a directory a later layer
+// replaces.
+std::string buildah_copy_source(const std::string& dir) {
+  fs::create_directories(dir + "/sub");
+  fs::create_directories(dir + "/bin");
+  std::ofstream(dir + "/a") << "a";
+  std::ofstream(dir + "/sub/b") << "b";
+  std::ofstream(dir + "/bin/run.sh") << "#!/bin/sh\n";
+  fs::permissions(dir + "/bin/run.sh", fs::perms(0755));
+  return dir;
+}
+
+// What the second buildah layer does, on the container's mounted rootfs: deletions from the base
+// (a file and a directory), a directory replaced by new contents, a file replaced by a directory,
+// a symlink chain, a hardlink, a setuid file and a user.* xattr.
+::testing::AssertionResult edit_buildah_rootfs(const std::string& m) {
+  if (!fs::is_symlink(m + "/sbin/halt") || !fs::is_directory(m + "/var/tmp") ||
+      !fs::exists(m + "/data/sub/b") || !fs::is_regular_file(m + "/data/a")) {
+    return ::testing::AssertionFailure() << "the base or copied entries are not in " << m;
+  }
+  fs::remove(m + "/sbin/halt");
+  fs::remove_all(m + "/var/tmp");
+  fs::remove_all(m + "/data/sub");
+  fs::create_directories(m + "/data/sub");
+  std::ofstream(m + "/data/sub/c") << "new";
+  fs::remove(m + "/data/a");
+  fs::create_directories(m + "/data/a");
+  std::ofstream(m + "/data/a/inner") << "inner";
+  const std::string bin = m + "/opt/bin";
+  fs::create_directories(bin);
+  std::ofstream(bin + "/tool") << "#!/bin/sh\n";
+  std::ofstream(bin + "/suid") << "suid";
+  // chown clears setuid, so the mode comes after the owner.
+  if (::chown((bin + "/tool").c_str(), 1000, 1000) != 0 ||
+      ::chown((bin + "/suid").c_str(), 0, 50) != 0 ||
+      ::chown((m + "/data/sub/c").c_str(), 1000, 1000) != 0) {
+    return ::testing::AssertionFailure() << "chown: " << std::strerror(errno);
+  }
+  ::chmod((bin + "/tool").c_str(), 0750);
+  ::chmod((bin + "/suid").c_str(), 04755);
+  if (::lsetxattr((bin + "/tool").c_str(), "user.cvm.test", "cvm", 3, 0) != 0) {
+    return ::testing::AssertionFailure() << "setxattr: " << std::strerror(errno);
+  }
+  fs::create_hard_link(bin + "/tool", bin + "/tool-hard");
+  fs::create_symlink("tool", bin + "/link1");
+  fs::create_symlink("link1", bin + "/link2");
+  fs::create_symlink("/opt/bin/link2", bin + "/link3");
+  fs::create_symlink("../../nowhere", bin + "/dangling");
+  return ::testing::AssertionSuccess();
+}
+
+// Two layers on busybox by buildah with its vfs storage (whose diff whites out each removed entry
+// on its own): `buildah copy --chown` of a tree, committed; then a container from that image,
+// edited through `buildah mount` and committed to the layout as an OCI image.
+TEST_F(UnpackDiff, BuildahCommitsLayersWithChownCopiesDeletionsAndLinks) {
+  ASSERT_EQ(sh("command -v buildah >/dev/null"), "")
+      << "buildah not found (scripts/install-deps.sh installs it)";
+  const Buildah buildah{*work_, *work_ + "/buildah-vfs", "vfs"};
+  const std::string src = buildah_copy_source(*work_ + "/buildah-src");
+  auto r = buildah({"from", "--quiet", "--name", "cvm-vfs-1", "oci:layout:busybox"});
+  ASSERT_TRUE(r) << r.error().message;
+  r = buildah({"copy", "--quiet", "--chown", "1000:1000", "cvm-vfs-1", src, "/data"});
+  ASSERT_TRUE(r) << r.error().message;
+  r = buildah({"commit", "--quiet", "--rm", "cvm-vfs-1", "localhost/cvm-copied"});
+  ASSERT_TRUE(r) << r.error().message;
+  r = buildah({"from", "--quiet", "--name", "cvm-vfs-2", "localhost/cvm-copied"});
+  ASSERT_TRUE(r) << r.error().message;
+  const auto mounted = buildah({"mount", "cvm-vfs-2"});
+  ASSERT_TRUE(mounted) << mounted.error().message;
+  ASSERT_TRUE(edit_buildah_rootfs(*mounted));
+  r = buildah({"umount", "cvm-vfs-2"});
+  ASSERT_TRUE(r) << r.error().message;
+  r = buildah({"commit", "--quiet", "--rm", "--format", "oci", "cvm-vfs-2", "oci:layout:buildah"});
+  ASSERT_TRUE(r) << r.error().message;
+
+  const std::string layout = *work_ + "/layout";
+  std::string error;
+  const size_t base = layer_count(layout, "busybox", &error);
+  EXPECT_EQ(layer_count(layout, "buildah", &error), base + 2) << error;
+  const auto ours = compare(layout, "buildah");
+  ASSERT_TRUE(ours.contains("opt/bin/tool")) << "the edited layer is not in the image";
+  const std::string user = std::to_string(kBase + 1000) + ":" + std::to_string(kBase + 1000);
+  EXPECT_EQ(ours.at("data/bin/run.sh"), "f 755 " + user + " size=10");
+  EXPECT_EQ(ours.at("data/sub/c"), "f 644 " + user + " size=3");
+  EXPECT_FALSE(ours.contains("data/sub/b"));
+  EXPECT_FALSE(ours.contains("sbin/halt"));
+  EXPECT_FALSE(ours.contains("var/tmp"));
+  EXPECT_TRUE(ours.contains("sbin/ifconfig"));
+  EXPECT_EQ(ours.at("data/a").substr(0, 2), "d ");
+  EXPECT_TRUE(ours.contains("data/a/inner"));
+  EXPECT_NE(ours.at("opt/bin/suid").find("4755"), std::string::npos);
+  EXPECT_NE(ours.at("opt/bin/tool").find("[user.cvm.test=cvm]"), std::string::npos);
+  EXPECT_NE(ours.at("opt/bin/link3").find("-> /opt/bin/link2"), std::string::npos);
+  struct stat tool {
+  }, hard{};
+  const std::string root = *work_ + "/ours-buildah/opt/bin";
+  ASSERT_EQ(::lstat((root + "/tool").c_str(), &tool), 0);
+  ASSERT_EQ(::lstat((root + "/tool-hard").c_str(), &hard), 0);
+  EXPECT_EQ(tool.st_ino, hard.st_ino) << "tool-hard is not a hardlink of tool";
+}
+
+// buildah with its overlay storage: a directory removed and made again in the container is an
+// opaque directory in the upper dir, so the committed layer carries `.wh..wh..opq` (asserted, so
+// that the case stays covered), besides a plain whiteout of a base file.
+TEST_F(UnpackDiff, BuildahOverlayCommitsAnOpaqueDirectory) {
+  ASSERT_EQ(sh("command -v buildah >/dev/null"), "")
+      << "buildah not found (scripts/install-deps.sh installs it)";
+  const Buildah buildah{*work_, *work_ + "/buildah-overlay", "overlay"};
+  const std::string src = buildah_copy_source(*work_ + "/buildah-src");
+  auto r = buildah({"from", "--quiet", "--name", "cvm-ov-1", "oci:layout:busybox"});
+  ASSERT_TRUE(r) << r.error().message;
+  r = buildah({"copy", "--quiet", "--chown", "1000:1000", "cvm-ov-1", src, "/data"});
+  ASSERT_TRUE(r) << r.error().message;
+  r = buildah({"commit", "--quiet", "--rm", "cvm-ov-1", "localhost/cvm-copied"});
+  ASSERT_TRUE(r) << r.error().message;
+  r = buildah({"from", "--quiet", "--name", "cvm-ov-2", "localhost/cvm-copied"});
+  ASSERT_TRUE(r) << r.error().message;
+  const auto mounted = buildah({"mount", "cvm-ov-2"});
+  ASSERT_TRUE(mounted) << mounted.error().message;
+  ASSERT_TRUE(edit_buildah_rootfs(*mounted));
+  r = buildah({"umount", "cvm-ov-2"});
+  ASSERT_TRUE(r) << r.error().message;
+  r = buildah(
+      {"commit", "--quiet", "--rm", "--format", "oci", "cvm-ov-2", "oci:layout:buildah-overlay"});
+  ASSERT_TRUE(r) << r.error().message;
+
+  const std::string layout = *work_ + "/layout";
+  std::string error;
+  const std::string last = sh_out("skopeo inspect --raw oci:" + layout +
+                                      ":buildah-overlay | jq -r '.layers[-1].digest' | cut -d: -f2",
+                                  &error);
+  ASSERT_EQ(error, "");
+  const std::string entries = sh_out("tar -tf " + layout + "/blobs/sha256/" + last, &error);
+  ASSERT_EQ(error, "");
+  EXPECT_NE(entries.find("data/sub/.wh..wh..opq"), std::string::npos) << entries;
+  EXPECT_NE(entries.find("sbin/.wh.halt"), std::string::npos) << entries;
+  const auto ours = compare(layout, "buildah-overlay");
+  EXPECT_FALSE(ours.contains("data/sub/b"));
+  EXPECT_TRUE(ours.contains("data/sub/c"));
+  EXPECT_FALSE(ours.contains("sbin/halt"));
+  EXPECT_EQ(ours.at("data/a").substr(0, 2), "d ");
+  EXPECT_NE(ours.at("opt/bin/tool").find("[user.cvm.test=cvm]"), std::string::npos);
 }
 
 TEST_F(UnpackDiff, MmdebstrapDebianImage) {
