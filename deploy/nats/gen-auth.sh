@@ -152,6 +152,9 @@ cvmctl_pub() {
   q '$JS.API.STREAM.INFO.CVM_DEAD_LETTERS'; echo -n ", "
   q '$JS.API.STREAM.MSG.GET.CVM_DEAD_LETTERS'; echo -n ", "
   q '$JS.API.STREAM.MSG.GET.CVM_BUILDS'; echo -n ", "
+  # logs: where a workspace lives, then a request to that node's agent.
+  kv_read cvm_workspaces; echo -n ", "
+  q 'cvm.v1.node.*.console'; echo -n ", "
   q 'cvm.v1.builds.submit'
 }
 
@@ -204,8 +207,10 @@ TMP=$(mktemp "$OUT/auth.conf.XXXXXX")
     $'\n          allow_responses: { max: 1, expires: "1m" }'
   user exporter "$(exporter_pub)" '"_INBOX_exporter.>"'
   user cvmctl "$(cvmctl_pub)" '"_INBOX_cvmctl.>"'
+  # An agent answers console requests for its own node only (allow_responses, as the broker).
   for n in "${NODES[@]}"; do
-    user "agent-$n" "$(agent_pub "$n")" "\"_INBOX_agent-$n.>\""
+    user "agent-$n" "$(agent_pub "$n")" "\"_INBOX_agent-$n.>\", \"cvm.v1.node.$n.console\"" \
+      $'\n          allow_responses: { max: 1, expires: "1m" }'
   done
   echo "    ]"
   echo "  }"

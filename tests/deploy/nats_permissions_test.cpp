@@ -294,5 +294,33 @@ TEST_F(NatsPermissions, CvmctlSubmitsAndReadsButCannotAssignWork) {
   EXPECT_TRUE(ctl->consumer_states(std::string(wire::kStreamBuilds)).ok());
 }
 
+TEST_F(NatsPermissions, AnAgentAnswersConsoleRequestsForItsOwnNodeOnly) {
+  auto agent = connect("agent-n1");
+  auto ctl = connect("cvmctl");
+  ASSERT_TRUE(agent && ctl);
+  auto own = agent->subscribe(wire::node_console_subject("n1"), "",
+                              [&](bus::Message m) { (void)agent->publish(m.reply, "log"); });
+  ASSERT_TRUE(own.ok()) << own.error().message;
+  ASSERT_TRUE(agent->flush().ok());
+  auto reply = ctl->request(wire::node_console_subject("n1"), "req", 5s);
+  ASSERT_TRUE(reply.ok()) << reply.error().message;
+  EXPECT_EQ(reply->data, "log");
+  // Another node's console requests are not its to see.
+  auto other = agent->subscribe(wire::node_console_subject("n2"), "", [](bus::Message) {});
+  (void)agent->flush();
+  EXPECT_TRUE(refused("agent-n1", "cvm.v1.node.n2.console"));
+  // cvmctl finds the node in cvm_workspaces, which it may read but not write.
+  auto agent_kv = agent->ensure_kv(service::workspaces_bucket());
+  ASSERT_TRUE(agent_kv.ok()) << agent_kv.error().message;
+  ASSERT_TRUE(agent_kv->put("ws1", "record").ok());
+  auto kv = ctl->ensure_kv(service::workspaces_bucket());
+  ASSERT_TRUE(kv.ok()) << kv.error().message;
+  auto got = kv->get("ws1");
+  ASSERT_TRUE(got.ok()) << got.error().message;
+  ASSERT_TRUE(got->has_value());
+  EXPECT_EQ((*got)->value, "record");
+  EXPECT_FALSE(kv->put("ws1", "forged").ok());
+}
+
 }  // namespace
 }  // namespace cvm::test

@@ -2,7 +2,9 @@
 // user runs it, and real runc containers in a user namespace.
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -284,6 +286,70 @@ TEST_F(BuildPath, ServicesSurviveANatsRestart) {
   ASSERT_EQ(start.exit_code, 0) << start.output << logs();
   auto del = cvmctl({"build", "delete", "--workspace", "after", "--watch", "--timeout", "60"});
   ASSERT_EQ(del.exit_code, 0) << del.output << logs();
+}
+
+// `cvmctl logs` over the bus: a Debian workspace's systemd boot as its console printed it, the
+// last lines only, a follower that sees new console output and ends when the workspace is deleted,
+// and the log still there after STOP.
+TEST_F(BuildPath, LogsShowTheConsoleOfADebianWorkspaceAndFollowIt) {
+  const char* env = std::getenv("CVM_TEST_IMAGE_CACHE");
+  const std::string cache = env != nullptr && *env != '\0' ? env : "/var/cache/cvm-control/images";
+  auto image = run_command({"/bin/sh", CVM_BUILD_DEBIAN_IMAGE_SCRIPT, cache, "debian"}, 900s);
+  ASSERT_EQ(image.exit_code, 0) << "the Debian image: " << image.output;
+  auto start =
+      cvmctl({"build", "start", "--workspace", "deb", "--image", "oci:" + cache + ":debian",
+              "--cvm", "--memory", "1Gi", "--watch", "--timeout", "300"});
+  ASSERT_EQ(start.exit_code, 0) << start.output << logs();
+
+  CommandResult all;
+  ASSERT_TRUE(wait_until(
+      [&] {
+        all = cvmctl({"logs", "deb"});
+        return all.exit_code == 0 && all.output.find("multi-user.target") != std::string::npos;
+      },
+      90s))
+      << all.output << logs();
+  EXPECT_NE(all.output.find("Welcome to"), std::string::npos) << all.output;
+
+  auto tail = cvmctl({"logs", "deb", "--tail", "2"});
+  ASSERT_EQ(tail.exit_code, 0) << tail.output;
+  EXPECT_EQ(std::count(tail.output.begin(), tail.output.end(), '\n'), 2) << tail.output;
+
+  ChildProcess follower({CVMCTL_BIN, "--nats-url", nats_.url(), "logs", "deb", "-f", "--tail", "0"},
+                        work_ + "/follow.log");
+  const int pid = container_pid("deb");
+  ASSERT_GT(pid, 0);
+  // Something new on the console, written from outside through the workspace's own /dev/console.
+  // Written again each second: a mark written before the follower's first read is old output,
+  // which --tail 0 rightly leaves out.
+  bool seen = false;
+  for (int i = 0; i < 20 && !seen; ++i) {
+    auto wrote = run_command({"nsenter", "-t", std::to_string(pid), "-m", "--", "/bin/sh", "-c",
+                              "echo cvm-follow-mark > /dev/console"});
+    ASSERT_EQ(wrote.exit_code, 0) << wrote.output;
+    seen = wait_until(
+        [&] { return read_file(follower.log_path()).find("cvm-follow-mark") != std::string::npos; },
+        1s);
+  }
+  EXPECT_TRUE(seen) << read_file(follower.log_path());
+  EXPECT_EQ(read_file(follower.log_path()).find("Welcome to"), std::string::npos)
+      << "--tail 0 printed old output";
+
+  auto stop = cvmctl({"build", "stop", "--workspace", "deb", "--watch", "--timeout", "60"});
+  ASSERT_EQ(stop.exit_code, 0) << stop.output << logs();
+  auto after = cvmctl({"logs", "deb"});
+  EXPECT_EQ(after.exit_code, 0) << after.output;
+  EXPECT_NE(after.output.find("cvm-follow-mark"), std::string::npos) << "gone after STOP";
+  EXPECT_TRUE(follower.running()) << "a stopped workspace may start again: keep following";
+
+  auto del = cvmctl({"build", "delete", "--workspace", "deb", "--watch", "--timeout", "60"});
+  ASSERT_EQ(del.exit_code, 0) << del.output << logs();
+  EXPECT_TRUE(wait_until([&] { return !follower.running(); }, 10s)) << "the follower did not end";
+  auto gone = cvmctl({"logs", "deb"});
+  EXPECT_EQ(gone.exit_code, 5) << gone.output;
+  EXPECT_NE(gone.output.find("no workspace deb"), std::string::npos) << gone.output;
+  auto bad = cvmctl({"logs", "../etc"});
+  EXPECT_EQ(bad.exit_code, 2) << bad.output;
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <random>
 #include <string>
+#include <thread>
 
 #include <boost/asio/io_context.hpp>
 
@@ -309,6 +310,105 @@ int events_command(const GlobalOptions& global, const std::string& build_id, std
         err << "cvmctl: skipping event " << (*m)->stream_sequence << ": not a BuildEvent\n";
       }
       if ((*m)->pending == 0) return kExitOk;
+    }
+  });
+}
+
+std::string last_lines(const std::string& text, int64_t n) {
+  if (n < 0) return text;
+  size_t end = text.size();
+  // A trailing newline ends the last line; it does not start another.
+  size_t pos = end > 0 && text[end - 1] == '\n' ? end - 1 : end;
+  for (int64_t i = 0; i < n; ++i) {
+    if (pos == 0) return text;
+    const size_t nl = text.rfind('\n', pos - 1);
+    if (nl == std::string::npos) return text;
+    pos = nl;
+  }
+  return n == 0 ? std::string() : text.substr(pos + 1);
+}
+
+namespace {
+
+// Where a workspace lives now: its record in cvm_workspaces. nullopt when there is none.
+Result<std::optional<cvm::v1::WorkspaceRecord>> workspace_record(bus::KeyValue& kv,
+                                                                 const std::string& workspace) {
+  auto entry = kv.get(workspace);
+  if (!entry) return entry.error();
+  if (!entry->has_value()) return std::optional<cvm::v1::WorkspaceRecord>();
+  cvm::v1::WorkspaceRecord record;
+  if (!record.ParseFromString((*entry)->value)) {
+    return make_error(ErrorDomain::kInvalid, "the record of " + workspace +
+                                                 " is not a valid "
+                                                 "cvm.v1.WorkspaceRecord");
+  }
+  return std::optional<cvm::v1::WorkspaceRecord>(std::move(record));
+}
+
+}  // namespace
+
+int logs_command(const GlobalOptions& global, const LogsOptions& o, std::ostream& out,
+                 std::ostream& err) {
+  if (!wire::is_valid_id(o.workspace)) {
+    err << "cvmctl: '" << o.workspace << "' is not a workspace id ([A-Za-z0-9_-], 1..128)\n";
+    return kExitUsage;
+  }
+  return with_connection(global, err, [&](bus::Connection& conn) -> int {
+    auto kv = conn.ensure_kv(service::workspaces_bucket());
+    if (!kv) return unavailable(err, "cannot read the workspaces", kv.error(), global);
+    auto record = workspace_record(*kv, o.workspace);
+    if (!record) return unavailable(err, "cannot read the workspaces", record.error(), global);
+    if (!record->has_value() || (*record)->node_id().empty()) {
+      err << "cvmctl: no workspace " << o.workspace << " (cvmctl build start makes one)\n";
+      return kExitNotFound;
+    }
+    std::string node = (*record)->node_id();
+    cvm::v1::ConsoleLogRequest req;
+    req.set_workspace_id(o.workspace);
+    // Until the first read reaches the end, output is held back when only the tail is wanted.
+    bool caught_up = false;
+    std::string held;
+    for (;;) {
+      auto answer = conn.request(wire::node_console_subject(node), req.SerializeAsString(), 5s);
+      if (!answer) {
+        return unavailable(err, "the agent of node " + node + " does not answer", answer.error(),
+                           global);
+      }
+      cvm::v1::ConsoleLogReply reply;
+      if (!reply.ParseFromString(answer->data)) {
+        err << "cvmctl: node " << node << " answered with something that is not a "
+            << "cvm.v1.ConsoleLogReply\n";
+        return kExitUnavailable;
+      }
+      if (!reply.error().empty() && !(reply.not_found() && o.follow)) {
+        err << "cvmctl: " << reply.error() << "\n";
+        return reply.not_found() ? kExitNotFound : kExitUnavailable;
+      }
+      if (reply.lost()) err << "cvmctl: some console output was rotated away before it was read\n";
+      if (!reply.data().empty()) {
+        *req.mutable_from() = reply.next();
+        if (caught_up || o.tail_lines < 0) {
+          out << reply.data() << std::flush;
+        } else {
+          held += reply.data();
+        }
+        continue;
+      }
+      if (!caught_up) {
+        caught_up = true;
+        out << last_lines(held, o.tail_lines) << std::flush;
+        held.clear();
+      }
+      if (!o.follow) return kExitOk;
+      std::this_thread::sleep_for(o.poll);
+      // Deleted: nothing more will come. Rebuilt elsewhere: its new node has the log from now on.
+      auto now = workspace_record(*kv, o.workspace);
+      if (!now) return unavailable(err, "cannot read the workspaces", now.error(), global);
+      if (!now->has_value()) return kExitOk;
+      if (!(*now)->node_id().empty() && (*now)->node_id() != node) {
+        node = (*now)->node_id();
+        req.clear_from();
+      }
     }
   });
 }

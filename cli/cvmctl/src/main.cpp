@@ -16,7 +16,7 @@ int main(int argc, char** argv) {
   app.fallthrough();
   app.footer(
       "Exit codes: 0 ok, 1 the build FAILED, 2 bad usage, 3 NATS or a service unavailable, "
-      "4 --watch timed out, 5 no such build (events).");
+      "4 --watch timed out, 5 no such build (events) or workspace (logs).");
   GlobalOptions global;
   bool plain = false;
   app.add_option("--nats-url", global.nats_url, "NATS server URL(s), comma-separated")
@@ -70,6 +70,11 @@ int main(int argc, char** argv) {
 
   auto* events = app.add_subcommand("events", "print the events of a build so far");
   events->add_option("BUILD_ID", build_id, "the id `build start` printed")->required();
+  auto* logs = app.add_subcommand("logs", "a workspace's console: what its init printed");
+  LogsOptions logs_opts;
+  logs->add_option("WORKSPACE", logs_opts.workspace, "workspace id")->required();
+  logs->add_flag("-f,--follow", logs_opts.follow, "keep printing until the workspace is deleted");
+  logs->add_option("--tail", logs_opts.tail_lines, "only the last N lines, then what follows");
   auto* nodes = app.add_subcommand("nodes", "nodes: capabilities, runtime, capacity, GPUs");
   auto* gpus = app.add_subcommand("gpus", "GPUs of every node, their health and leases");
   auto* dead_letters = app.add_subcommand(
@@ -103,6 +108,7 @@ int main(int argc, char** argv) {
   if (del->parsed()) return build_command(global, opts, cvm::v1::DELETE, out, err);
   if (watch->parsed()) return watch_command(global, build_id, opts.timeout, out, err);
   if (events->parsed()) return events_command(global, build_id, out, err);
+  if (logs->parsed()) return logs_command(global, logs_opts, out, err);
   if (nodes->parsed()) return nodes_command(global, out, err);
   if (gpus->parsed()) return gpus_command(global, out, err);
   if (dead_letters->parsed()) return dead_letters_command(global, limit, out, err);

@@ -8,6 +8,10 @@ std::string node_work_subject(std::string_view node_id) {
   return "cvm.v1.node." + std::string(node_id) + ".work";
 }
 
+std::string node_console_subject(std::string_view node_id) {
+  return "cvm.v1.node." + std::string(node_id) + ".console";
+}
+
 std::string build_events_subject(std::string_view build_id) {
   return "cvm.v1.builds." + std::string(build_id) + ".events";
 }

@@ -19,6 +19,7 @@
 #include <boost/asio/post.hpp>
 #include <nlohmann/json.hpp>
 
+#include "cvm/agent/console_log.h"
 #include "cvm/agent/oci_spec.h"
 #include "cvm/base/reasons.h"
 #include "cvm/base/wire.h"
@@ -283,13 +284,52 @@ Status AgentService::start() {
   if (!consumer) return consumer.error();
   consumer_ = std::move(*consumer);
   spdlog::info("node {} consuming {} (durable {})", config_.node_id, cc.filter_subject, cc.durable);
+  auto console = conn_->subscribe(wire::node_console_subject(config_.node_id), "",
+                                  [this](bus::Message m) { answer_console(m); });
+  if (!console) return console.error();
+  console_sub_ = std::move(*console);
   return {};
+}
+
+void AgentService::answer_console(const bus::Message& msg) {
+  if (msg.reply.empty()) return;
+  // One reply stays well inside NATS' default 1 MiB payload; a follower asks again.
+  constexpr uint32_t kDefaultBytes = 256 * 1024;
+  constexpr uint32_t kMaxBytes = 512 * 1024;
+  cvm::v1::ConsoleLogRequest req;
+  cvm::v1::ConsoleLogReply reply;
+  if (!req.ParseFromString(msg.data)) {
+    reply.set_error("the request is not a cvm.v1.ConsoleLogRequest");
+  } else if (!wire::is_valid_id(req.workspace_id())) {
+    reply.set_error("invalid workspace id (want [A-Za-z0-9_-], 1..128 characters)");
+  } else {
+    const uint32_t max =
+        req.max_bytes() == 0 ? kDefaultBytes : std::min(req.max_bytes(), kMaxBytes);
+    auto chunk = read_console_log(launcher_->console_log(req.workspace_id()),
+                                  {req.from().file_id(), req.from().offset()}, max);
+    if (!chunk) {
+      reply.set_not_found(chunk.error().is_not_found());
+      reply.set_error(chunk.error().is_not_found()
+                          ? "node " + config_.node_id + " keeps no console log of workspace " +
+                                req.workspace_id()
+                          : chunk.error().message);
+    } else {
+      reply.set_data(std::move(chunk->data));
+      reply.mutable_next()->set_file_id(chunk->next.file_id);
+      reply.mutable_next()->set_offset(chunk->next.offset);
+      reply.set_lost(chunk->lost);
+    }
+  }
+  if (auto st = conn_->publish(msg.reply, reply.SerializeAsString()); !st) {
+    spdlog::warn("cannot answer a console request on {}: {}", msg.reply, st.error().message);
+  }
 }
 
 void AgentService::stop() {
   if (stopping_) return;
   stopping_ = true;
   consumer_.reset();
+  console_sub_.reset();
   heartbeat_timer_.cancel();
   // The workspaces keep running without the agent; a restarted one adopts and watches them.
   for (auto& [id, watch] : exit_watches_) {

@@ -202,6 +202,19 @@ TEST(Settings, AssignmentsSplitAtTheFirstEquals) {
   EXPECT_FALSE(split_assignment("=true"));
 }
 
+TEST(Logs, LastLinesCountsALastLineWithoutItsNewline) {
+  EXPECT_EQ(last_lines("a\nb\nc\n", 2), "b\nc\n");
+  EXPECT_EQ(last_lines("a\nb\nc", 2), "b\nc");
+  EXPECT_EQ(last_lines("a\nb\nc\n", 3), "a\nb\nc\n");
+  EXPECT_EQ(last_lines("a\nb\nc\n", 10), "a\nb\nc\n");
+  EXPECT_EQ(last_lines("a\nb\nc\n", 1), "c\n");
+  EXPECT_EQ(last_lines("a\nb\nc\n", 0), "");
+  EXPECT_EQ(last_lines("a\nb\nc\n", -1), "a\nb\nc\n");
+  EXPECT_EQ(last_lines("", 3), "");
+  EXPECT_EQ(last_lines("\n\n\n", 2), "\n\n");
+  EXPECT_EQ(last_lines("only", 1), "only");
+}
+
 cvm::v1::NodeStatus gpu_node(const std::string& id, int64_t heartbeat) {
   cvm::v1::NodeStatus n;
   n.set_node_id(id);

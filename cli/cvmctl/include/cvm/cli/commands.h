@@ -24,7 +24,7 @@ enum ExitCode : int {
   kExitUsage = 2,         // bad flags or input
   kExitUnavailable = 3,   // NATS unreachable, refused us, or a request timed out
   kExitWatchTimeout = 4,  // --watch gave up before a terminal phase
-  kExitNotFound = 5       // `events`: the stream holds nothing for that build
+  kExitNotFound = 5       // `events`: nothing for that build; `logs`: no such workspace or log
 };
 
 struct GlobalOptions {
@@ -53,6 +53,13 @@ struct BuildOptions {
   std::chrono::seconds timeout{300};
 };
 
+struct LogsOptions {
+  std::string workspace;
+  bool follow = false;      // keep printing what comes, until the workspace is deleted
+  int64_t tail_lines = -1;  // only the last N lines of what is kept; < 0: all of it
+  std::chrono::milliseconds poll{500};
+};
+
 int build_command(const GlobalOptions& global, const BuildOptions& options,
                   cvm::v1::Transition transition, std::ostream& out, std::ostream& err);
 // Follows a build by id: its history first, then live events, until a terminal phase.
@@ -72,7 +79,14 @@ int settings_get_command(const GlobalOptions& global, std::ostream& out, std::os
 int settings_set_command(const GlobalOptions& global, const std::vector<std::string>& assignments,
                          std::ostream& out, std::ostream& err);
 
+// A workspace's console log (what its init wrote to /dev/console), asked of the agent of the node
+// it lives on, as raw bytes.
+int logs_command(const GlobalOptions& global, const LogsOptions& options, std::ostream& out,
+                 std::ostream& err);
+
 // Pure pieces, unit-tested.
+// The last `n` lines of `text` (a last line without its newline counts as one).
+std::string last_lines(const std::string& text, int64_t n);
 std::string new_build_id();
 // Splits "key=value"; nullopt without '=' or with an empty key.
 std::optional<std::pair<std::string, std::string>> split_assignment(const std::string& text);

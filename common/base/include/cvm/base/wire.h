@@ -24,7 +24,7 @@ inline constexpr std::string_view kBucketNodes = "cvm_nodes";
 inline constexpr std::string_view kBucketSettings = "cvm_settings";
 inline constexpr std::string_view kBucketWorkspaces = "cvm_workspaces";
 inline constexpr std::string_view kBucketGpuLeases = "cvm_gpu_leases";
-// Scheduler state (issue 4): capacity holds per node (CAS) and placement records per build.
+// Scheduler state: capacity holds per node (CAS) and placement records per build.
 inline constexpr std::string_view kBucketCapacity = "cvm_capacity";
 inline constexpr std::string_view kBucketPlacements = "cvm_placements";
 inline constexpr std::string_view kSettingsKey = "infrastructure";
@@ -35,6 +35,9 @@ inline constexpr std::string_view kBrokerQueue = "gpu-broker";
 // cvm.v1.node.<node_id>.work
 std::string node_work_subject(std::string_view node_id);
 inline constexpr std::string_view kNodeWorkWildcard = "cvm.v1.node.*.work";
+// cvm.v1.node.<node_id>.console: request-reply (ConsoleLogRequest/Reply), answered by the node's
+// agent; not captured by any stream.
+std::string node_console_subject(std::string_view node_id);
 // cvm.v1.builds.<build_id>.events
 std::string build_events_subject(std::string_view build_id);
 inline constexpr std::string_view kBuildEventsWildcard = "cvm.v1.builds.*.events";

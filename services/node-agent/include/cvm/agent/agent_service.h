@@ -141,6 +141,8 @@ class AgentService {
   };
 
   void on_work(const bus::JsMessagePtr& msg);
+  // A ConsoleLogRequest on the node's console subject: a piece of a workspace's console log.
+  void answer_console(const bus::Message& msg);
   void handle_start(const cvm::v1::NodeAssignment& a, const bus::JsMessagePtr& msg);
   void handle_stop(const cvm::v1::NodeAssignment& a, const bus::JsMessagePtr& msg, bool remove);
   // On the worker thread; withdrawn (nothing started) when the build moved, checked right before
@@ -233,6 +235,7 @@ class AgentService {
   std::optional<bus::KeyValue> nodes_kv_;
   std::optional<bus::KeyValue> workspaces_kv_;
   std::unique_ptr<bus::PullConsumer> consumer_;
+  std::optional<bus::Subscription> console_sub_;
 
   cvm::v1::HostCapabilities host_;
   cvm::v1::RuntimeInfo runtime_info_;
