@@ -5,7 +5,8 @@
 // a non-root user in the docker group, namespaced sysctls are writable and the node's are not, the
 // cgroup limits cannot be raised from inside, the console goes to the console log, Docker's images
 // survive STOP/START and go with DELETE, `docker pull` works from a registry the test runs in its
-// own network namespace, and `poweroff` ends the workspace.
+// own network namespace, an image the inner Docker builds and saves unpacks on the node as umoci
+// unpacks it, and `poweroff` ends the workspace.
 //
 // Needs root, runc, umoci and mmdebstrap (the README's install step adds them) and the apt mirror
 // the first time. Fails, not skips, when the image cannot be built as root: that is the CVM test.
@@ -29,6 +30,7 @@
 #include "cvm/agent/process.h"
 #include "cvm/agent/runtime.h"
 #include "cvm/test/files.h"
+#include "cvm/test/tree_compare.h"
 
 namespace cvm::agent {
 namespace {
@@ -545,6 +547,92 @@ TEST_F(MachineTest, DockerPullsFromARegistryAndKeepsTheImageAcrossStopStart) {
   ASSERT_EQ(trimmed(state_), "running") << why(r.workspace_id);
   EXPECT_EQ(trimmed(sh("docker run --rm --pull never 10.250.0.2:5000/tools/bb:1 echo still-here")),
             "still-here");
+  (void)launcher_->stop(r.workspace_id);
+  ASSERT_TRUE(launcher_->remove(r.workspace_id, true).ok());
+}
+
+// An image built by the inner Docker (overlay2, the classic builder: a layer per RUN) with a
+// deleted base file, a directory removed and made again, links and a setuid file, saved with
+// `docker save` and turned into an OCI layout by skopeo on the node: cvm-unpack makes the same tree
+// of it as `umoci unpack`.
+TEST_F(MachineTest, DockerSavedImageUnpacksAsUmociUnpacksIt) {
+  if (::access("/usr/bin/skopeo", X_OK) != 0) {
+    GTEST_SKIP() << "skopeo missing (scripts/install-deps.sh installs it)";
+  }
+  auto r = request("saved");
+  ASSERT_GT(boot(r), 0);
+  ASSERT_EQ(trimmed(state_), "running") << why(r.workspace_id);
+  const std::string inside_root = "/proc/" + std::to_string(inner_) + "/root";
+  fs::copy_file(*busybox_tar_, inside_root + "/root/bb.tar", fs::copy_options::overwrite_existing);
+  // The busybox image has only a few applets linked, so the RUN steps name busybox.
+  int code = -1;
+  const std::string built = sh(
+      "set -e; docker import /root/bb.tar bb:1 >/dev/null; mkdir -p /root/saved-ctx; "
+      "cat > /root/saved-ctx/Dockerfile <<'EOF'\n"
+      "FROM bb:1\n"
+      "RUN busybox mkdir -p /data/sub && echo b > /data/sub/b && echo a > /data/a && "
+      "busybox chown 1000:1000 /data/a && busybox ln /data/a /data/a-hard && echo s > /data/suid "
+      "&& busybox chmod 4755 /data/suid\n"
+      "RUN busybox rm /bin/cat /data/sub/b && busybox rmdir /data/sub && busybox mkdir /data/sub "
+      "&& echo c > /data/sub/c && busybox ln -s a /data/l1 && busybox ln -s /data/l1 /data/l2\n"
+      "EOF\n"
+      "DOCKER_BUILDKIT=0 docker build -q -t saved:1 /root/saved-ctx >/dev/null; "
+      "docker save -o /root/saved.tar saved:1",
+      &code);
+  ASSERT_EQ(code, 0) << built;
+
+  const std::string archive = work_ + "/saved.tar";
+  fs::copy_file(inside_root + "/root/saved.tar", archive, fs::copy_options::overwrite_existing);
+  const std::string layout = work_ + "/saved-layout";
+  ProcessOptions o;
+  o.timeout = 300s;
+  auto copied = run_tool(
+      {"skopeo", "copy", "--quiet", "docker-archive:" + archive, "oci:" + layout + ":saved"}, o);
+  ASSERT_TRUE(copied.ok()) << copied.error().message;
+  auto manifest = run_tool({"skopeo", "inspect", "--raw", "oci:" + layout + ":saved"}, o);
+  ASSERT_TRUE(manifest.ok()) << manifest.error().message;
+  size_t layers = 0;
+  for (size_t at = 0;
+       (at = manifest->out.find("application/vnd.oci.image.layer.", at)) != std::string::npos;
+       ++at) {
+    ++layers;
+  }
+  EXPECT_EQ(layers, 3u) << manifest->out;  // the import and the two RUN steps
+
+  constexpr uint32_t kBase = 5000000;
+  constexpr uint32_t kCount = 65536;
+  const std::string ours = work_ + "/saved-ours";
+  const std::string theirs = work_ + "/saved-umoci";
+  fs::create_directories(ours);
+  auto unpacked =
+      run_tool({CVM_UNPACK_BIN, "--layout", layout, "--tag", "saved", "--rootfs", ours, "--id-base",
+                std::to_string(kBase), "--id-count", std::to_string(kCount)},
+               o);
+  ASSERT_TRUE(unpacked.ok()) << unpacked.error().message;
+  const std::string map = "0:" + std::to_string(kBase) + ":" + std::to_string(kCount);
+  auto umoci = run_tool(
+      {"umoci", "unpack", "--uid-map", map, "--gid-map", map, "--image", layout + ":saved", theirs},
+      o);
+  ASSERT_TRUE(umoci.ok()) << umoci.error().message;
+  const auto a = cvm::test::tree(ours);
+  const auto b = cvm::test::tree(theirs + "/rootfs");
+  EXPECT_EQ(cvm::test::diff(a, b), "");
+  // What the RUN steps did, beyond agreeing with umoci.
+  ASSERT_TRUE(a.contains("data/sub/c")) << "the second RUN layer is not in the image";
+  EXPECT_FALSE(a.contains("bin/cat"));
+  EXPECT_TRUE(a.contains("bin/echo"));
+  EXPECT_FALSE(a.contains("data/sub/b"));
+  const std::string user = std::to_string(kBase + 1000) + ":" + std::to_string(kBase + 1000);
+  EXPECT_EQ(a.at("data/a"), "f 644 " + user + " size=2");
+  EXPECT_NE(a.at("data/suid").find("4755"), std::string::npos);
+  EXPECT_NE(a.at("data/l2").find("-> /data/l1"), std::string::npos);
+  // The link is made in its file's layer: a link to a file of an earlier layer is saved as a
+  // copy, the layer holding only the new name.
+  struct stat file_st {};
+  struct stat hard_st {};
+  ASSERT_EQ(::lstat((ours + "/data/a").c_str(), &file_st), 0);
+  ASSERT_EQ(::lstat((ours + "/data/a-hard").c_str(), &hard_st), 0);
+  EXPECT_EQ(file_st.st_ino, hard_st.st_ino) << "data/a-hard is not a hardlink of data/a";
   (void)launcher_->stop(r.workspace_id);
   ASSERT_TRUE(launcher_->remove(r.workspace_id, true).ok());
 }

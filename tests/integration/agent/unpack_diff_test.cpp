@@ -24,12 +24,15 @@
 #include <sstream>
 
 #include "cvm/agent/process.h"
+#include "cvm/test/tree_compare.h"
 
 namespace cvm::agent {
 namespace {
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
+using cvm::test::diff;
+using cvm::test::tree;
 
 constexpr uint32_t kBase = 5000000;
 constexpr uint32_t kCount = 65536;
@@ -112,80 +115,6 @@ size_t layer_count(const std::string& layout, const std::string& tag, std::strin
     ++n;
   }
   return n;
-}
-
-// One entry of a tree, as compared.
-std::string describe(const std::string& path) {
-  struct stat st {};
-  if (::lstat(path.c_str(), &st) != 0) return "<lstat failed>";
-  std::ostringstream out;
-  const char type = S_ISDIR(st.st_mode)    ? 'd'
-                    : S_ISLNK(st.st_mode)  ? 'l'
-                    : S_ISREG(st.st_mode)  ? 'f'
-                    : S_ISCHR(st.st_mode)  ? 'c'
-                    : S_ISBLK(st.st_mode)  ? 'b'
-                    : S_ISFIFO(st.st_mode) ? 'p'
-                                           : '?';
-  out << type << " " << std::oct << (st.st_mode & 07777) << std::dec << " " << st.st_uid << ":"
-      << st.st_gid;
-  if (S_ISREG(st.st_mode)) out << " size=" << st.st_size;
-  if (S_ISLNK(st.st_mode)) out << " -> " << fs::read_symlink(path).string();
-  if (S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode)) {
-    out << " dev=" << ::major(st.st_rdev) << "," << ::minor(st.st_rdev);
-  }
-  // xattrs (names and values), sorted.
-  std::string names(65536, '\0');
-  const ssize_t n = ::llistxattr(path.c_str(), names.data(), names.size());
-  std::vector<std::string> attrs;
-  for (ssize_t i = 0; n > 0 && i < n;) {
-    const std::string name(names.data() + i);
-    i += static_cast<ssize_t>(name.size()) + 1;
-    // POSIX ACLs are not applied by cvm-unpack (umoci copies their user and group IDs unshifted,
-    // so they would name IDs outside the workspace's range): a known, documented difference.
-    if (name.rfind("system.posix_acl_", 0) == 0) continue;
-    std::string value(4096, '\0');
-    const ssize_t v = ::lgetxattr(path.c_str(), name.c_str(), value.data(), value.size());
-    attrs.push_back(name + "=" + (v >= 0 ? value.substr(0, static_cast<size_t>(v)) : "?"));
-  }
-  std::sort(attrs.begin(), attrs.end());
-  for (const auto& a : attrs) out << " [" << a << "]";
-  return out.str();
-}
-
-std::map<std::string, std::string> tree(const std::string& root) {
-  std::map<std::string, std::string> out;
-  out["."] = describe(root);
-  std::error_code ec;
-  for (fs::recursive_directory_iterator it(root, fs::directory_options::none, ec), end;
-       !ec && it != end; it.increment(ec)) {
-    out[it->path().lexically_relative(root).string()] = describe(it->path().string());
-  }
-  return out;
-}
-
-// The differences between two trees, one line each (at most 40).
-std::string diff(const std::map<std::string, std::string>& ours,
-                 const std::map<std::string, std::string>& theirs) {
-  std::ostringstream out;
-  int shown = 0;
-  for (const auto& [path, what] : theirs) {
-    auto it = ours.find(path);
-    if (it == ours.end()) {
-      out << "missing in ours: " << path << " (" << what << ")\n";
-    } else if (it->second != what) {
-      out << path << ": ours " << it->second << ", umoci " << what << "\n";
-    } else {
-      continue;
-    }
-    if (++shown == 40) return out.str() + "...\n";
-  }
-  for (const auto& [path, what] : ours) {
-    if (!theirs.contains(path)) {
-      out << "only in ours: " << path << " (" << what << ")\n";
-      if (++shown == 40) return out.str() + "...\n";
-    }
-  }
-  return out.str();
 }
 
 class UnpackDiff : public ::testing::Test {
@@ -511,8 +440,8 @@ TEST_F(UnpackDiff, BuildahCommitsLayersWithChownCopiesDeletionsAndLinks) {
   EXPECT_NE(ours.at("opt/bin/suid").find("4755"), std::string::npos);
   EXPECT_NE(ours.at("opt/bin/tool").find("[user.cvm.test=cvm]"), std::string::npos);
   EXPECT_NE(ours.at("opt/bin/link3").find("-> /opt/bin/link2"), std::string::npos);
-  struct stat tool {
-  }, hard{};
+  struct stat tool {};
+  struct stat hard {};
   const std::string root = *work_ + "/ours-buildah/opt/bin";
   ASSERT_EQ(::lstat((root + "/tool").c_str(), &tool), 0);
   ASSERT_EQ(::lstat((root + "/tool-hard").c_str(), &hard), 0);
