@@ -352,5 +352,57 @@ TEST_F(BuildPath, LogsShowTheConsoleOfADebianWorkspaceAndFollowIt) {
   EXPECT_EQ(bad.exit_code, 2) << bad.output;
 }
 
+// A CPU request is what the workspace's own programs see: nproc and `docker info` (both size
+// themselves by sched_getaffinity) show the requested CPUs, not the node's; two 1-CPU workspaces
+// are pinned to different CPUs.
+TEST_F(BuildPath, ACpuRequestIsTheCpuCountInsideTheWorkspace) {
+  const long node_cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
+  ASSERT_GE(node_cpus, 2) << "needs a node with 2 CPUs to tell a pin from none";
+  const char* env = std::getenv("CVM_TEST_IMAGE_CACHE");
+  const std::string cache = env != nullptr && *env != '\0' ? env : "/var/cache/cvm-control/images";
+  auto image = run_command({"/bin/sh", CVM_BUILD_DEBIAN_IMAGE_SCRIPT, cache, "debian"}, 900s);
+  ASSERT_EQ(image.exit_code, 0) << "the Debian image: " << image.output;
+  for (const std::string ws : {"cpu-a", "cpu-b"}) {
+    auto start = cvmctl({"build", "start", "--workspace", ws, "--image", "oci:" + cache + ":debian",
+                         "--cvm", "--cpu", "1", "--memory", "1Gi", "--watch", "--timeout", "300"});
+    ASSERT_EQ(start.exit_code, 0) << start.output << logs();
+  }
+  auto inside = [&](const std::string& ws, const std::string& command) {
+    const int pid = container_pid(ws);
+    EXPECT_GT(pid, 0) << ws;
+    return run_command({"nsenter", "-t", std::to_string(pid), "-a", "/usr/bin/env", "-i",
+                        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                        "/bin/sh", "-c", command},
+                       120s);
+  };
+  auto trim = [](std::string s) {
+    while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+    return s;
+  };
+  // nsenter joins the namespaces, not the cgroup: run through the workspace's systemd, whose
+  // services live in its cgroup (and cpuset).
+  const std::string booted =
+      "for i in $(seq 600); do [ -S /run/systemd/private ] && break; sleep 0.1; done; "
+      "timeout 90 systemctl is-system-running --wait >/dev/null; ";
+  auto nproc = inside("cpu-a", booted + "systemd-run --wait --pipe --quiet nproc");
+  EXPECT_EQ(trim(nproc.output), "1") << nproc.output;
+  auto ncpu = inside("cpu-a",
+                     "timeout 60 sh -c 'until docker info >/dev/null 2>&1; do sleep 0.5; done'; "
+                     "docker info --format '{{.NCPU}}'");
+  EXPECT_EQ(trim(ncpu.output), "1") << ncpu.output;
+  // The node's own view of the two pins: one CPU each, not the same one.
+  const std::string a = trim(read_file("/sys/fs/cgroup/cpuset/cvm/cvm-cpu-a/cpuset.cpus"));
+  const std::string b = trim(read_file("/sys/fs/cgroup/cpuset/cvm/cvm-cpu-b/cpuset.cpus"));
+  if (fs::exists("/sys/fs/cgroup/cpuset/cvm")) {
+    EXPECT_EQ(a.find_first_of(",-"), std::string::npos) << a;
+    EXPECT_FALSE(a.empty());
+    EXPECT_NE(a, b) << "both pinned to CPU " << a;
+  }
+  for (const std::string ws : {"cpu-a", "cpu-b"}) {
+    auto del = cvmctl({"build", "delete", "--workspace", ws, "--watch", "--timeout", "60"});
+    EXPECT_EQ(del.exit_code, 0) << del.output << logs();
+  }
+}
+
 }  // namespace
 }  // namespace cvm::test

@@ -1,6 +1,7 @@
 #include "cvm/agent/agent_service.h"
 
 #include <malloc.h>
+#include <sched.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/utsname.h>
@@ -20,6 +21,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cvm/agent/console_log.h"
+#include "cvm/agent/cpu_pinning.h"
 #include "cvm/agent/oci_spec.h"
 #include "cvm/base/reasons.h"
 #include "cvm/base/wire.h"
@@ -260,6 +262,13 @@ Status AgentService::start() {
       host_.shiftfs_loaded() ? "loaded" : "absent", capacity_.cpu_millicores() / 1000,
       capacity_.memory_bytes() >> 20, runtime_info_.runtime(), runtime_info_.detail());
 
+  cpu_set_t affinity;
+  CPU_ZERO(&affinity);
+  if (::sched_getaffinity(0, sizeof affinity, &affinity) == 0) {
+    for (int c = 0; c < CPU_SETSIZE; ++c) {
+      if (CPU_ISSET(c, &affinity)) node_cpus_.push_back(c);
+    }
+  }
   if (auto st = conn_->ensure_stream(service::node_work_stream()); !st) return st;
   if (auto st = conn_->ensure_stream(service::events_stream()); !st) return st;
   auto nodes = conn_->ensure_kv(service::nodes_bucket());
@@ -662,12 +671,15 @@ void AgentService::handle_start(const cvm::v1::NodeAssignment& a, const bus::JsM
   // (finding 3): the read is not on the launch path, and nothing starts before its answer (the
   // worker waits for it right before the runtime). The events stay in order: PREPARING is handed
   // to the connection before the answer is, STARTING and RUNNING (the worker's) after it.
-  boost::asio::post(worker_, [this, a, ids = *ids, msg, t0, preparing_ms, ownership] {
-    auto result = launch(a, ids, ownership, preparing_ms, t0);
+  const std::string cpuset = pin_cpus(req.workspace_id(), req.resources().cpu_millicores());
+  launching_cpus_[req.workspace_id()] = cpuset;
+  boost::asio::post(worker_, [this, a, ids = *ids, msg, t0, preparing_ms, ownership, cpuset] {
+    auto result = launch(a, ids, ownership, preparing_ms, t0, cpuset);
     const auto t_launched = std::chrono::steady_clock::now();
     boost::asio::post(io_, [this, a, ids, msg, t0, t_launched, preparing_ms,
                             result = std::move(result)]() mutable {
       const auto t_io = std::chrono::steady_clock::now();
+      launching_cpus_.erase(a.request().workspace_id());
       finish_start(a, ids, std::move(result), preparing_ms, msg);
       spdlog::debug(
           "build {}: received -> launched {:.1f} ms, to the io thread {:.2f} ms, bookkeeping "
@@ -706,7 +718,8 @@ void AgentService::handle_start(const cvm::v1::NodeAssignment& a, const bus::JsM
 AgentService::LaunchResult AgentService::launch(const cvm::v1::NodeAssignment& a, IdRange ids,
                                                 const std::shared_ptr<Ownership>& ownership,
                                                 int64_t preparing_ms,
-                                                std::chrono::steady_clock::time_point t0) {
+                                                std::chrono::steady_clock::time_point t0,
+                                                const std::string& cpuset) {
   const auto& req = a.request();
   LaunchResult out;
   out.received = t0;
@@ -719,6 +732,7 @@ AgentService::LaunchResult AgentService::launch(const cvm::v1::NodeAssignment& a
   r.auto_load_shiftfs = a.auto_load_shiftfs();
   // A CPU quota only when the request asks for one; capacity still counts 1 CPU (cpu_of).
   r.cpu_millicores = req.resources().cpu_millicores();
+  r.cpuset = cpuset;
   r.memory_bytes = memory_of(req.resources());
   r.tun = req.options().tun();
   r.fuse = req.options().fuse();
@@ -771,6 +785,7 @@ AgentService::LaunchResult AgentService::launch(const cvm::v1::NodeAssignment& a
       {cvm::v1::STARTING, out.starting_ms},
       {cvm::v1::RUNNING, clock_.now_unix_ms()}};
   Workspace ws = outcome_record(a, ids, out.outcome, phases, out.revision);
+  ws.record.set_cpuset(cpuset);
   if (auto st = put_workspace(ws); !st && st.error().is_conflict()) {
     out.withdrawn = true;  // refused by revision: the build runs elsewhere
     return out;
@@ -781,6 +796,19 @@ AgentService::LaunchResult AgentService::launch(const cvm::v1::NodeAssignment& a
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   out.recorded = std::move(ws);
   return out;
+}
+
+std::string AgentService::pin_cpus(const std::string& workspace_id, uint64_t millicores) const {
+  std::vector<std::vector<int>> pinned;
+  auto add = [&](const std::string& id, const std::string& list) {
+    if (id == workspace_id || list.empty()) return;
+    if (auto cpus = parse_cpu_list(list)) pinned.push_back(std::move(*cpus));
+  };
+  for (const auto& [id, ws] : workspaces_) {
+    if (ws.record.phase() == cvm::v1::RUNNING) add(id, ws.record.cpuset());
+  }
+  for (const auto& [id, list] : launching_cpus_) add(id, list);
+  return format_cpu_list(choose_cpus(node_cpus_, millicores, pinned));
 }
 
 AgentService::Workspace AgentService::outcome_record(

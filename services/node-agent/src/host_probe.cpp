@@ -8,6 +8,7 @@
 #include <system_error>
 
 #include "cvm/agent/capabilities.h"
+#include "cvm/agent/cpu_pinning.h"
 #include "cvm/agent/image.h"
 #include "cvm/agent/process.h"
 #include "file_util.h"
@@ -154,27 +155,9 @@ uint32_t count_cpuinfo_processors(std::string_view cpuinfo) {
 }
 
 std::optional<uint32_t> parse_cpu_list_count(std::string_view list) {
-  std::string_view s = trim(list);
-  if (s.empty()) return std::nullopt;
-  uint64_t count = 0;
-  while (!s.empty()) {
-    const auto first = take_number(s);
-    if (!first) return std::nullopt;
-    uint64_t last = *first;
-    if (!s.empty() && s.front() == '-') {
-      s.remove_prefix(1);
-      const auto end = take_number(s);
-      if (!end || *end < *first) return std::nullopt;
-      last = *end;
-    }
-    count += last - *first + 1;
-    if (count > UINT32_MAX) return std::nullopt;
-    if (s.empty()) break;
-    if (s.front() != ',') return std::nullopt;
-    s.remove_prefix(1);
-    if (s.empty()) return std::nullopt;  // trailing comma
-  }
-  return static_cast<uint32_t>(count);
+  const auto cpus = parse_cpu_list(list);
+  if (!cpus || cpus->empty()) return std::nullopt;
+  return static_cast<uint32_t>(cpus->size());
 }
 
 std::optional<uint64_t> parse_meminfo_total_bytes(std::string_view meminfo) {

@@ -528,6 +528,7 @@ Result<SpecInput> workspace_spec(const LauncherConfig& config, const LaunchReque
                           : "/cvm/" + WorkspaceLauncher::container_id(r.workspace_id);
   in.memory_limit_bytes = r.memory_bytes;
   in.cpu_millicores = r.cpu_millicores;
+  in.cpuset = r.cpuset;
   in.tun = r.tun;
   in.fuse = r.fuse;
   if (r.cvm) {
@@ -733,6 +734,7 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootf
   s.cgroups_path = "/cvm/" + id;
   s.memory_limit_bytes = r.memory_bytes;
   s.cpu_millicores = r.cpu_millicores;
+  s.cpuset = r.cpuset;
   if (r.tun) s.devices.push_back(tun_device());
   if (r.fuse) s.devices.push_back(fuse_device());
   if (in) s.devices.insert(s.devices.end(), in->devices.begin(), in->devices.end());

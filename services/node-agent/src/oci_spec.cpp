@@ -136,6 +136,7 @@ json resources(const SpecInput& in) {
     res["cpu"] = {
         {"quota", cpu_quota_us(in.cpu_millicores)}, {"period", kCpuPeriodUs}, {"shares", shares}};
   }
+  if (!in.cpuset.empty()) res["cpu"]["cpus"] = in.cpuset;
   return res;
 }
 

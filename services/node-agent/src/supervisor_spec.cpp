@@ -81,25 +81,26 @@ Result<std::vector<std::string>> parse_ldd_output(std::string_view output) {
 
 std::vector<std::string> supervisor_args(const SupervisorSpecInput& in) {
   std::vector<std::string> args = {std::string(kSupervisorBinary),
-          "--runtime",
-          in.runtime_binary,
-          "--root",
-          std::string(kSupervisorRuntimeRoot),
-          "--bundle",
-          std::string(kSupervisorInnerBundle),
-          "--id",
-          std::string(kInnerContainerId),
-          "--run-dir",
-          std::string(kSupervisorRunDir),
-          "--grace-ms",
-          std::to_string(in.stop_grace.count()),
-          "--bundle-wait-ms",
-          std::to_string(in.bundle_wait.count()),
-          "--console-log",
-          in.storage_dir.empty() ? std::string(kSupervisorRunDir) + "/console.log"
-                                 : std::string(kSupervisorStorageDir) + "/console.log",
-          "--console-log-max",
-          std::to_string(in.console_log_max_bytes)};
+                                   "--runtime",
+                                   in.runtime_binary,
+                                   "--root",
+                                   std::string(kSupervisorRuntimeRoot),
+                                   "--bundle",
+                                   std::string(kSupervisorInnerBundle),
+                                   "--id",
+                                   std::string(kInnerContainerId),
+                                   "--run-dir",
+                                   std::string(kSupervisorRunDir),
+                                   "--grace-ms",
+                                   std::to_string(in.stop_grace.count()),
+                                   "--bundle-wait-ms",
+                                   std::to_string(in.bundle_wait.count()),
+                                   "--console-log",
+                                   in.storage_dir.empty()
+                                       ? std::string(kSupervisorRunDir) + "/console.log"
+                                       : std::string(kSupervisorStorageDir) + "/console.log",
+                                   "--console-log-max",
+                                   std::to_string(in.console_log_max_bytes)};
   if (in.network_wait.count() > 0) {
     args.insert(args.end(), {"--network-wait-ms", std::to_string(in.network_wait.count())});
   }
@@ -124,6 +125,7 @@ nlohmann::json build_supervisor_spec(const SupervisorSpecInput& in) {
   base.memory_limit_bytes =
       in.memory_limit_bytes == 0 ? 0 : in.memory_limit_bytes + kSupervisorMemoryOverhead;
   base.cpu_millicores = in.cpu_millicores;
+  base.cpuset = in.cpuset;
   base.devices = in.devices;
   base.annotations = in.annotations;
   json spec = build_runtime_spec(base);

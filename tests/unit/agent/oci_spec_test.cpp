@@ -206,6 +206,11 @@ TEST(OciSpec, CpuAndMemoryResources) {
   EXPECT_EQ(res["cpu"]["period"], 100000);
   EXPECT_EQ(res["cpu"]["shares"], 1536);
   EXPECT_EQ(res["memory"]["limit"], int64_t{2} << 30);
+  EXPECT_FALSE(res["cpu"].contains("cpus")) << "not pinned unless told";
+  in.cpuset = "0-1";
+  res = build_runtime_spec(in)["linux"]["resources"];
+  EXPECT_EQ(res["cpu"]["cpus"], "0-1");
+  EXPECT_EQ(res["cpu"]["quota"], 150000);
 }
 
 TEST(OciSpec, CapabilitiesIntersectedWithHostBoundingSet) {

@@ -71,6 +71,10 @@ TEST(SupervisorSpec, PrivilegedWithoutUserNamespaceButNamespaced) {
   EXPECT_EQ(linux_section["cgroupsPath"], "/cvm/cvm-ws1");
   EXPECT_EQ(linux_section["resources"]["memory"]["limit"],
             static_cast<int64_t>((1ULL << 30) + kSupervisorMemoryOverhead));
+  EXPECT_FALSE(linux_section["resources"]["cpu"].contains("cpus"));
+  auto pinned = sample_input();
+  pinned.cpuset = "1";
+  EXPECT_EQ(build_supervisor_spec(pinned)["linux"]["resources"]["cpu"]["cpus"], "1");
 }
 
 TEST(SupervisorSpec, RunsTheSupervisorOnTheInnerBundle) {

@@ -150,7 +150,10 @@ class AgentService {
   // the io thread on the way to RUNNING).
   LaunchResult launch(const cvm::v1::NodeAssignment& a, IdRange ids,
                       const std::shared_ptr<Ownership>& ownership, int64_t preparing_ms,
-                      std::chrono::steady_clock::time_point received);
+                      std::chrono::steady_clock::time_point received, const std::string& cpuset);
+  // The CPUs a starting workspace is pinned to (cpu_pinning.h), chosen against the pins of the
+  // running workspaces and of the launches in flight; "" without a CPU request.
+  std::string pin_cpus(const std::string& workspace_id, uint64_t millicores) const;
   // On the io thread, after launch(): the bookkeeping, or the failure's record and event.
   void finish_start(const cvm::v1::NodeAssignment& a, IdRange ids, LaunchResult result,
                     int64_t preparing_ms, const bus::JsMessagePtr& msg);
@@ -236,6 +239,8 @@ class AgentService {
   std::optional<bus::KeyValue> workspaces_kv_;
   std::unique_ptr<bus::PullConsumer> consumer_;
   std::optional<bus::Subscription> console_sub_;
+  std::vector<int> node_cpus_;                         // the CPUs the agent may run on
+  std::map<std::string, std::string> launching_cpus_;  // pins of launches in flight, by workspace
 
   cvm::v1::HostCapabilities host_;
   cvm::v1::RuntimeInfo runtime_info_;

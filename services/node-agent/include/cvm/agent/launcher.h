@@ -70,6 +70,7 @@ struct LaunchRequest {
   bool caching = false;
   bool auto_load_shiftfs = false;
   uint64_t cpu_millicores = 0;  // 0: no CPU quota
+  std::string cpuset;           // the CPUs it is pinned to ("0-1", cpu_pinning.h); empty: none
   uint64_t memory_bytes = 512ULL << 20;
   bool tun = false;
   bool fuse = false;

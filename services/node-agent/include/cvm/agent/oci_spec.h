@@ -96,6 +96,7 @@ struct SpecInput {
   std::string cgroups_path;         // e.g. "/cvm/<container id>"; empty: runc chooses
   uint64_t memory_limit_bytes = 0;  // 0: unlimited
   uint64_t cpu_millicores = 0;      // 0: unlimited
+  std::string cpuset;               // linux.resources.cpu.cpus ("0-1"); empty: every CPU
   bool tun = false;                 // /dev/net/tun (10:200)
   bool fuse = false;                // /dev/fuse (10:229)
   std::vector<DeviceNode> devices;  // more devices (assigned GPUs), after TUN/FUSE

@@ -102,6 +102,7 @@ struct SupervisorSpecInput {
   std::string cgroups_path;         // e.g. "/cvm/cvm-<ws>"
   uint64_t memory_limit_bytes = 0;  // the workspace's; the supervisor adds its overhead
   uint64_t cpu_millicores = 0;
+  std::string cpuset;  // the workspace's CPUs (cpu_pinning.h); the inner container's are the same
   // Devices the inner container gets: the supervisor creates each node (0666, so that the inner
   // container's mapped root can open its bind mount) and allows it in its cgroup.
   std::vector<DeviceNode> devices;
