@@ -1,6 +1,6 @@
 // The GPU broker's decision for one 8-GPU node (DGX-like: two NVLink islands of 4), in process:
 // choose_gpus for 1, 2, 4 and 8 GPUs over a mix of lease patterns, and choose_node over a fleet.
-// Issue 5's target: p99 <= 100 us per decision on an 8-GPU node. Each iteration is timed on its
+// The target: p99 <= 100 us per decision on an 8-GPU node. Each iteration is timed on its
 // own so the percentiles come from the decisions themselves, reported as counters (p50_us,
 // p99_us); first_fit_p99_us is the same requests answered first-fit by minor (no topology) in the
 // same run, the baseline the topology search costs against.
@@ -47,7 +47,7 @@ double percentile(std::vector<double>& v, double p) {
   return v[k];
 }
 
-// First fit by minor with no topology: the decision as issue 2 made it.
+// First fit by minor with no topology: the simplest decision, as a baseline.
 NodeGpuInventory without_topology(NodeGpuInventory n) {
   for (auto& g : n.gpus) {
     g.clear_nvlink_peers();

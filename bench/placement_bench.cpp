@@ -1,4 +1,4 @@
-// One placement decision, in process, over a fleet of mixed capability profiles. Issue 4's
+// One placement decision, in process, over a fleet of mixed capability profiles. The
 // targets: >= 20,000 decisions/s on one core at 5,000 nodes, and the cost at 50,000 nodes <= 2x
 // the cost at 5,000, with full placement quality (no sampling).
 //
@@ -194,7 +194,7 @@ void summary(const Capture& c) {
                 at(500, 0), at(5'000, 0), at(50'000, 0), at(500, 1), at(5'000, 1), at(50'000, 1),
                 ratio(at(50'000, 0), at(5'000, 0)), ratio(at(50'000, 1), at(5'000, 1)));
   }
-  std::printf("(issue 4: 50k/5k <= 2x; 5k >= 20,000 decisions/s, i.e. <= 50,000 ns)\n");
+  std::printf("(targets: 50k/5k <= 2x; 5k >= 20,000 decisions/s, i.e. <= 50,000 ns)\n");
 }
 
 }  // namespace

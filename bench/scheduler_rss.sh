@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Scheduler memory with a large fleet registered (issue 4: RSS <= 200 MiB at 50,000 nodes).
+# Scheduler memory with a large fleet registered (target: RSS <= 200 MiB at 50,000 nodes).
 # Starts its own nats-server, the real cvm-scheduler, and cvm-fleet-sim --register-only; reports
 # the scheduler's VmRSS before any node (the baseline of the same run) and once its index holds
 # every node (read from its own /metrics gauge cvm_scheduler_nodes).

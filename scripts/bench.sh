@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one benchmark command (issue 7): builds the release preset, runs every benchmark with the
+# The one benchmark command: builds the release preset, runs every benchmark with the
 # baselines measured in the same run, and writes a markdown results table to bench/results.md
 # (and prints it). Each program's output is kept in build/release/bench-logs/ (NAME.log: stdout,
 # NAME.err: stderr).

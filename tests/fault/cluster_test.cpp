@@ -84,7 +84,8 @@ TEST_F(FaultTest, ClusterOfThreeLosesOneServerDuringBurst) {
   std::printf("server 0 killed after %d submits\n", b->submitted.load());
   expect_burst_ran_once(*b, nodes, server_logs(servers));
   // How often a redelivered START found its build SCHEDULED but read no placement record (a read
-  // behind the write, finding 7): retried, where it used to be dropped as a duplicate.
+  // behind the write, docs/reliability.md "Record read behind the write"): retried, not dropped as
+  // a duplicate.
   size_t behind = 0;
   for (const auto& p : processes_) {
     std::ifstream f(p->log_path());

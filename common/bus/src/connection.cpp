@@ -10,15 +10,15 @@
 
 #include "internal.h"
 
-// Workaround for a cnats 3.4.1 bug (docs/reliability.md, finding 5). When an ordered consumer
-// (every kvStore_Watch is one) detects a gap or missed heartbeats, cnats spawns a thread running
-// _recreateOrderedCons; if re-subscribing fails there (the connection is broken: a slow-consumer
-// cut, a server restart) that thread reaches natsThread_Detach(NULL) + natsThread_Destroy(NULL),
-// because it only reads its own natsThread handle on the success path. natsThread_Detach
-// dereferences its argument: SIGSEGV. cnats calls it through the PLT, so this definition (exported
-// from the executable, see CMakeLists.txt) takes precedence over libnats' own. A NULL handle is
-// only ever passed by that thread about itself, and nobody will join it (its handle is lost with
-// the freed closure), so detaching the calling thread is what the call meant.
+// Workaround for a cnats 3.4.1 bug (docs/reliability.md, "Slow-consumer cut"). When an ordered
+// consumer (every kvStore_Watch is one) detects a gap or missed heartbeats, cnats spawns a thread
+// running _recreateOrderedCons; if re-subscribing fails there (the connection is broken: a
+// slow-consumer cut, a server restart) that thread reaches natsThread_Detach(NULL) +
+// natsThread_Destroy(NULL), because it only reads its own natsThread handle on the success path.
+// natsThread_Detach dereferences its argument: SIGSEGV. cnats calls it through the PLT, so this
+// definition (exported from the executable, see CMakeLists.txt) takes precedence over libnats' own.
+// A NULL handle is only ever passed by that thread about itself, and nobody will join it (its
+// handle is lost with the freed closure), so detaching the calling thread is what the call meant.
 extern "C" void natsThread_Detach(void* thread) {
   if (thread == nullptr) {
     static_cast<void>(pthread_detach(pthread_self()));

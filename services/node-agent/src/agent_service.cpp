@@ -187,7 +187,7 @@ Status AgentService::start() {
   runtime_info_ = probe_runtime(config_.tools);
   if (auto caps = read_cap_bounding(config_.roots)) cap_bounding_ = *caps;
   if (!gpu_monitor_) {
-    // GPUs (issue 5): discovered once here; the monitor's thread keeps their health current.
+    // GPUs: discovered once here; the monitor's thread keeps their health current.
     gpu_monitor_ = std::make_unique<gpu::GpuMonitor>(
         gpu::GpuMonitorOptions{.roots = {config_.roots.procfs, config_.roots.sysfs}}, clock_);
     gpu_monitor_->start();
@@ -376,7 +376,7 @@ Status AgentService::save_id_ranges() {
 }
 
 void AgentService::load_workspaces() {
-  // The desired state of this node's workspaces lives in KV; issue 3 reconciles it with runc.
+  // The desired state of this node's workspaces lives in KV; reconcile() squares it with runc.
   auto keys = workspaces_kv_->keys();
   if (!keys) return;
   for (const auto& key : *keys) {
@@ -647,7 +647,8 @@ void AgentService::handle_start(const cvm::v1::NodeAssignment& a, const bus::JsM
   const auto t0 = std::chrono::steady_clock::now();
   auto ids = ids_->allocate(req.workspace_id());
   if (!ids) {
-    // Out of ranges: FAILED, unless the build is not this node's to answer (finding 3).
+    // Out of ranges: FAILED, unless the build is not this node's to answer (docs/reliability.md,
+    // "Stale agent writes").
     auto current = read_record(req.workspace_id());
     if (!current) {
       (void)msg->nak(std::chrono::seconds(2));
@@ -668,9 +669,10 @@ void AgentService::handle_start(const cvm::v1::NodeAssignment& a, const bus::JsM
   const int64_t preparing_ms = clock_.now_unix_ms();
   auto ownership = std::make_shared<Ownership>();
   // The worker starts at once and prepares the rootfs while this thread reads whose the build is
-  // (finding 3): the read is not on the launch path, and nothing starts before its answer (the
-  // worker waits for it right before the runtime). The events stay in order: PREPARING is handed
-  // to the connection before the answer is, STARTING and RUNNING (the worker's) after it.
+  // (docs/reliability.md, "Stale agent writes"): the read is not on the launch path, and nothing
+  // starts before its answer (the worker waits for it right before the runtime). The events stay in
+  // order: PREPARING is handed to the connection before the answer is, STARTING and RUNNING (the
+  // worker's) after it.
   const std::string cpuset = pin_cpus(req.workspace_id(), req.resources().cpu_millicores());
   launching_cpus_[req.workspace_id()] = cpuset;
   boost::asio::post(worker_, [this, a, ids = *ids, msg, t0, preparing_ms, ownership, cpuset] {
@@ -740,9 +742,10 @@ AgentService::LaunchResult AgentService::launch(const cvm::v1::NodeAssignment& a
   r.ids = ids;
   r.may_start = [&] { return !out.withdrawn; };
   out.outcome = launcher_->launch(r, [&](const std::string& rootfs_note) {
-    // Right before the runtime (finding 3): the answer of the read sent when the assignment came,
-    // or, when that is not fresh (a slow unpack, an agent frozen past the node's TTL since), a new
-    // read on this thread. Withdrawn, the launcher starts nothing and removes the bundle.
+    // Right before the runtime (docs/reliability.md, "Stale agent writes"): the answer of the read
+    // sent when the assignment came, or, when that is not fresh (a slow unpack, an agent frozen
+    // past the node's TTL since), a new read on this thread. Withdrawn, the launcher starts nothing
+    // and removes the bundle.
     std::chrono::steady_clock::time_point sent;
     const auto state = ownership->wait(out.revision, sent);
     if (state != Ownership::State::kOurs) {
@@ -1017,8 +1020,9 @@ void AgentService::reconcile() {
   // 1. Launches a killed agent left unfinished: adopt what got to RUNNING, fail the rest.
   for (auto& [ws_id, a] : read_inflight()) {
     const auto& req = a.request();
-    // Finding 4: the scheduler may have placed the build on another node while this agent was
-    // away. Then nothing of it is this node's to settle: clean up and say nothing.
+    // Returning agent (docs/reliability.md): the scheduler may have placed the build on another
+    // node while this agent was away. Then nothing of it is this node's to settle: clean up and say
+    // nothing.
     uint64_t expected = 0;
     if (auto now = read_record(ws_id); now) {
       expected = now->revision;
@@ -1271,7 +1275,7 @@ void AgentService::release_gpus(const cvm::v1::WorkspaceRecord& record) {
   auto reply = conn_->request(std::string(wire::kGpuRelease), rel.SerializeAsString(),
                               std::chrono::seconds(2));
   if (!reply) {
-    // The broker's reconcile reclaims leases of workspaces that no longer run (issue 5).
+    // The broker's reconcile reclaims leases of workspaces that no longer run.
     spdlog::warn("GPU lease {} of {} not released now: {}", record.lease_id(),
                  record.workspace_id(), reply.error().message);
   }

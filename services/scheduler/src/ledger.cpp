@@ -63,7 +63,8 @@ HoldResult add_hold(cvm::v1::CapacityLedger& ledger, const NodeRecord& node,
     if (h.build_id() != hold.build_id()) continue;
     // A redelivery finishing a placement comes about when the first hold expires (the ack wait
     // and the hold last as long): kept as it was, it would lapse a moment later and the room go
-    // to others while the assignment is on its way (finding 6, seen again under ASan).
+    // to others while the assignment is on its way (docs/reliability.md, "Expired hold at
+    // redelivery"; seen under ASan).
     if (h.expires_unix_ms() >= hold.expires_unix_ms()) return HoldResult::kAlreadyHeld;
     h.set_expires_unix_ms(hold.expires_unix_ms());
     return HoldResult::kRenewed;

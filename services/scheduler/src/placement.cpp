@@ -810,7 +810,7 @@ class PlacementPass {
 
   static cvm::v1::Reason failure_reason(const PlacementStats& stats) {
     if (stats.nodes == 0) return cvm::v1::NO_ELIGIBLE_NODE;
-    // Issue 2's contract: a request that fits no node is NO_ELIGIBLE_NODE, the message saying why
+    // The wire contract: a request that fits no node is NO_ELIGIBLE_NODE, the message saying why
     // per filter, capacity included. Only the documented GPU rule gets a reason of its own, when
     // it alone turned every node away.
     uint32_t bare_metal = 0, total = 0;

@@ -358,8 +358,8 @@ struct SchedulerService::Placement {
   bool duplicate = false;
   // The build's last event is SCHEDULED: an earlier delivery may have stopped before its
   // assignment went out. A nats-server killed with -9 can forget the consumer's delivery counts,
-  // so that delivery comes back as a first one (finding 10). Finished from the record, never
-  // dropped.
+  // so that delivery comes back as a first one (docs/reliability.md, "Forgotten delivery counts").
+  // Finished from the record, never dropped.
   bool unfinished = false;
   std::function<void()> after_lookup;
   std::string node_id;  // the candidate holding room
@@ -438,7 +438,8 @@ void SchedulerService::decide(const PlacementPtr& p) {
   if (!decision.ok()) {
     if (decision.stats.rejected[static_cast<size_t>(Filter::kNodeLive)] > 0 && node_view_stale()) {
       // Nodes look dead because this replica has heard nothing from the watch: try again later
-      // rather than fail the build on a view that may be blind (finding 9).
+      // rather than fail the build on a view that may be blind (docs/reliability.md, "Silent node
+      // watch").
       const std::string why = "node watch silent; not failing on it: " + decision.message;
       return when_looked_up(p, [this, p, why] {
         if (p->duplicate) return drop_duplicate(p);
@@ -1323,7 +1324,7 @@ void SchedulerService::release_gpus(const std::string& workspace_id, const std::
   auto reply = conn_->request(std::string(wire::kGpuRelease), rel.SerializeAsString(),
                               config_.gpu_reserve_timeout);
   if (!reply) {
-    // The broker's reconcile reclaims leases of workspaces that no longer run (issue 5).
+    // The broker's reconcile reclaims leases of workspaces that no longer run.
     spdlog::warn("GPU lease {} of {} not released now: {}", lease_id, workspace_id,
                  reply.error().message);
   }

@@ -1,7 +1,7 @@
-// Finding 1 (docs/reliability.md): cnats reconnects forever, but it still closes a connection it
-// gives up on (the server died during the first handshake; authorization refused twice on a
-// reconnect). A service must not go on retrying start() on that dead connection: run_service
-// exits with kExitConnectionClosed so that its supervisor restarts it.
+// Closed connection (docs/reliability.md): cnats reconnects forever, but it still closes a
+// connection it gives up on (the server died during the first handshake; authorization refused
+// twice on a reconnect). A service must not go on retrying start() on that dead connection:
+// run_service exits with kExitConnectionClosed so that its supervisor restarts it.
 #include <signal.h>
 #include <unistd.h>
 

@@ -210,7 +210,7 @@ class SchedulerFleet : public ::testing::Test {
   std::unique_ptr<fleetsim::Harness> harness_;
 };
 
-// Issue 4: with 3 scheduler replicas and 1,000 requests, no node is ever over capacity and every
+// With 3 scheduler replicas and 1,000 requests, no node is ever over capacity and every
 // request has exactly one terminal event. The fleet is small on purpose, so the replicas race for
 // the same room and the fleet fills up (the rest must FAIL, once each).
 TEST_F(SchedulerFleet, ThreeReplicasThousandRequestsNoNodeOverCapacityOneTerminalEventEach) {
@@ -289,12 +289,12 @@ TEST_F(SchedulerFleet, RedeliveryAfterACrashFinishesOnTheRecordedNode) {
 }
 
 // A build left SCHEDULED with no assignment sent (as in the next test), reached on a *first*
-// delivery (finding 10): a nats-server killed with -9 forgets the consumer's delivery counts, so
-// the request that got as far as SCHEDULED comes back as delivery 1 (seen in CI,
-// FaultTest.KillNineNatsServerDuringBurstRestartSameStore: one build stayed SCHEDULED). It must be
-// finished from the record, not dropped as a duplicate; and finishing it must count the request out
-// of the pipeline once (a first fix counted it out twice, the unsigned in-flight count wrapped and
-// the scheduler took no more requests).
+// delivery (docs/reliability.md, "Forgotten delivery counts"): a nats-server killed with -9 forgets
+// the consumer's delivery counts, so the request that got as far as SCHEDULED comes back as
+// delivery 1 (seen in CI, FaultTest.KillNineNatsServerDuringBurstRestartSameStore: one build stayed
+// SCHEDULED). It must be finished from the record, not dropped as a duplicate; and finishing it
+// must count the request out of the pipeline once (a first fix counted it out twice, the unsigned
+// in-flight count wrapped and the scheduler took no more requests).
 TEST_F(SchedulerFleet, FirstDeliveryOfAScheduledButUnsentBuildIsFinishedFromTheRecord) {
   sched_config_.max_in_flight = 2;
   ASSERT_NO_FATAL_FAILURE(start_after_crash("f"));
@@ -347,10 +347,11 @@ TEST_F(SchedulerFleet, RedeliveryAfterScheduledWithoutAssignmentSendsTheAssignme
       << "finishing from the record is not a new placement";
 }
 
-// Finding 7 (docs/reliability.md): in a cluster, a redelivery read no placement record though the
-// build was SCHEDULED (the record's stream had a new leader that had not applied it yet) and
-// dropped the request as a duplicate: the build stayed SCHEDULED forever. Here the record shows up
-// only after the first redelivery: the scheduler must wait for it, then finish on its node.
+// Record read behind the write (docs/reliability.md): in a cluster, a redelivery read no placement
+// record though the build was SCHEDULED (the record's stream had a new leader that had not applied
+// it yet) and dropped the request as a duplicate: the build stayed SCHEDULED forever. Here the
+// record shows up only after the first redelivery: the scheduler must wait for it, then finish on
+// its node.
 TEST_F(SchedulerFleet, ScheduledWithoutARecordYetIsRetriedNotDropped) {
   auto req = request("crash5");
   ASSERT_NO_FATAL_FAILURE(crash_on_first_delivery(
@@ -368,12 +369,12 @@ TEST_F(SchedulerFleet, ScheduledWithoutARecordYetIsRetriedNotDropped) {
   EXPECT_EQ(finished_from_record(), 1u);
 }
 
-// Finding 6 (docs/reliability.md): a replica recorded the placement on node A and crashed before
-// sending the assignment. Its capacity hold lasts as long as the ack wait, so by the redelivery it
-// has expired and the room may have gone to other builds. The redelivery must hold the room again
-// (compare-and-set) before it sends the assignment: here A is full, so the build is placed afresh
-// on B (never over capacity on A) with one terminal event; `room_left` is the control where A still
-// has room and the build finishes there, holding it again.
+// Expired hold at redelivery (docs/reliability.md): a replica recorded the placement on node A and
+// crashed before sending the assignment. Its capacity hold lasts as long as the ack wait, so by the
+// redelivery it has expired and the room may have gone to other builds. The redelivery must hold
+// the room again (compare-and-set) before it sends the assignment: here A is full, so the build is
+// placed afresh on B (never over capacity on A) with one terminal event; `room_left` is the control
+// where A still has room and the build finishes there, holding it again.
 class ExpiredHoldRedelivery : public SchedulerFleet {
  protected:
   // The crashed replica's work: the record on `node`, the hold it wrote already expired, and
@@ -471,8 +472,8 @@ TEST_F(ExpiredHoldRedelivery, RoomLeftOnRecordedNodeFinishesThereHoldingItAgain)
   EXPECT_TRUE(held);
 }
 
-// The decision of the last delivery (finding 2): FAILED unless that could be a second terminal
-// event; the message is termed (dead-lettered) in every case.
+// The decision of the last delivery (docs/reliability.md, "Giving up"): FAILED unless that could be
+// a second terminal event; the message is termed (dead-lettered) in every case.
 TEST(GiveUpAction, FailsOnlyWhenThatCannotBeASecondTerminalEvent) {
   using scheduler::give_up_action;
   using scheduler::GiveUp;
@@ -487,9 +488,10 @@ TEST(GiveUpAction, FailsOnlyWhenThatCannotBeASecondTerminalEvent) {
   EXPECT_EQ(give_up_action(true, cvm::v1::SCHEDULED, true, true), GiveUp::kFailAndTerm);
 }
 
-// A redelivered START (finding 7): finish a recorded placement; without a record, drop it only
-// when the build has ended, place it when it has no event (or the lookup failed), and retry while
-// an event that cannot come before the record (SCHEDULED) shows that the record read is behind.
+// A redelivered START (docs/reliability.md, "Record read behind the write"): finish a recorded
+// placement; without a record, drop it only when the build has ended, place it when it has no event
+// (or the lookup failed), and retry while an event that cannot come before the record (SCHEDULED)
+// shows that the record read is behind.
 TEST(RedeliveredStartAction, NeverDropsABuildThatHasNotEnded) {
   using scheduler::redelivered_start_action;
   using scheduler::RedeliveredStart;
@@ -577,11 +579,12 @@ TEST_F(SchedulerFleet, PipelinedHoldsOnOneNodeNeverExceedItsRoom) {
   EXPECT_EQ(stats.launched_twice, 0u);
 }
 
-// Finding 9: a replica whose cvm_nodes watch goes silent (in a cluster, a stream leader election
-// kept cnats recreating the watch's ordered consumer for 25 s) must not take its own blindness for
-// dead nodes: no lost notice while KV shows the nodes heartbeating, and a build that only failed
-// on "node not live" is retried, not FAILED. The watch is silenced here by deleting its consumer on
-// the server, again and again, for longer than the node TTL, while the nodes keep heartbeating.
+// Silent node watch (docs/reliability.md): a replica whose cvm_nodes watch goes silent (in a
+// cluster, a stream leader election kept cnats recreating the watch's ordered consumer for 25 s)
+// must not take its own blindness for dead nodes: no lost notice while KV shows the nodes
+// heartbeating, and a build that only failed on "node not live" is retried, not FAILED. The watch
+// is silenced here by deleting its consumer on the server, again and again, for longer than the
+// node TTL, while the nodes keep heartbeating.
 TEST_F(SchedulerFleet, ASilentNodeWatchIsNotTakenForDeadNodes) {
   sched_config_.retry_delay = 300ms;
   start_fast_liveness("w");
@@ -616,7 +619,7 @@ TEST_F(SchedulerFleet, ASilentNodeWatchIsNotTakenForDeadNodes) {
       << "a node was declared lost while it heartbeated";
 }
 
-// The other side of finding 9's fix: when every node dies the watch goes silent too, and the loss
+// The other side of that fix: when every node dies the watch goes silent too, and the loss
 // is declared once KV confirms the heartbeats are as old as the watch said.
 TEST_F(SchedulerFleet, EveryNodeDeadIsStillDeclaredLost) {
   start_fast_liveness("d");

@@ -1,6 +1,6 @@
 // build_still_ours: whether a build assigned to this node is still its own, given the workspace's
-// record in KV (findings 3 and 4 of docs/reliability.md); ownership_read_fresh: when that answer
-// must be read again before the runtime.
+// record in KV (docs/reliability.md, "Stale agent writes" and "Returning agent");
+// ownership_read_fresh: when that answer must be read again before the runtime.
 #include <gtest/gtest.h>
 
 #include "cvm/agent/agent_service.h"

@@ -112,8 +112,9 @@ TEST(Ledger, SameBuildIsAlreadyHeldAndNotCountedTwice) {
   EXPECT_EQ(l.holds_size(), 1);
 }
 
-// A redelivery re-holds room when the first hold is about to lapse (finding 6): the hold lasts
-// from the re-hold on, never shorter than it was, and is still counted once.
+// A redelivery re-holds room when the first hold is about to lapse (docs/reliability.md, "Expired
+// hold at redelivery"): the hold lasts from the re-hold on, never shorter than it was, and is still
+// counted once.
 TEST(Ledger, SameBuildRenewsAnExpiringHold) {
   cvm::v1::CapacityLedger l;
   EXPECT_EQ(add_hold(l, node(4000, 8 * kGiB), hold("a", 4000, 8 * kGiB, kNow + 5), kNow),

@@ -77,7 +77,7 @@ struct Model {
     return sum;
   }
 
-  // The filters, written plainly from the rules (ARCHITECTURE.md / issue 4), not from the index.
+  // The filters, written plainly from the rules (docs/architecture.md), not from the index.
   bool feasible(const std::string& node, const PlacementRequest& r, int64_t now,
                 int64_t ttl) const {
     const auto& s = nodes.at(node);

@@ -71,10 +71,11 @@ struct ServiceContext {
 //
 // A closed connection is never retried on: cnats reconnects forever, so it only closes one it
 // gave up on (the server died during the first handshake, authorization refused on reconnect),
-// and every later call on it fails with "Connection Closed" (docs/reliability.md, finding 1).
-// Rather than rebuild every subscription, consumer and watch on a fresh connection inside the
-// process, the service stops and exits non-zero with a critical log line, so that its supervisor
-// (systemd Restart=on-failure, Kubernetes) starts it again from scratch, like after a crash.
+// and every later call on it fails with "Connection Closed" (docs/reliability.md, "Closed
+// connection"). Rather than rebuild every subscription, consumer and watch on a fresh connection
+// inside the process, the service stops and exits non-zero with a critical log line, so that its
+// supervisor (systemd Restart=on-failure, Kubernetes) starts it again from scratch, like after a
+// crash.
 template <class MakeService>
 int run_service(std::string_view name, const CommonOptions& common, MakeService make) {
   telemetry::Metrics metrics;

@@ -11,13 +11,13 @@
 // It does not wait for the assignment's redelivery (ack wait 120 s); when that comes, the record
 // of the same build answers it without a second launch.
 //
-// Ownership (findings 3 and 4 of docs/reliability.md): a node gone past the scheduler's node TTL
-// (dead or frozen) may have its build placed on another node. The agent therefore writes its
-// workspace records only by compare-and-set, from the revision it read when the assignment arrived
-// (or last wrote), and checks that the build is still its own before the runtime starts, before
-// each record it writes and before it settles an unfinished launch after a restart. A build that
-// moved is given up silently: what this agent started for it (container, bundle, ID range, GPU
-// lease, in-flight record) is removed and no event is published.
+// Ownership (docs/reliability.md, "Stale agent writes" and "Returning agent"): a node gone past the
+// scheduler's node TTL (dead or frozen) may have its build placed on another node. The agent
+// therefore writes its workspace records only by compare-and-set, from the revision it read when
+// the assignment arrived (or last wrote), and checks that the build is still its own before the
+// runtime starts, before each record it writes and before it settles an unfinished launch after a
+// restart. A build that moved is given up silently: what this agent started for it (container,
+// bundle, ID range, GPU lease, in-flight record) is removed and no event is published.
 
 #include <chrono>
 #include <condition_variable>
@@ -107,9 +107,9 @@ class AgentService {
     uint64_t cpu_millicores = 0;
     uint64_t memory_bytes = 0;
   };
-  // Whether a START is still this node's to run (finding 3), read from KV by the io thread while
-  // the worker already prepares the rootfs; the worker waits for the answer right before the
-  // runtime. Shared by the two threads.
+  // Whether a START is still this node's to run (docs/reliability.md, "Stale agent writes"), read
+  // from KV by the io thread while the worker already prepares the rootfs; the worker waits for the
+  // answer right before the runtime. Shared by the two threads.
   struct Ownership {
     enum class State { kPending, kOurs, kMoved, kUnreadable };
     void set(State s, uint64_t rev, std::chrono::steady_clock::time_point sent);
@@ -129,7 +129,8 @@ class AgentService {
     int64_t starting_ms = 0;  // when STARTING was published (0: never)
     bool withdrawn = false;   // the build moved to another node: nothing of it runs here
     bool retry = false;       // withdrawn because KV could not say whose it is: redeliver later
-    uint64_t revision = 0;    // what the launch's record writes compare against (finding 3)
+    uint64_t revision = 0;  // what the launch's record writes compare against (docs/reliability.md,
+                            // "Stale agent writes")
     std::chrono::steady_clock::time_point received;  // the assignment
     // Set when the worker already recorded the workspace and published RUNNING itself.
     std::optional<Workspace> recorded;
@@ -246,7 +247,7 @@ class AgentService {
   cvm::v1::RuntimeInfo runtime_info_;
   cvm::v1::Capacity capacity_;
   std::optional<uint64_t> cap_bounding_;
-  std::unique_ptr<gpu::GpuMonitor> gpu_monitor_;  // GPUs and their health (issue 5)
+  std::unique_ptr<gpu::GpuMonitor> gpu_monitor_;  // GPUs and their health
   int64_t started_ms_ = 0;
   std::map<std::string, Workspace> workspaces_;  // by workspace id, running or stopped here
   std::set<std::string> busy_;                   // workspaces with an operation in flight

@@ -93,7 +93,7 @@ struct PciGpuCount {
   uint32_t amd = 0;
 };
 // GPUs present on the PCI bus (<sysfs>/bus/pci/devices/*/{vendor,class}), driver or not. The NVML
-// inventory (issue 5) says which are usable; this says which are there.
+// inventory says which are usable; this says which are there.
 [[nodiscard]] PciGpuCount probe_pci_gpus(const HostRoots& roots);
 
 // Whether <rootfs>/lib/modules/<kernel>/ holds shiftfs.ko[.xz|.zst|.gz]. The walk is bounded (depth
@@ -110,7 +110,7 @@ struct PciGpuCount {
 // runc (and sysbox-runc, when present) answered.
 [[nodiscard]] cvm::v1::RuntimeInfo probe_runtime(const ToolPaths& tools);
 
-// GPU discovery (issue 5) belongs next to these probes: a `probe_gpus(const HostRoots&)` reading
+// GPU discovery belongs next to these probes: a `probe_gpus(const HostRoots&)` reading
 // /proc/driver/nvidia and <sysfs>/bus/pci/devices/*/vendor, with NVML when it can be dlopen'ed.
 
 }  // namespace cvm::agent

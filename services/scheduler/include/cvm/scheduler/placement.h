@@ -29,7 +29,7 @@ namespace cvm::scheduler {
 // The one place the request defaults live: a resource of 0 on the wire means these.
 inline constexpr uint64_t kDefaultCpuMillicores = 1000;
 inline constexpr uint64_t kDefaultMemoryBytes = 512ULL * 1024 * 1024;
-// A node whose last heartbeat is older than this is not live (issue 4: default 15 s, a flag).
+// A node whose last heartbeat is older than this is not live (default 15 s, a flag).
 inline constexpr int64_t kDefaultLivenessTtlMs = 15'000;
 
 // InfrastructureSettings with the documented defaults applied (a missing key means: CVMs enabled,

@@ -63,7 +63,8 @@ GiveUp give_up_action(bool has_build, std::optional<cvm::v1::Phase> last_phase, 
 // What a redelivered START does, from what a previous delivery left: its placement record (found
 // or not) and the build's newest event (none, or its phase; nullopt also when the lookup failed).
 // A START has no event before its record is stored, so an event that does not end the build with
-// no record found is a read that has not caught up (finding 7): retried, never dropped.
+// no record found is a read that has not caught up (docs/reliability.md, "Record read behind the
+// write"): retried, never dropped.
 enum class RedeliveredStart : uint8_t { kFinishRecorded, kPlace, kDropDuplicate, kRetryLater };
 RedeliveredStart redelivered_start_action(bool has_record,
                                           std::optional<cvm::v1::Phase> last_phase);
@@ -82,8 +83,8 @@ struct SchedulerConfig {
   // while nodes are registered. A stale view declares no node lost without reading its NodeStatus
   // from KV first, and a build that fails only because nodes look dead is retried, not FAILED:
   // a scheduler whose watch stalls (a JetStream leader election in a cluster recreating its
-  // ordered consumers for tens of seconds, finding 9) must not take its own blindness for dead
-  // nodes.
+  // ordered consumers for tens of seconds, docs/reliability.md "Silent node watch") must not take
+  // its own blindness for dead nodes.
   std::chrono::milliseconds node_view_silence{0};
   int max_deliver = 20;
   uint32_t max_candidates = 3;
