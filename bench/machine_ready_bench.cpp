@@ -11,8 +11,10 @@
 // Cold: the node's image cache is emptied first (the launch unpacks the image into it). Warm: the
 // cache holds the image (an ID-mapped overlay, no unpack). Raw: `runc run --detach` of the
 // supervising bundle of the warm launch (the same cvm-supervisor inside, which runs the inner
-// bundle), overlay still mounted; systemd and docker timed the same way. The network is off in all
-// three (the raw run has no agent to attach it), so the figures compare the same work.
+// bundle), overlay still mounted; systemd and docker timed the same way. The network is off in
+// these three (the raw run has no agent to attach it), so they compare the same work. Warm+net:
+// the warm launch with the workspace network on (a CNI bridge of the bench's own, 10.252.0.0/24,
+// removed at the end), as a node with --network runs it: its cost over warm is the attach.
 // A load tool, not a test: it prints figures, it does not judge them.
 #include <sys/resource.h>
 #include <unistd.h>
@@ -30,6 +32,7 @@
 #include "cvm/agent/id_range.h"
 #include "cvm/agent/image.h"
 #include "cvm/agent/launcher.h"
+#include "cvm/agent/network.h"
 #include "cvm/agent/process.h"
 #include "cvm/agent/runtime.h"
 
@@ -133,6 +136,25 @@ int main(int argc, char** argv) {
     std::cerr << st.error().message << "\n";
     return 1;
   }
+  NetworkConfig nc;
+  nc.enabled = true;
+  nc.name = "cvmbench";
+  nc.bridge = "cvmbench0";
+  nc.subnet = "10.252.0.0/24";
+  nc.state_dir = work + "/network";
+  nc.nameservers = {"10.252.0.1"};  // never queried: the bench resolves nothing
+  WorkspaceNetwork network(nc);
+  if (auto st = network.prepare(); !st) {
+    std::cerr << "the workspace network: " << st.error().message << "\n";
+    return 1;
+  }
+  LauncherConfig cn = c;
+  cn.network = &network;
+  WorkspaceLauncher net_launcher(cn, runtime, image_tool);
+  if (auto st = net_launcher.prepare(); !st) {
+    std::cerr << st.error().message << "\n";
+    return 1;
+  }
   auto pool = IdRangeAllocator::create(IdPool{4200000, 65536 * 2});
   LaunchRequest r;
   r.workspace_id = "bench-" + std::to_string(::getpid());
@@ -142,9 +164,9 @@ int main(int argc, char** argv) {
   r.memory_bytes = 1ULL << 30;
   r.ids = *pool->allocate(r.workspace_id);
 
-  const auto launch = [&](Times& t, bool docker = true) -> int {
+  const auto launch = [&](Times& t, bool docker = true, WorkspaceLauncher* with = nullptr) -> int {
     const auto t0 = Clock::now();
-    auto out = launcher.launch(r, nullptr);
+    auto out = (with != nullptr ? with : &launcher)->launch(r, nullptr);
     t.running = ms(t0, Clock::now());
     if (!out.ok) {
       std::cerr << "launch: " << out.message << "\n";
@@ -153,9 +175,9 @@ int main(int argc, char** argv) {
     const int inner = find_inner_host_pid("/proc", out.pid);
     return inner > 0 && wait_machine(inner, t0, t, docker) ? inner : 0;
   };
-  const auto teardown = [&] {
-    (void)launcher.stop(r.workspace_id);
-    (void)launcher.remove(r.workspace_id, false);
+  const auto teardown = [&](WorkspaceLauncher* with = nullptr) {
+    (void)(with != nullptr ? with : &launcher)->stop(r.workspace_id);
+    (void)(with != nullptr ? with : &launcher)->remove(r.workspace_id, false);
   };
 
   // Once: the image docker runs, kept in the workspace's storage from then on.
@@ -166,7 +188,7 @@ int main(int argc, char** argv) {
   in_ws(inner, "docker import /root/bb.tar bb:1 >/dev/null");
   teardown();
 
-  std::vector<double> cold[3], warm[3], raw[3];
+  std::vector<double> cold[3], warm[3], raw[3], net[3];
   for (int i = 0; i < iterations; ++i) {
     Times t;
     fs::remove_all(work + "/cache");  // cold: the launch unpacks into the node cache
@@ -215,19 +237,30 @@ int main(int argc, char** argv) {
     raw[0].push_back(rt.running), raw[1].push_back(rt.systemd), raw[2].push_back(rt.docker);
     teardown();
     std::this_thread::sleep_for(200ms);
+    Times n;
+    if (launch(n, true, &net_launcher) == 0) return 1;
+    net[0].push_back(n.running), net[1].push_back(n.systemd), net[2].push_back(n.docker);
+    teardown(&net_launcher);
+    std::this_thread::sleep_for(200ms);
     std::cout << "iteration " << i << ": cold " << t.running << "/" << t.systemd << "/" << t.docker
               << " ms, warm " << w.running << "/" << w.systemd << "/" << w.docker << " ms, raw "
-              << rt.running << "/" << rt.systemd << "/" << rt.docker << " ms\n";
+              << rt.running << "/" << rt.systemd << "/" << rt.docker << " ms, warm+net "
+              << n.running << "/" << n.systemd << "/" << n.docker << " ms\n";
   }
   (void)launcher.remove(r.workspace_id, true);
   const char* names[3] = {"running", "systemd running", "first docker run"};
   std::cout << "\nmedians over " << iterations
             << " (ms from the launch call; raw: from runc run)\n";
-  std::cout << "step               cold      warm      raw runc  warm/raw\n";
+  std::cout << "step               cold      warm      raw runc  warm/raw  warm+net\n";
   for (int k = 0; k < 3; ++k) {
     const double cw = median(cold[k]), ww = median(warm[k]), rw = median(raw[k]);
-    std::printf("%-17s %8.0f  %8.0f  %8.0f  %7.2f\n", names[k], cw, ww, rw, rw > 0 ? ww / rw : 0);
+    std::printf("%-17s %8.0f  %8.0f  %8.0f  %7.2f  %8.0f\n", names[k], cw, ww, rw,
+                rw > 0 ? ww / rw : 0, median(net[k]));
   }
+  // The bench's bridge and its guard rule go with it; the NAT rules went with each detach.
+  (void)run_process(
+      {"/bin/sh", "-c",
+       "ip link del cvmbench0; iptables -w -D INPUT -i cvmbench0 -j CVM-ISOLATE; true"});
   fs::remove_all(work);
   return 0;
 }
