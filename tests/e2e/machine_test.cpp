@@ -639,7 +639,7 @@ TEST_F(MachineTest, DockerSavedImageUnpacksAsUmociUnpacksIt) {
 
 // lxcfs (an instance this test starts on its own mount point): free, /proc/meminfo and uptime
 // inside show the workspace's 1 GiB and its own boot, not the node's.
-TEST_F(MachineTest, LxcfsShowsTheWorkspacesOwnMemoryAndUptime) {
+TEST_F(MachineTest, FreeTopNprocUptimeAndDockerInfoShowTheWorkspacesOwnLimits) {
   if (::access("/usr/bin/lxcfs", X_OK) != 0 || ::access("/dev/fuse", R_OK) != 0) {
     GTEST_SKIP() << "lxcfs or /dev/fuse missing (apt install lxcfs)";
   }
@@ -665,10 +665,20 @@ TEST_F(MachineTest, LxcfsShowsTheWorkspacesOwnMemoryAndUptime) {
   launcher_ = std::make_unique<WorkspaceLauncher>(c, *runtime_, *images_);
   ASSERT_TRUE(launcher_->prepare().ok());
   auto r = request("lxcfs");
+  // One CPU, as the agent pins a 1-CPU request (cpu_pinning.h).
+  r.cpu_millicores = 1000;
+  r.cpuset = "0";
   ASSERT_GT(boot(r), 0);
   ASSERT_EQ(trimmed(state_), "running") << why(r.workspace_id);
   EXPECT_EQ(trimmed(sh("awk '/^MemTotal:/ {print $2}' /proc/meminfo")), "1048576");
   EXPECT_EQ(trimmed(sh("free -b | awk '/^Mem:/ {print $2}'")), std::to_string(1ULL << 30));
+  EXPECT_EQ(trimmed(sh("top -bn1 | awk '/Mem :/ {print $4}'")), "1024.0");
+  // nsenter does not join the workspace's cgroup (nor its cpuset): ask its systemd to run them.
+  EXPECT_EQ(trimmed(sh("systemd-run --wait --pipe --quiet nproc")), "1");
+  EXPECT_EQ(trimmed(sh("grep -c ^processor /proc/cpuinfo")), "1");
+  EXPECT_EQ(trimmed(sh("timeout 60 sh -c 'until docker info >/dev/null 2>&1; do sleep 0.5; done'; "
+                       "docker info --format '{{.NCPU}} {{.MemTotal}}'")),
+            "1 " + std::to_string(1ULL << 30));
   EXPECT_NE(read_file("/proc/meminfo").find("MemTotal:"), std::string::npos);
   // The workspace booted seconds ago; the node long before.
   const double inner_up = std::stod("0" + trimmed(sh("cut -d' ' -f1 /proc/uptime")));
