@@ -298,8 +298,17 @@ TEST_F(BuildPath, LogsShowTheConsoleOfADebianWorkspaceAndFollowIt) {
   ASSERT_EQ(image.exit_code, 0) << "the Debian image: " << image.output;
   auto start =
       cvmctl({"build", "start", "--workspace", "deb", "--image", "oci:" + cache + ":debian",
-              "--cvm", "--memory", "1Gi", "--watch", "--timeout", "300"});
+              "--cvm", "--memory", "1Gi", "--owner", "alice", "--watch", "--timeout", "300"});
   ASSERT_EQ(start.exit_code, 0) << start.output << logs();
+  // Listed with its owner; another owner's list leaves it out.
+  auto mine = cvmctl({"workspaces", "--owner", "alice"});
+  ASSERT_EQ(mine.exit_code, 0) << mine.output;
+  EXPECT_NE(mine.output.find("deb "), std::string::npos) << mine.output;
+  EXPECT_NE(mine.output.find("RUNNING"), std::string::npos) << mine.output;
+  EXPECT_NE(mine.output.find("e2e-node"), std::string::npos) << mine.output;
+  EXPECT_NE(mine.output.find("1.0Gi"), std::string::npos) << mine.output;
+  auto theirs = cvmctl({"workspaces", "--owner", "bob"});
+  EXPECT_EQ(theirs.output.find("deb "), std::string::npos) << theirs.output;
 
   CommandResult all;
   ASSERT_TRUE(wait_until(
@@ -390,6 +399,8 @@ TEST_F(BuildPath, ACpuRequestIsTheCpuCountInsideTheWorkspace) {
                      "timeout 60 sh -c 'until docker info >/dev/null 2>&1; do sleep 0.5; done'; "
                      "docker info --format '{{.NCPU}}'");
   EXPECT_EQ(trim(ncpu.output), "1") << ncpu.output;
+  auto listed = cvmctl({"-o", "json", "workspaces", "--node", "e2e-node"});
+  EXPECT_NE(listed.output.find("\"cpuset\""), std::string::npos) << listed.output;
   // The node's own view of the two pins: one CPU each, not the same one.
   const std::string a = trim(read_file("/sys/fs/cgroup/cpuset/cvm/cvm-cpu-a/cpuset.cpus"));
   const std::string b = trim(read_file("/sys/fs/cgroup/cpuset/cvm/cvm-cpu-b/cpuset.cpus"));

@@ -413,6 +413,26 @@ int logs_command(const GlobalOptions& global, const LogsOptions& o, std::ostream
   });
 }
 
+int workspaces_command(const GlobalOptions& global, const std::string& node,
+                       const std::string& owner, std::ostream& out, std::ostream& err) {
+  return with_connection(global, err, [&](bus::Connection& conn) -> int {
+    auto all = read_bucket<cvm::v1::WorkspaceRecord>(conn, service::workspaces_bucket(), err);
+    if (!all) return unavailable(err, "cannot list workspaces", all.error(), global);
+    const auto shown = select_workspaces(std::move(*all), node, owner);
+    if (global.output == "json") {
+      out << "[";
+      for (size_t i = 0; i < shown.size(); ++i) out << (i ? "," : "") << to_json(shown[i]);
+      out << "]\n";
+    } else {
+      out << format_workspaces_table(shown, now_ms());
+      if (shown.empty())
+        out << "(no workspaces" << (node.empty() && owner.empty() ? "" : " match")
+            << ": cvmctl build start makes one)\n";
+    }
+    return kExitOk;
+  });
+}
+
 int nodes_command(const GlobalOptions& global, std::ostream& out, std::ostream& err) {
   return with_connection(global, err, [&](bus::Connection& conn) -> int {
     auto nodes = read_bucket<cvm::v1::NodeStatus>(conn, service::nodes_bucket(), err);

@@ -75,6 +75,11 @@ int main(int argc, char** argv) {
   logs->add_option("WORKSPACE", logs_opts.workspace, "workspace id")->required();
   logs->add_flag("-f,--follow", logs_opts.follow, "keep printing until the workspace is deleted");
   logs->add_option("--tail", logs_opts.tail_lines, "only the last N lines, then what follows");
+  auto* workspaces = app.add_subcommand("workspaces", "workspaces: phase, node, owner, resources");
+  std::string ws_node;
+  std::string ws_owner;
+  workspaces->add_option("--node", ws_node, "only those on this node");
+  workspaces->add_option("--owner", ws_owner, "only those of this owner");
   auto* nodes = app.add_subcommand("nodes", "nodes: capabilities, runtime, capacity, GPUs");
   auto* gpus = app.add_subcommand("gpus", "GPUs of every node, their health and leases");
   auto* dead_letters = app.add_subcommand(
@@ -109,6 +114,7 @@ int main(int argc, char** argv) {
   if (watch->parsed()) return watch_command(global, build_id, opts.timeout, out, err);
   if (events->parsed()) return events_command(global, build_id, out, err);
   if (logs->parsed()) return logs_command(global, logs_opts, out, err);
+  if (workspaces->parsed()) return workspaces_command(global, ws_node, ws_owner, out, err);
   if (nodes->parsed()) return nodes_command(global, out, err);
   if (gpus->parsed()) return gpus_command(global, out, err);
   if (dead_letters->parsed()) return dead_letters_command(global, limit, out, err);

@@ -217,6 +217,41 @@ std::string format_nodes_table(const std::vector<cvm::v1::NodeStatus>& nodes, in
   return render_table(rows);
 }
 
+std::vector<cvm::v1::WorkspaceRecord> select_workspaces(std::vector<cvm::v1::WorkspaceRecord> all,
+                                                        const std::string& node,
+                                                        const std::string& owner) {
+  std::erase_if(all, [&](const cvm::v1::WorkspaceRecord& w) {
+    return (!node.empty() && w.node_id() != node) || (!owner.empty() && w.owner() != owner);
+  });
+  std::sort(all.begin(), all.end(),
+            [](const auto& a, const auto& b) { return a.workspace_id() < b.workspace_id(); });
+  return all;
+}
+
+std::string format_workspaces_table(const std::vector<cvm::v1::WorkspaceRecord>& workspaces,
+                                    int64_t now_ms) {
+  std::vector<std::vector<std::string>> rows = {
+      {"WORKSPACE", "PHASE", "NODE", "OWNER", "IMAGE", "CPU", "MEMORY", "GPUS", "AGE"}};
+  for (const auto& w : workspaces) {
+    const auto& res = w.resources();
+    // The defaults a request without them gets (build.proto): 1 CPU counted, 512 MiB.
+    const std::string cpu = res.cpu_millicores() == 0
+                                ? "-"
+                                : std::to_string(res.cpu_millicores()) + "m" +
+                                      (w.cpuset().empty() ? "" : " (cpus " + w.cpuset() + ")");
+    const uint64_t memory = res.memory_bytes() == 0 ? (512ULL << 20) : res.memory_bytes();
+    const int64_t since =
+        w.phase_times_size() > 0 ? w.phase_times(0).unix_ms() : w.updated_unix_ms();
+    std::string phase = cvm::v1::Phase_Name(w.phase());
+    if (phase.rfind("PHASE_", 0) == 0) phase = "-";
+    rows.push_back({w.workspace_id(), phase, w.node_id().empty() ? "-" : w.node_id(),
+                    w.owner().empty() ? "-" : w.owner(), w.image().empty() ? "-" : w.image(), cpu,
+                    human_bytes(memory), std::to_string(w.gpu_uuids_size()),
+                    since > 0 ? format_duration(now_ms - since) : "-"});
+  }
+  return render_table(rows);
+}
+
 std::vector<GpuRow> gpu_rows(const std::vector<cvm::v1::NodeStatus>& nodes,
                              const std::vector<cvm::v1::GpuLease>& leases, int64_t now_ms) {
   // Leases by (node, gpu): the broker's ledger key is the same pair.

@@ -828,6 +828,7 @@ AgentService::Workspace AgentService::outcome_record(
   r.set_phase(outcome.ok ? cvm::v1::RUNNING : cvm::v1::FAILED);
   r.set_desired(cvm::v1::START);
   r.set_image(req.image());
+  r.set_owner(req.owner());
   *r.mutable_resources() = req.resources();
   r.set_container_id(container_id(req.workspace_id()));
   r.set_cvm(a.cvm());

@@ -288,6 +288,64 @@ TEST(Nodes, CapabilitiesPutSelinuxFirstAndNameTheCloud) {
   EXPECT_EQ(node_capabilities(m), "shiftfs-module,headers,bare-metal");
 }
 
+cvm::v1::WorkspaceRecord workspace(const std::string& id, const std::string& node,
+                                   const std::string& owner) {
+  cvm::v1::WorkspaceRecord w;
+  w.set_workspace_id(id);
+  w.set_node_id(node);
+  w.set_owner(owner);
+  w.set_phase(cvm::v1::RUNNING);
+  w.set_image("oci:/images/debian:12");
+  return w;
+}
+
+TEST(Workspaces, SelectedByNodeAndOwnerAndSortedById) {
+  const std::vector<cvm::v1::WorkspaceRecord> all = {
+      workspace("c", "n1", "alice"), workspace("a", "n2", "bob"), workspace("b", "n1", "bob")};
+  auto ids = [](const std::vector<cvm::v1::WorkspaceRecord>& v) {
+    std::string out;
+    for (const auto& w : v) out += w.workspace_id();
+    return out;
+  };
+  EXPECT_EQ(ids(select_workspaces(all, "", "")), "abc");
+  EXPECT_EQ(ids(select_workspaces(all, "n1", "")), "bc");
+  EXPECT_EQ(ids(select_workspaces(all, "", "bob")), "ab");
+  EXPECT_EQ(ids(select_workspaces(all, "n1", "bob")), "b");
+  EXPECT_EQ(ids(select_workspaces(all, "n3", "")), "");
+}
+
+TEST(Workspaces, TableShowsPhaseNodeOwnerResourcesAndAge) {
+  auto w = workspace("alice-dev", "n1", "alice");
+  w.mutable_resources()->set_cpu_millicores(2000);
+  w.mutable_resources()->set_memory_bytes(4ULL << 30);
+  w.set_cpuset("0-1");
+  w.add_gpu_uuids("GPU-1");
+  auto* t = w.add_phase_times();
+  t->set_phase(cvm::v1::PREPARING);
+  t->set_unix_ms(1'000'000);
+  cvm::v1::WorkspaceRecord lost;
+  lost.set_workspace_id("old");
+  lost.set_phase(cvm::v1::LOST);
+  const std::string table = format_workspaces_table({w, lost}, 1'000'000 + 125'000);
+  std::istringstream lines(table);
+  std::string header, first, second;
+  std::getline(lines, header);
+  std::getline(lines, first);
+  std::getline(lines, second);
+  for (const char* col :
+       {"WORKSPACE", "PHASE", "NODE", "OWNER", "IMAGE", "CPU", "MEMORY", "GPUS", "AGE"}) {
+    EXPECT_NE(header.find(col), std::string::npos) << col;
+  }
+  for (const char* cell : {"alice-dev", "RUNNING", "n1", "alice", "oci:/images/debian:12",
+                           "2000m (cpus 0-1)", "4.0Gi", " 1 ", "2m05s"}) {
+    EXPECT_NE(first.find(cell), std::string::npos) << cell << " in: " << first;
+  }
+  // A record with nothing but its phase (the scheduler's LOST mark) still makes a row.
+  for (const char* cell : {"old", "LOST", "512Mi"}) {
+    EXPECT_NE(second.find(cell), std::string::npos) << cell << " in: " << second;
+  }
+}
+
 TEST(Nodes, TableListsEachNode) {
   cvm::v1::NodeStatus n;
   n.set_node_id("node-a");

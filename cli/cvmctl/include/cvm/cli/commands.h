@@ -68,6 +68,9 @@ int watch_command(const GlobalOptions& global, const std::string& build_id,
 // Prints the history of a build's events and exits.
 int events_command(const GlobalOptions& global, const std::string& build_id, std::ostream& out,
                    std::ostream& err);
+// Every workspace KV cvm_workspaces records, optionally only those on `node` or of `owner`.
+int workspaces_command(const GlobalOptions& global, const std::string& node,
+                       const std::string& owner, std::ostream& out, std::ostream& err);
 int nodes_command(const GlobalOptions& global, std::ostream& out, std::ostream& err);
 int gpus_command(const GlobalOptions& global, std::ostream& out, std::ostream& err);
 // The newest `limit` records of CVM_DEAD_LETTERS (0: all), with the request where it is still

@@ -34,6 +34,14 @@ std::string format_event_line(const cvm::v1::BuildEvent& event);
 std::string node_capabilities(const cvm::v1::NodeStatus& node);
 std::string format_nodes_table(const std::vector<cvm::v1::NodeStatus>& nodes, int64_t now_ms);
 
+// `cvmctl workspaces`: those on `node` and of `owner` (empty: any), sorted by id.
+std::vector<cvm::v1::WorkspaceRecord> select_workspaces(std::vector<cvm::v1::WorkspaceRecord> all,
+                                                        const std::string& node,
+                                                        const std::string& owner);
+// WORKSPACE, PHASE, NODE, OWNER, IMAGE, CPU, MEMORY, GPUS, AGE (since its build's first phase).
+std::string format_workspaces_table(const std::vector<cvm::v1::WorkspaceRecord>& workspaces,
+                                    int64_t now_ms);
+
 struct GpuRow {
   std::string node_id;
   bool node_live = false;
