@@ -43,4 +43,8 @@ bool is_terminal_phase(cvm::v1::Phase phase) {
   return phase == cvm::v1::RUNNING || phase == cvm::v1::STOPPED || phase == cvm::v1::FAILED;
 }
 
+bool releases_capacity(cvm::v1::Phase phase) {
+  return phase == cvm::v1::STOPPED || phase == cvm::v1::FAILED || phase == cvm::v1::LOST;
+}
+
 }  // namespace cvm

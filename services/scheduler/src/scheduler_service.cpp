@@ -155,6 +155,9 @@ Status SchedulerService::start() {
   if (!cw) return cw.error();
   capacity_watch_ = std::move(*cw);
   capacity_ = std::move(*capacity);
+  auto ww = workspaces_->watch(">", [this](std::optional<bus::KvEntry> e) { on_workspace(e); });
+  if (!ww) return ww.error();
+  workspaces_watch_ = std::move(*ww);
 
   bus::ConsumerConfig cc;
   cc.stream = std::string(wire::kStreamBuilds);
@@ -179,6 +182,7 @@ void SchedulerService::stop() {
   settings_watch_.reset();
   leases_watch_.reset();
   capacity_watch_.reset();
+  workspaces_watch_.reset();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1400,6 +1404,20 @@ void SchedulerService::on_lease(const std::optional<bus::KvEntry>& entry) {
     }
   }
   if (list.empty()) leases_.erase(node);
+}
+
+void SchedulerService::on_workspace(const std::optional<bus::KvEntry>& entry) {
+  if (!entry || entry->op != bus::KvOp::kPut) return;
+  cvm::v1::WorkspaceRecord record;
+  if (!record.ParseFromString(entry->value) || !releases_capacity(record.phase())) return;
+  const auto it = ledgers_.find(record.node_id());
+  if (it == ledgers_.end()) return;
+  const auto& holds = it->second.ledger.holds();
+  const bool held = std::any_of(holds.begin(), holds.end(), [&](const cvm::v1::CapacityHold& h) {
+    return h.build_id() == record.build_id();
+  });
+  // Every replica sees the record; the first removal wins, the others find nothing to remove.
+  if (held) drop_hold(record.node_id(), record.build_id());
 }
 
 void SchedulerService::on_ledger(const std::optional<bus::KvEntry>& entry) {

@@ -675,6 +675,40 @@ TEST_F(SchedulerFleet, AHoldStopsCountingOnceTheNodeReportsItsBuild) {
   EXPECT_EQ(harness_->on_fleet([](auto& f) { return f.stats().over_capacity; }), 0u);
 }
 
+// A build that FAILED on its node gives its room back at once: the node's agent recorded FAILED,
+// and the scheduler drops the build's hold instead of counting it until the hold expires (30 s),
+// which made a node with a few failed builds look full.
+TEST_F(SchedulerFleet, AFailedBuildReleasesItsHoldAtOnce) {
+  fleetsim::FleetConfig fleet;
+  fleet.nodes = 1;
+  fleet.profiles = {vm(4000, 16 * kGiB)};
+  fleet.prefix = "fail";
+  fleet.launch_delay = 10ms;
+  fleet.fail_image = "oci:/images/broken:1";
+  start(fleet, 1);
+  ASSERT_EQ(sched_config_.reservation_hold, 30s) << "the hold outlives the whole test";
+
+  auto broken = request("f1", 3000);
+  broken.set_image(fleet.fail_image);
+  submit(broken);
+  auto f1 = wait_phase("f1", {cvm::v1::FAILED, cvm::v1::RUNNING});
+  ASSERT_TRUE(f1.has_value());
+  ASSERT_EQ(f1->phase(), cvm::v1::FAILED) << f1->message();
+  ASSERT_TRUE(test::wait_until(
+      [&] {
+        return harness_->on_scheduler(0, [](auto& s) {
+          const auto* n = s.node("fail-0");
+          return n != nullptr && n->reserved_cpu_millicores == 0;
+        });
+      },
+      10s))
+      << "the failed build's hold still counts on the node";
+  // 4000 free again: a 3000 build fits, where the stale hold would have left 1000.
+  submit(request("ok", 3000));
+  expect_running_on("ok", "fail-0");
+  EXPECT_EQ(harness_->on_fleet([](auto& f) { return f.stats().over_capacity; }), 0u);
+}
+
 // A node that stops heartbeating for the TTL is lost: the build assigned there but not running is
 // placed again on another node, the running workspace gets LOST / NODE_LOST, its GPU lease is
 // released, and the schedulers' holds on the node are dropped.

@@ -41,5 +41,15 @@ TEST(Reasons, TerminalPhases) {
   EXPECT_EQ(phase_name(cvm::v1::RUNNING), "RUNNING");
 }
 
+TEST(Reasons, PhasesThatReleaseCapacity) {
+  for (int p = cvm::v1::Phase_MIN; p <= cvm::v1::Phase_MAX; ++p) {
+    if (!cvm::v1::Phase_IsValid(p)) continue;
+    const auto phase = static_cast<cvm::v1::Phase>(p);
+    const bool expected =
+        phase == cvm::v1::STOPPED || phase == cvm::v1::FAILED || phase == cvm::v1::LOST;
+    EXPECT_EQ(releases_capacity(phase), expected) << phase_name(phase);
+  }
+}
+
 }  // namespace
 }  // namespace cvm::wire

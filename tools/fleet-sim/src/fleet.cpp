@@ -300,8 +300,32 @@ void Fleet::launched(const std::string& node_id, const cvm::v1::NodeAssignment& 
   if (node.dead) return;  // crashed mid-launch: never reports
   auto it = node.workspaces.find(a.request().workspace_id());
   if (it == node.workspaces.end() || it->second.build_id != a.request().build_id()) return;
-  it->second.running = true;
-  ++stats_.launched;
+  const bool fails = !config_.fail_image.empty() && a.request().image() == config_.fail_image;
+  if (fails) {
+    node.used_cpu -= it->second.cpu;
+    node.used_memory -= it->second.memory;
+    node.workspaces.erase(it);
+  } else {
+    it->second.running = true;
+    ++stats_.launched;
+  }
+  if (fails && config_.write_workspaces) {
+    cvm::v1::WorkspaceRecord r;
+    r.set_workspace_id(a.request().workspace_id());
+    r.set_node_id(node_id);
+    r.set_build_id(a.request().build_id());
+    r.set_phase(cvm::v1::FAILED);
+    r.set_reason(cvm::v1::RUNTIME_ERROR);
+    r.set_message("simulated launch failure");
+    r.set_updated_unix_ms(clock_.now_unix_ms());
+    (void)conn_->publish(kv_subject(wire::kBucketWorkspaces, r.workspace_id()),
+                         r.SerializeAsString());
+  }
+  if (fails) {
+    event(a, cvm::v1::FAILED, cvm::v1::RUNTIME_ERROR, "simulated launch failure");
+    if (config_.heartbeat_on_change) heartbeat(node);
+    return;
+  }
   if (config_.progress_events) event(a, cvm::v1::STARTING, cvm::v1::REASON_UNSPECIFIED, "");
   if (config_.write_workspaces) {
     cvm::v1::WorkspaceRecord r;

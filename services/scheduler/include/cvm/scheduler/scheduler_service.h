@@ -243,6 +243,9 @@ class SchedulerService {
   void on_settings(const std::optional<bus::KvEntry>& entry);
   void on_lease(const std::optional<bus::KvEntry>& entry);
   void on_ledger(const std::optional<bus::KvEntry>& entry);
+  // A workspace record whose phase uses no room (FAILED, STOPPED): this replica drops the hold
+  // its build still has on the node, so that a failed build does not count until the hold expires.
+  void on_workspace(const std::optional<bus::KvEntry>& entry);
   void schedule_sweep();
   void sweep();
 
@@ -269,6 +272,7 @@ class SchedulerService {
   std::optional<bus::KeyValue> capacity_;
   std::optional<bus::KeyValue> placements_;
   std::unique_ptr<bus::KvWatch> nodes_watch_;
+  std::unique_ptr<bus::KvWatch> workspaces_watch_;
   std::unique_ptr<bus::KvWatch> settings_watch_;
   std::unique_ptr<bus::KvWatch> leases_watch_;
   std::unique_ptr<bus::KvWatch> capacity_watch_;

@@ -59,6 +59,9 @@ struct FleetConfig {
   bool progress_events = true;      // PREPARING and STARTING as well as RUNNING
   bool write_workspaces = true;     // WorkspaceRecord in cvm_workspaces once RUNNING
   bool heartbeat_on_change = true;  // a NodeStatus right after a launch or stop, as the agent does
+  // Builds of this image fail at launch, as a real agent's do when the runtime fails: the room is
+  // freed, the record says FAILED, then the event.
+  std::string fail_image;
   // One subscription per node, as each agent has its own. cnats gives every async subscription
   // its own delivery thread, so for tens of thousands of nodes use one wildcard subscription
   // (cvm.v1.node.*.work) demultiplexed by node id instead.
