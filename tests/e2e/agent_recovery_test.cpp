@@ -477,5 +477,33 @@ TEST_F(AgentProcess, InitShutDownFromInsideIsStopped) {
       10s));
 }
 
+// A state directory below one that other users cannot search: every launch would fail inside
+// runc (the workspace's mapped root cannot reach its bundle), so the agent says so in its node
+// status, not ready, instead of taking work and failing it.
+TEST_F(AgentProcess, AStateDirTheMappedRootCannotReachIsReportedNotReady) {
+  const std::string closed = work_ + "/closed";
+  fs::create_directories(closed);
+  fs::permissions(closed, fs::perms(0700));
+  agent_ = std::make_unique<ChildProcess>(
+      std::vector<std::string>{CVM_AGENT_BIN, "--nats-url", nats_.url(), "--node-id", "n1",
+                               "--state-dir", closed + "/agent", "--runc-root", runc_root(),
+                               "--metrics-listen", "off", "--heartbeat-interval", "1"},
+      work_ + "/agent-closed.log");
+  auto nodes = conn_->ensure_kv(service::nodes_bucket());
+  ASSERT_TRUE(nodes.ok());
+  cvm::v1::NodeStatus status;
+  ASSERT_TRUE(wait_until(
+      [&] {
+        auto e = nodes->get("n1");
+        return e.ok() && e->has_value() && status.ParseFromString((*e)->value);
+      },
+      30s))
+      << logs();
+  EXPECT_FALSE(status.runtime().ready());
+  EXPECT_NE(status.runtime().detail().find(closed + " is mode 0700"), std::string::npos)
+      << status.runtime().detail();
+  EXPECT_TRUE(agent_->running()) << "a node that is not ready still reports; it does not exit";
+}
+
 }  // namespace
 }  // namespace cvm::test

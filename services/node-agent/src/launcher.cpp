@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -240,6 +241,28 @@ const std::vector<std::string>& lxcfs_files() {
   return files;
 }
 
+std::string unsearchable_ancestor(
+    const std::string& path,
+    const std::function<std::optional<unsigned>(const std::string&)>& mode_of) {
+  fs::path dir = fs::path(path).lexically_normal();
+  if (!dir.has_root_directory()) dir = fs::path("/") / dir;
+  // From the root down: the highest directory that stops the walk is the one to fix first.
+  fs::path walked = "/";
+  for (const auto& part : dir.relative_path()) {
+    if (part.empty()) continue;
+    walked /= part;
+    const auto mode = mode_of(walked.string());
+    // Not made yet: what is made below here is made 0755.
+    if (!mode) return "";
+    if ((*mode & S_IXOTH) == 0) {
+      char octal[8];
+      std::snprintf(octal, sizeof octal, "%04o", *mode & 07777);
+      return walked.string() + " is mode " + octal;
+    }
+  }
+  return "";
+}
+
 std::string etc_hosts(std::string_view hostname) {
   std::string h(hostname);
   return "127.0.0.1\tlocalhost\n127.0.1.1\t" + h +
@@ -354,6 +377,21 @@ Status WorkspaceLauncher::prepare() {
     return make_error(ErrorDomain::kNotFound, "inner runtime: " + runtime.error().message);
   config_.supervisor_binary = *supervisor;
   config_.inner_runtime = *runtime;
+  // A user-namespaced container's root is an unprivileged host ID: it must be able to walk down
+  // to its bundle and storage, or every launch would fail with EACCES inside runc.
+  const auto mode_of = [](const std::string& p) -> std::optional<unsigned> {
+    struct stat st {};
+    if (::stat(p.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) return std::nullopt;
+    return static_cast<unsigned>(st.st_mode);
+  };
+  for (const auto& dir : {config_.workspaces_dir, config_.storage_dir}) {
+    if (dir.empty()) continue;
+    if (auto why = unsearchable_ancestor(dir, mode_of); !why.empty()) {
+      return make_error(ErrorDomain::kInvalid,
+                        why + ": a workspace's mapped root cannot reach " + dir +
+                            " (chmod o+x each directory above it, or use another --state-dir)");
+    }
+  }
   files_.push_back(*runtime);
   for (const auto& binary : {*runtime, *supervisor}) {
     auto libs = shared_libraries(binary);

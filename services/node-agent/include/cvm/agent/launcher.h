@@ -218,6 +218,14 @@ Status shift_tree_ownership(const std::string& root, uid_t old_base, IdRange ids
 // The lxcfs files a CVM's /proc and /sys get, relative to the lxcfs mount: they show the
 // workspace's memory, CPU and uptime instead of the node's (free, top, uptime, docker info).
 [[nodiscard]] const std::vector<std::string>& lxcfs_files();
+// Why the workspaces' mapped root could not reach its bundle below `path`: the first of `path` and
+// its ancestors that other users cannot search (no o+x; the mapped IDs own none of them), as
+// "<dir> is mode 0700"; "" when every one is searchable. `mode_of` gives a directory's mode bits,
+// nullopt when it is missing: the walk ends there (what is made below is made 0755).
+[[nodiscard]] std::string unsearchable_ancestor(
+    const std::string& path,
+    const std::function<std::optional<unsigned>(const std::string&)>& mode_of);
+
 // A machine's /etc/hosts: localhost and its own name (127.0.1.1, as Debian's installer writes it).
 [[nodiscard]] std::string etc_hosts(std::string_view hostname);
 
