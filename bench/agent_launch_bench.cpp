@@ -88,11 +88,11 @@ namespace {
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
-using Clock = std::chrono::steady_clock;
+using Steady = std::chrono::steady_clock;
 using cvm::test::run_command;
 
-double ms_since(Clock::time_point t0) {
-  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+double ms_since(Steady::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Steady::now() - t0).count();
 }
 
 double median(std::vector<double> v) {
@@ -183,7 +183,7 @@ class StatusWatch {
   StatusWatch& operator=(const StatusWatch&) = delete;
 
   bool wait_running(std::chrono::milliseconds timeout) {
-    const auto deadline = Clock::now() + timeout;
+    const auto deadline = Steady::now() + timeout;
     for (;;) {
       const std::string text = read_file(run_dir_ + "/status.json");
       if (text.find("\"running\"") != std::string::npos) {
@@ -200,7 +200,7 @@ class StatusWatch {
       }
       if (text.find("\"failed\"") != std::string::npos) return false;
       const auto left =
-          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Steady::now()).count();
       if (left <= 0) return false;
       pollfd p{fd_, POLLIN, 0};
       (void)::poll(&p, 1, fd_ >= 0 ? static_cast<int>(left) : 1);
@@ -402,11 +402,11 @@ int main(int argc, char** argv) {
     const std::string build = "b-" + ws;
     std::mutex mu;
     std::condition_variable cv;
-    std::optional<Clock::time_point> preparing;
-    std::optional<Clock::time_point> ended;
+    std::optional<Steady::time_point> preparing;
+    std::optional<Steady::time_point> ended;
     cvm::v1::Phase end_phase = cvm::v1::PHASE_UNSPECIFIED;
     auto sub = c->subscribe(cvm::wire::build_events_subject(build), "", [&](cvm::bus::Message m) {
-      const auto now = Clock::now();
+      const auto now = Steady::now();
       cvm::v1::BuildEvent e;
       if (!e.ParseFromString(m.data)) return;
       std::lock_guard lock(mu);
@@ -422,7 +422,7 @@ int main(int argc, char** argv) {
     (void)c->flush();
     settle();
     const auto sched0 = sched_ns(agent.pid());
-    const auto t0 = Clock::now();
+    const auto t0 = Steady::now();
     assign(build, ws, cvm::v1::START, caching);
     // Blocked on a condition variable (no polling thread of the bench competes with the launch,
     // as none does with the raw run).
@@ -480,7 +480,7 @@ int main(int argc, char** argv) {
     const std::string raw_id = "raw-" + ws;
     StatusWatch watch(dir + "/run");
     settle();
-    const auto t0 = Clock::now();
+    const auto t0 = Steady::now();
     const int rc = runc_run_detached(raw_root, dir + "/supervisor", raw_id, dir + "/raw.log");
     p.raw_runc_ms.push_back(ms_since(t0));
     const bool ok = rc == 0 && watch.wait_running(60s);

@@ -28,10 +28,10 @@ namespace {
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
-using Clock = std::chrono::steady_clock;
+using Steady = std::chrono::steady_clock;
 
-double us_since(Clock::time_point t0) {
-  return std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+double us_since(Steady::time_point t0) {
+  return std::chrono::duration<double, std::micro>(Steady::now() - t0).count();
 }
 
 void print(const char* label, std::vector<double> us) {
@@ -79,7 +79,7 @@ std::vector<double> request_reply(const std::string& url, int samples) {
   const std::string payload(200, 'x');  // about a BuildRequest's size
   for (int i = 0; i < samples + 100; ++i) {
     natsMsg* reply = nullptr;
-    const auto t0 = Clock::now();
+    const auto t0 = Steady::now();
     const natsStatus s = natsConnection_Request(&reply, client, "bench.echo", payload.data(),
                                                 static_cast<int>(payload.size()), 2000);
     const double us = us_since(t0);
@@ -111,7 +111,7 @@ std::vector<double> js_publish(const std::string& url, int samples) {
   for (int i = 0; i < samples + 100; ++i) {
     jsPubAck* ack = nullptr;
     const std::string subject = "bench.js." + std::to_string(i % 64);
-    const auto t0 = Clock::now();
+    const auto t0 = Steady::now();
     const natsStatus s = js_Publish(&ack, js, subject.c_str(), payload.data(),
                                     static_cast<int>(payload.size()), nullptr, &jerr);
     const double us = us_since(t0);
@@ -151,7 +151,7 @@ std::vector<double> runc_run(int samples) {
   }
   for (int i = 0; i < samples + 1; ++i) {
     const std::string id = "baseline-" + std::to_string(i);
-    const auto t0 = Clock::now();
+    const auto t0 = Steady::now();
     // stdio to a file, as the agent does: the container's init would hold a capture pipe open.
     const auto r = run_command({"/bin/sh", "-c",
                                 "exec runc --root " + root + " run --detach --bundle " + bundle +

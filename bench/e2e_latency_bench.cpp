@@ -44,7 +44,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
-using Clock = std::chrono::steady_clock;
+using Steady = std::chrono::steady_clock;
 using cvm::test::ChildProcess;
 
 // VmRSS or VmHWM of a process, in KiB; -1 when it is gone.
@@ -72,11 +72,11 @@ void print_latency(const char* label, std::vector<double> us) {
 class EventLog {
  public:
   void record(const cvm::v1::BuildEvent& e) {
-    const auto now = Clock::now();
+    const auto now = Steady::now();
     std::lock_guard lock(mu_);
     seen_[e.build_id()].emplace(e.phase(), now);
   }
-  std::optional<Clock::time_point> at(const std::string& build, cvm::v1::Phase phase) {
+  std::optional<Steady::time_point> at(const std::string& build, cvm::v1::Phase phase) {
     std::lock_guard lock(mu_);
     const auto b = seen_.find(build);
     if (b == seen_.end()) return std::nullopt;
@@ -89,7 +89,7 @@ class EventLog {
 
  private:
   std::mutex mu_;
-  std::map<std::string, std::map<cvm::v1::Phase, Clock::time_point>> seen_;
+  std::map<std::string, std::map<cvm::v1::Phase, Steady::time_point>> seen_;
 };
 
 struct Service {
@@ -220,7 +220,7 @@ int main(int argc, char** argv) {
       req.mutable_resources()->set_cpu_millicores(cpu_millicores);
       req.mutable_resources()->set_memory_bytes(128ULL << 20);
     }
-    const auto t0 = Clock::now();
+    const auto t0 = Steady::now();
     auto ack = c->js_publish(std::string(cvm::wire::kBuildsSubmit), req.SerializeAsString(), build);
     return ack.ok() ? std::optional(t0) : std::nullopt;
   };
@@ -228,7 +228,7 @@ int main(int argc, char** argv) {
     return cvm::test::wait_until([&] { return events.reached(build, phase); }, 120s, 1ms) &&
            events.at(build, phase).has_value();
   };
-  const auto us = [](Clock::time_point a, Clock::time_point b) {
+  const auto us = [](Steady::time_point a, Steady::time_point b) {
     return std::chrono::duration<double, std::micro>(b - a).count();
   };
 
@@ -291,7 +291,7 @@ int main(int argc, char** argv) {
     }
   });
   std::vector<double> burst_running_us;
-  std::vector<std::pair<std::string, Clock::time_point>> started;
+  std::vector<std::pair<std::string, Steady::time_point>> started;
   bool burst_ok = true;
   for (int i = 0; i < burst; ++i) {
     const std::string ws = "load" + std::to_string(i);

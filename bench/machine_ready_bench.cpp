@@ -38,12 +38,12 @@
 
 namespace fs = std::filesystem;
 using namespace cvm::agent;
-using Clock = std::chrono::steady_clock;
+using Steady = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
 namespace {
 
-double ms(Clock::time_point a, Clock::time_point b) {
+double ms(Steady::time_point a, Steady::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
 
@@ -63,12 +63,12 @@ struct Times {
 };
 
 // From `t0` (the launch call): systemd running, then the first docker run.
-bool wait_machine(int inner, Clock::time_point t0, Times& t, bool docker = true) {
+bool wait_machine(int inner, Steady::time_point t0, Times& t, bool docker = true) {
   const std::string state =
       in_ws(inner,
             "for i in $(seq 600); do [ -S /run/systemd/private ] && break; sleep 0.01; done; "
             "timeout 120 systemctl is-system-running --wait");
-  t.systemd = ms(t0, Clock::now());
+  t.systemd = ms(t0, Steady::now());
   if (state.rfind("running", 0) != 0) {
     std::cerr << "systemd: " << state << "\n";
     return false;
@@ -79,7 +79,7 @@ bool wait_machine(int inner, Clock::time_point t0, Times& t, bool docker = true)
     in_ws(inner, "docker run --rm --network none bb:1 true 2>/dev/null", &code);
     if (code != 0) std::this_thread::sleep_for(20ms);
   }
-  t.docker = ms(t0, Clock::now());
+  t.docker = ms(t0, Steady::now());
   if (code != 0) std::cerr << "docker run never succeeded\n";
   return code == 0;
 }
@@ -165,9 +165,9 @@ int main(int argc, char** argv) {
   r.ids = *pool->allocate(r.workspace_id);
 
   const auto launch = [&](Times& t, bool docker = true, WorkspaceLauncher* with = nullptr) -> int {
-    const auto t0 = Clock::now();
+    const auto t0 = Steady::now();
     auto out = (with != nullptr ? with : &launcher)->launch(r, nullptr);
-    t.running = ms(t0, Clock::now());
+    t.running = ms(t0, Steady::now());
     if (!out.ok) {
       std::cerr << "launch: " << out.message << "\n";
       return 0;
@@ -212,7 +212,7 @@ int main(int argc, char** argv) {
       fs::remove_all(e.path());
     std::this_thread::sleep_for(200ms);
     Times rt;
-    const auto t0 = Clock::now();
+    const auto t0 = Steady::now();
     ProcessOptions o;
     o.stdout_file = o.stderr_file = dir + "/raw.log";
     auto ran = run_process({"runc", "--root", work + "/runc", "run", "--detach", "--pid-file",
@@ -229,7 +229,7 @@ int main(int argc, char** argv) {
       raw_inner = find_inner_host_pid("/proc", sup);
       if (raw_inner == 0) std::this_thread::sleep_for(1ms);
     }
-    rt.running = ms(t0, Clock::now());
+    rt.running = ms(t0, Steady::now());
     if (raw_inner == 0 || !wait_machine(raw_inner, t0, rt)) {
       std::cerr << "raw runc run failed\n";
       return 1;

@@ -31,11 +31,11 @@ namespace cvm::agent {
 namespace {
 
 namespace fs = std::filesystem;
-using Clock = std::chrono::steady_clock;
+using Steady = std::chrono::steady_clock;
 
 using detail::Fd;
 
-double ms_between(Clock::time_point a, Clock::time_point b) {
+double ms_between(Steady::time_point a, Steady::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
 
@@ -453,7 +453,7 @@ Result<UnpackedImage> WorkspaceLauncher::overlay_rootfs(const LaunchRequest& r,
 LaunchOutcome WorkspaceLauncher::launch(const LaunchRequest& r,
                                         const StartingCallback& on_starting) {
   LaunchOutcome out;
-  const auto t0 = Clock::now();
+  const auto t0 = Steady::now();
   const std::string dir = workspace_dir(r.workspace_id);
   const std::string bundle = dir + "/bundle";
   // A container or files from an earlier life of this workspace would make runc refuse; this
@@ -472,7 +472,7 @@ LaunchOutcome WorkspaceLauncher::launch(const LaunchRequest& r,
     }
   }
 
-  const auto t_rootfs = Clock::now();
+  const auto t_rootfs = Steady::now();
   IdmapSupport support{false, "no node image cache is configured"};
   if (r.caching && !images_.cache_dir().empty()) support = idmap_support();
   RootfsChoice choice = choose_rootfs_path(r.caching, support);
@@ -519,7 +519,7 @@ LaunchOutcome WorkspaceLauncher::launch(const LaunchRequest& r,
                 rootfs.wait_for(std::chrono::seconds(0)) == std::future_status::ready
                     ? "ready in"
                     : "unpacking in the background, started in",
-                ms_between(t_rootfs, Clock::now()),
+                ms_between(t_rootfs, Steady::now()),
                 choice.path == RootfsPath::kIdmappedOverlay ? "ID-mapped overlay" : "unpack");
   if (!r.cvm) {
     auto image = rootfs.get();
@@ -668,7 +668,7 @@ LaunchOutcome WorkspaceLauncher::launch_plain(const LaunchRequest& r, const Unpa
 LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootfs& rootfs,
                                             const StartingCallback& on_starting,
                                             LaunchOutcome out) {
-  const auto t_specs0 = Clock::now();
+  const auto t_specs0 = Steady::now();
   const std::string dir = workspace_dir(r.workspace_id);
   // lxcfs: bound into the supervisor, its files onto the inner /proc and /sys (added to the inner
   // spec below, or by workspace_spec when the spec is written later).
@@ -786,18 +786,18 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootf
     return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, st.error().message, std::move(out));
   }
 
-  const auto t_specs = Clock::now();
+  const auto t_specs = Steady::now();
   if (on_starting) on_starting(out.rootfs_note);
   if (r.may_start && !r.may_start()) {
     (void)take_image();
     return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, "launch withdrawn", std::move(out));
   }
-  const auto t_run = Clock::now();
+  const auto t_run = Steady::now();
   const std::string log = dir + "/runc.log";
   // The supervisor's pid from runc's --pid-file: no `runc state` on the launch path. Whether it
   // keeps running is what wait_ready watches (a pidfd), so nothing else is asked of runc.
   auto supervisor_pid = runtime_.run_detached_pid(id, sup_bundle, log);
-  const auto t_ran = Clock::now();
+  const auto t_ran = Steady::now();
   if (!image) {
     // The background unpack: join it whatever happened to the runtime.
     const bool started = supervisor_pid.ok();
@@ -815,7 +815,7 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootf
     return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, supervisor_pid.error().message,
                 std::move(out));
   }
-  const auto t_ready = Clock::now();
+  const auto t_ready = Steady::now();
   auto status = wait_ready(r.workspace_id, *supervisor_pid, config_.ready_timeout,
                            /*until_created=*/network != nullptr);
   if (status && status->state == SupervisorStatus::State::kCreated) {
@@ -847,7 +847,7 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootf
       "launch {}: specs {:.1f} ms, on_starting {:.1f} ms, runc run {:.1f} ms, rootfs "
       "wait {:.1f} ms, supervisor report {:.1f} ms",
       r.workspace_id, ms_between(t_specs0, t_specs), ms_between(t_specs, t_run),
-      ms_between(t_run, t_ran), ms_between(t_ran, t_ready), ms_between(t_ready, Clock::now()));
+      ms_between(t_run, t_ran), ms_between(t_ran, t_ready), ms_between(t_ready, Steady::now()));
   if (!status) {
     return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, status.error().message, std::move(out));
   }
@@ -907,7 +907,7 @@ Result<SupervisorStatus> WorkspaceLauncher::wait_ready(const std::string& worksp
   const int watch = wd >= 0 ? watch_fd_ : -1;
   Fd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, supervisor_pid, 0)));
   const bool gone_at_start = pidfd.get() < 0 && errno == ESRCH;
-  const auto deadline = Clock::now() + timeout;
+  const auto deadline = Steady::now() + timeout;
   for (;;) {
     if (auto s = read_status(); s && s->state != SupervisorStatus::State::kStarting &&
                                 (until_created || s->state != SupervisorStatus::State::kCreated)) {
@@ -934,7 +934,7 @@ Result<SupervisorStatus> WorkspaceLauncher::wait_ready(const std::string& worksp
       return make_error(ErrorDomain::kTool, why);
     }
     const auto left =
-        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Steady::now()).count();
     if (left <= 0) {
       return make_error(ErrorDomain::kTimeout, "the supervisor did not report within " +
                                                    std::to_string(timeout.count() / 1000) + " s");

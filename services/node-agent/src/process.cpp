@@ -20,7 +20,7 @@ extern char** environ;
 namespace cvm::agent {
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using Steady = std::chrono::steady_clock;
 
 using detail::Fd;
 
@@ -151,8 +151,9 @@ Result<ProcessResult> run_process(const std::vector<std::string>& argv,
     const auto name_of = [](std::string_view kv) { return kv.substr(0, kv.find('=')); };
     for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
       const std::string_view kv(*e);
-      const bool replaced = std::any_of(options.env.begin(), options.env.end(),
-                                        [&](const std::string& o) { return name_of(o) == name_of(kv); });
+      const bool replaced =
+          std::any_of(options.env.begin(), options.env.end(),
+                      [&](const std::string& o) { return name_of(o) == name_of(kv); });
       if (!replaced) env_storage.emplace_back(kv);
     }
     env_storage.insert(env_storage.end(), options.env.begin(), options.env.end());
@@ -174,7 +175,7 @@ Result<ProcessResult> run_process(const std::vector<std::string>& argv,
 
   ProcessResult result;
   Fd pidfd(pidfd_open(pid));
-  const auto deadline = Clock::now() + options.timeout;
+  const auto deadline = Steady::now() + options.timeout;
   bool exited = false;
   bool timed_out = false;
   // With a pidfd the loop wakes on exit; without one (pre-5.3 kernels) it rechecks every 50 ms.
@@ -185,7 +186,7 @@ Result<ProcessResult> run_process(const std::vector<std::string>& argv,
     if (err_read.get() >= 0) fds[n++] = {err_read.get(), POLLIN, 0};
     if (pidfd.get() >= 0) fds[n++] = {pidfd.get(), POLLIN, 0};
     const auto left =
-        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+        std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Steady::now()).count();
     if (left <= 0) {
       timed_out = true;
       break;

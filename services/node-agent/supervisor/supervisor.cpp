@@ -41,7 +41,7 @@
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using Steady = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
 struct Options {
@@ -52,7 +52,7 @@ struct Options {
   std::string run_dir = "/cvm/run";
   milliseconds grace{10000};
   milliseconds tool_timeout{60000};
-  milliseconds bundle_wait{0};        // 0: the bundle is complete when the supervisor starts
+  milliseconds bundle_wait{0};  // 0: the bundle is complete when the supervisor starts
   // > 0: between create and start, report "created" and wait this long for the agent to give the
   // inner network namespace its interface (it writes <run-dir>/network-ready).
   milliseconds network_wait{0};
@@ -229,21 +229,21 @@ class Supervisor {
     if (::inotify_add_watch(watch, dir.c_str(), IN_MOVED_TO | IN_CREATE) < 0) {
       return "inotify_add_watch " + dir + ": " + errno_text();
     }
-    const auto deadline = Clock::now() + timeout;
+    const auto deadline = Steady::now() + timeout;
     std::string why;
     while (::access(path.c_str(), F_OK) != 0) {
       if (stop_requested_) {
         why = "stopped before " + what + " was ready";
         break;
       }
-      const auto left = std::chrono::duration_cast<milliseconds>(deadline - Clock::now()).count();
+      const auto left = std::chrono::duration_cast<milliseconds>(deadline - Steady::now()).count();
       if (left <= 0) {
         why = what + " was not ready within " + std::to_string(timeout.count()) + " ms";
         break;
       }
       pollfd fds[2] = {{watch, POLLIN, 0}, {sfd_, POLLIN, 0}};
       if (::poll(fds, 2, static_cast<int>(left)) > 0 && (fds[1].revents & POLLIN)) {
-        wait_signal(Clock::now());  // handles SIGTERM (stop_requested_) and reaps
+        wait_signal(Steady::now());  // handles SIGTERM (stop_requested_) and reaps
       }
       char buf[4096];
       while (::read(watch, buf, sizeof buf) > 0) {
@@ -255,12 +255,12 @@ class Supervisor {
   int stop() {
     write_status({{"state", "stopping"}, {"pid", inner_pid_}});
     (void)tool({"kill", o_.id, o_.stop_signal});
-    const auto deadline = Clock::now() + o_.grace;
-    while (!inner_exit_ && Clock::now() < deadline) wait_signal(deadline);
+    const auto deadline = Steady::now() + o_.grace;
+    while (!inner_exit_ && Steady::now() < deadline) wait_signal(deadline);
     if (!inner_exit_) {
       (void)tool({"kill", o_.id, "KILL"});
-      const auto kill_deadline = Clock::now() + std::chrono::seconds(5);
-      while (!inner_exit_ && Clock::now() < kill_deadline) wait_signal(kill_deadline);
+      const auto kill_deadline = Steady::now() + std::chrono::seconds(5);
+      while (!inner_exit_ && Steady::now() < kill_deadline) wait_signal(kill_deadline);
     }
     drain_console();
     (void)tool({"delete", "--force", o_.id});
@@ -389,10 +389,10 @@ class Supervisor {
 
   // Waits for one batch of signals (or the deadline) and handles it: reaps every exited child,
   // notes the inner init's exit and stop requests.
-  void wait_signal(std::optional<Clock::time_point> deadline) {
+  void wait_signal(std::optional<Steady::time_point> deadline) {
     int timeout = -1;
     if (deadline) {
-      const auto left = std::chrono::duration_cast<milliseconds>(*deadline - Clock::now()).count();
+      const auto left = std::chrono::duration_cast<milliseconds>(*deadline - Steady::now()).count();
       timeout = static_cast<int>(std::max<int64_t>(0, left));
     }
     pollfd fds[2] = {{sfd_, POLLIN, 0}, {console_, POLLIN, 0}};
@@ -448,11 +448,11 @@ class Supervisor {
       ::execv(cargv[0], cargv.data());
       _exit(127);
     }
-    const auto deadline = Clock::now() + o_.tool_timeout;
+    const auto deadline = Steady::now() + o_.tool_timeout;
     while (!exited_.contains(pid)) {
-      if (Clock::now() >= deadline) {
+      if (Steady::now() >= deadline) {
         ::kill(pid, SIGKILL);
-        while (!exited_.contains(pid)) wait_signal(Clock::now() + milliseconds(100));
+        while (!exited_.contains(pid)) wait_signal(Steady::now() + milliseconds(100));
         exited_.erase(pid);
         return argv[0] + " " + args[0] + ": timed out";
       }
@@ -536,7 +536,8 @@ int main(int argc, char** argv) {
   Options o;
   const auto usage = [] {
     std::cerr << "usage: cvm-supervisor --runtime PATH --root DIR --bundle DIR --id ID "
-                 "--run-dir DIR [--grace-ms N] [--bundle-wait-ms N] [--network-wait-ms N] [--stop-signal SIG] "
+                 "--run-dir DIR [--grace-ms N] [--bundle-wait-ms N] [--network-wait-ms N] "
+                 "[--stop-signal SIG] "
                  "[--console-log PATH] [--console-log-max BYTES]\n";
     return 2;
   };
