@@ -74,7 +74,7 @@ while (($#)); do
   esac
 done
 for b in services/scheduler/cvm-scheduler services/gpu-broker/cvm-gpu-broker \
-  services/node-agent/cvm-node-agent cli/cvmctl/cvmctl cli/cvmctl/cvm-exporter; do
+  services/node-agent/cvm-node-agent cli/cvmctl/cvmctl services/exporter/cvm-exporter; do
   [[ -x $BIN/$b ]] || { echo "stack: $BIN/$b is missing: build it first (cmake --build $BIN)" >&2; exit 1; }
 done
 mkdir -p "$DIR"
@@ -118,7 +118,7 @@ start broker gpu-broker "$BIN/services/gpu-broker/cvm-gpu-broker" \
 start agent "agent-$NODE_ID" "$BIN/services/node-agent/cvm-node-agent" --node-id "$NODE_ID" \
   --state-dir "$DIR/agent" --runc-root "$DIR/runc" --metrics-listen "127.0.0.1:$AGENT_PORT" \
   --heartbeat-interval "$HEARTBEAT"
-start exporter exporter "$BIN/cli/cvmctl/cvm-exporter" --metrics-listen "127.0.0.1:$EXPORTER_PORT" \
+start exporter exporter "$BIN/services/exporter/cvm-exporter" --metrics-listen "127.0.0.1:$EXPORTER_PORT" \
   --interval 1
 
 CVMCTL="$BIN/cli/cvmctl/cvmctl --nats-url $NATS_URL $(creds cvmctl)"

@@ -1,4 +1,4 @@
-#include "cvm/cli/exporter_service.h"
+#include "cvm/exporter/exporter_service.h"
 
 #include <set>
 
@@ -8,7 +8,7 @@
 #include "cvm/base/wire.h"
 #include "cvm/service/streams.h"
 
-namespace cvm::cli {
+namespace cvm::exporter {
 
 ExporterService::ExporterService(boost::asio::io_context& io, bus::ConnectionPtr conn,
                                  telemetry::Metrics& metrics, Clock& clock, ExporterConfig config)
@@ -122,4 +122,4 @@ void ExporterService::publish(const std::vector<Sample>& samples) {
   }
 }
 
-}  // namespace cvm::cli
+}  // namespace cvm::exporter

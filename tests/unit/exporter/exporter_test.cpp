@@ -3,9 +3,9 @@
 
 #include <optional>
 
-#include "cvm/cli/exporter.h"
+#include "cvm/exporter/exporter.h"
 
-namespace cvm::cli {
+namespace cvm::exporter {
 namespace {
 
 std::optional<double> value(const std::vector<Sample>& samples, const std::string& name,
@@ -127,4 +127,4 @@ TEST(Exporter, ConsumerBacklogsAreLabelledByStreamAndConsumer) {
 }
 
 }  // namespace
-}  // namespace cvm::cli
+}  // namespace cvm::exporter

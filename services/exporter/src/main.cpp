@@ -7,7 +7,7 @@
 #include <CLI/CLI.hpp>
 #include <boost/asio/io_context.hpp>
 
-#include "cvm/cli/exporter_service.h"
+#include "cvm/exporter/exporter_service.h"
 #include "cvm/service/service.h"
 
 int main(int argc, char** argv) {
@@ -15,7 +15,7 @@ int main(int argc, char** argv) {
   cvm::service::CommonOptions common;
   common.metrics_listen = "127.0.0.1:9464";
   cvm::service::add_common_flags(app, common);
-  cvm::cli::ExporterConfig config;
+  cvm::exporter::ExporterConfig config;
   double interval_s = 2;
   double lost_after_s = 30;
   app.add_option("--interval", interval_s, "seconds between reads of the stream backlogs")
@@ -41,7 +41,7 @@ int main(int argc, char** argv) {
     return 1;
   }
   cvm::SystemClock clock;
-  cvm::cli::ExporterService service(io, *conn, metrics, clock, config);
+  cvm::exporter::ExporterService service(io, *conn, metrics, clock, config);
   cvm::service::start_with_retry(io, [&] { return service.start(); });
   return cvm::service::run_until_signal(io, [&] { service.stop(); });
 }

@@ -15,10 +15,10 @@
 #include "cvm/base/clock.h"
 #include "cvm/base/result.h"
 #include "cvm/bus/bus.h"
-#include "cvm/cli/exporter.h"
+#include "cvm/exporter/exporter.h"
 #include "cvm/telemetry/metrics.h"
 
-namespace cvm::cli {
+namespace cvm::exporter {
 
 struct ExporterConfig {
   std::chrono::milliseconds interval{2000};     // how often consumer states are read
@@ -57,4 +57,4 @@ class ExporterService {
   std::map<std::string, std::map<std::map<std::string, std::string>, prometheus::Gauge*>> series_;
 };
 
-}  // namespace cvm::cli
+}  // namespace cvm::exporter

@@ -12,7 +12,7 @@
 #include "cvm/v1/gpu.pb.h"
 #include "cvm/v1/node.pb.h"
 
-namespace cvm::cli {
+namespace cvm::exporter {
 
 struct ClusterSnapshot {
   std::map<std::string, cvm::v1::NodeStatus> nodes;  // by node id
@@ -42,4 +42,4 @@ const std::vector<Family>& cluster_families();
 std::vector<Sample> cluster_samples(const ClusterSnapshot& snapshot, int64_t now_ms,
                                     int64_t lost_after_ms);
 
-}  // namespace cvm::cli
+}  // namespace cvm::exporter

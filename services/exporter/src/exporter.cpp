@@ -1,9 +1,9 @@
-#include "cvm/cli/exporter.h"
+#include "cvm/exporter/exporter.h"
 
 #include <algorithm>
 #include <set>
 
-namespace cvm::cli {
+namespace cvm::exporter {
 
 const std::vector<Family>& cluster_families() {
   static const std::vector<Family> kFamilies = {
@@ -110,4 +110,4 @@ std::vector<Sample> cluster_samples(const ClusterSnapshot& snap, int64_t now_ms,
   return out;
 }
 
-}  // namespace cvm::cli
+}  // namespace cvm::exporter
