@@ -22,6 +22,7 @@
 
 #include "cvm/agent/console_log.h"
 #include "cvm/agent/cpu_pinning.h"
+#include "cvm/agent/node_tuning.h"
 #include "cvm/agent/oci_spec.h"
 #include "cvm/base/reasons.h"
 #include "cvm/base/wire.h"
@@ -229,6 +230,16 @@ Status AgentService::start() {
     }
     lc.lxcfs_dir = config_.lxcfs_dir;
     launcher_ = std::make_unique<WorkspaceLauncher>(lc, *runtime_, *images_);
+  }
+  if (config_.tune_sysctls) {
+    for (const auto& line : raise_node_sysctls(config_.roots.procfs)) {
+      spdlog::info("node {}: {}", config_.node_id, line);
+      // Only a limit left too low is worth the node status: it explains failed boots.
+      if (line.rfind("raised ", 0) != 0) {
+        runtime_info_.set_detail(
+            runtime_info_.detail().empty() ? line : runtime_info_.detail() + "; " + line);
+      }
+    }
   }
   {
     const bool lxcfs = !config_.lxcfs_dir.empty() &&

@@ -99,6 +99,9 @@ int main(int argc, char** argv) {
                  "lxcfs's mount, whose files give workspaces their own /proc/meminfo, ... "
                  "(empty: not used)")
       ->capture_default_str();
+  app.add_option("--tune-sysctls", config.tune_sysctls,
+                 "raise fs.inotify limits that would stop systemd workspaces from booting")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   config.heartbeat_interval = std::chrono::milliseconds(static_cast<int64_t>(heartbeat_s * 1000));
   config.stop_grace = std::chrono::milliseconds(static_cast<int64_t>(grace_s * 1000));

@@ -86,6 +86,8 @@ struct AgentConfig {
   NetworkConfig network;
   // lxcfs's mount (the node's lxcfs.service); empty: not used.
   std::string lxcfs_dir = "/var/lib/lxcfs";
+  // Raise the kernel limits systemd workspaces need (node_tuning.h) at start.
+  bool tune_sysctls = true;
 };
 
 class AgentService {
