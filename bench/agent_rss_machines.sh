@@ -50,7 +50,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. "$(dirname "$0")/lib.sh"
 now() { date +%s.%N; }
 
 # Own copies of the binaries: a rebuild of BUILD_DIR during the run must not change them. The
@@ -64,11 +64,8 @@ timeout 900 sh "$here/scripts/build-debian-image.sh" "$cache" debian >"$dir/imag
   { cat "$dir/image.log" >&2; exit 1; }
 image=oci:$cache:debian
 
-nats_port=$(free_port)
-nats-server -js -sd "$dir/js" -a 127.0.0.1 -p "$nats_port" >"$dir/nats.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$nats_port") 2>/dev/null && break; sleep 0.1; done
-url=nats://127.0.0.1:$nats_port
+start_nats "$dir"
+pids+=("$nats_pid")
 "$dir/bin/cvm-scheduler" --nats-url "$url" --metrics-listen "127.0.0.1:$(free_port)" \
   >"$dir/scheduler.log" 2>&1 &
 pids+=($!)

@@ -11,13 +11,10 @@ dir=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null; rm -rf "$dir"; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-nats_port=$(free_port)
+. "$(dirname "$0")/lib.sh"
 metrics_port=$(free_port)
-nats-server -js -sd "$dir/js" -a 127.0.0.1 -p "$nats_port" >"$dir/nats.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$nats_port") 2>/dev/null && break; sleep 0.1; done
-url=nats://127.0.0.1:$nats_port
+start_nats "$dir"
+pids+=("$nats_pid")
 "$build/services/scheduler/cvm-scheduler" --nats-url "$url" --metrics-listen "127.0.0.1:$metrics_port" \
   --node-ttl 3600 --log-level warn >"$dir/scheduler.log" 2>&1 &
 sched=$!
