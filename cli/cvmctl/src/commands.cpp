@@ -338,9 +338,8 @@ Result<std::optional<cvm::v1::WorkspaceRecord>> workspace_record(bus::KeyValue& 
   if (!entry->has_value()) return std::optional<cvm::v1::WorkspaceRecord>();
   cvm::v1::WorkspaceRecord record;
   if (!record.ParseFromString((*entry)->value)) {
-    return make_error(ErrorDomain::kInvalid, "the record of " + workspace +
-                                                 " is not a valid "
-                                                 "cvm.v1.WorkspaceRecord");
+    return make_error(ErrorDomain::kInvalid,
+                      "the record of " + workspace + " is not a valid cvm.v1.WorkspaceRecord");
   }
   return std::optional<cvm::v1::WorkspaceRecord>(std::move(record));
 }
