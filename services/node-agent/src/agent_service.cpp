@@ -1284,13 +1284,15 @@ void AgentService::release_gpus(const cvm::v1::WorkspaceRecord& record) {
   cvm::v1::GpuReleaseRequest rel;
   rel.set_workspace_id(record.workspace_id());
   rel.set_lease_id(record.lease_id());
-  auto reply = conn_->request(std::string(wire::kGpuRelease), rel.SerializeAsString(),
-                              std::chrono::seconds(2));
-  if (!reply) {
-    // The broker's reconcile reclaims leases of workspaces that no longer run.
-    spdlog::warn("GPU lease {} of {} not released now: {}", record.lease_id(),
-                 record.workspace_id(), reply.error().message);
-  }
+  // Not awaited: a blocking request would stall the io thread (heartbeats, every other
+  // workspace) for up to 2 s when the broker is slow or gone.
+  conn_->request_async(
+      std::string(wire::kGpuRelease), rel.SerializeAsString(), std::chrono::seconds(2),
+      [lease = record.lease_id(), ws = record.workspace_id()](Result<bus::Message> reply) {
+        if (reply) return;
+        // The broker's reconcile reclaims leases of workspaces no longer running.
+        spdlog::warn("GPU lease {} of {} not released now: {}", lease, ws, reply.error().message);
+      });
 }
 
 }  // namespace cvm::agent

@@ -1325,13 +1325,16 @@ void SchedulerService::release_gpus(const std::string& workspace_id, const std::
   cvm::v1::GpuReleaseRequest rel;
   rel.set_workspace_id(workspace_id);
   rel.set_lease_id(lease_id);
-  auto reply = conn_->request(std::string(wire::kGpuRelease), rel.SerializeAsString(),
-                              config_.gpu_reserve_timeout);
-  if (!reply) {
-    // The broker's reconcile reclaims leases of workspaces that no longer run.
-    spdlog::warn("GPU lease {} of {} not released now: {}", lease_id, workspace_id,
-                 reply.error().message);
-  }
+  // Not awaited: nothing here depends on the answer, and a blocking request would stall the
+  // executor (every placement) for up to the timeout when the broker is slow or gone.
+  conn_->request_async(std::string(wire::kGpuRelease), rel.SerializeAsString(),
+                       config_.gpu_reserve_timeout,
+                       [workspace_id, lease_id](Result<bus::Message> reply) {
+                         if (reply) return;
+                         // The broker's reconcile reclaims leases of workspaces no longer running.
+                         spdlog::warn("GPU lease {} of {} not released now: {}", lease_id,
+                                      workspace_id, reply.error().message);
+                       });
 }
 
 // ---------------------------------------------------------------------------------------------
