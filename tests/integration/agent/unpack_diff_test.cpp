@@ -398,6 +398,31 @@ std::string buildah_copy_source(const std::string& dir) {
   return ::testing::AssertionSuccess();
 }
 
+// The image both buildah tests make, as `tag` in the layout: busybox, a `buildah copy --chown`
+// of `src` committed, then that image edited through `buildah mount` and committed as OCI.
+// `name` prefixes the two working containers.
+::testing::AssertionResult build_with_buildah(const Buildah& buildah, const std::string& src,
+                                              const std::string& name, const std::string& tag) {
+  const std::vector<std::vector<std::string>> before_edit = {
+      {"from", "--quiet", "--name", name + "-1", "oci:layout:busybox"},
+      {"copy", "--quiet", "--chown", "1000:1000", name + "-1", src, "/data"},
+      {"commit", "--quiet", "--rm", name + "-1", "localhost/cvm-copied"},
+      {"from", "--quiet", "--name", name + "-2", "localhost/cvm-copied"}};
+  for (const auto& args : before_edit) {
+    if (auto r = buildah(args); !r) return ::testing::AssertionFailure() << r.error().message;
+  }
+  const auto mounted = buildah({"mount", name + "-2"});
+  if (!mounted) return ::testing::AssertionFailure() << mounted.error().message;
+  if (auto edited = edit_buildah_rootfs(*mounted); !edited) return edited;
+  for (const std::vector<std::string>& args :
+       {std::vector<std::string>{"umount", name + "-2"},
+        std::vector<std::string>{"commit", "--quiet", "--rm", "--format", "oci", name + "-2",
+                                 "oci:layout:" + tag}}) {
+    if (auto r = buildah(args); !r) return ::testing::AssertionFailure() << r.error().message;
+  }
+  return ::testing::AssertionSuccess();
+}
+
 // Two layers on busybox by buildah with its vfs storage (whose diff whites out each removed entry
 // on its own): `buildah copy --chown` of a tree, committed; then a container from that image,
 // edited through `buildah mount` and committed to the layout as an OCI image.
@@ -406,21 +431,7 @@ TEST_F(UnpackDiff, BuildahCommitsLayersWithChownCopiesDeletionsAndLinks) {
       << "buildah not found (scripts/install-deps.sh installs it)";
   const Buildah buildah{*work_, *work_ + "/buildah-vfs", "vfs"};
   const std::string src = buildah_copy_source(*work_ + "/buildah-src");
-  auto r = buildah({"from", "--quiet", "--name", "cvm-vfs-1", "oci:layout:busybox"});
-  ASSERT_TRUE(r) << r.error().message;
-  r = buildah({"copy", "--quiet", "--chown", "1000:1000", "cvm-vfs-1", src, "/data"});
-  ASSERT_TRUE(r) << r.error().message;
-  r = buildah({"commit", "--quiet", "--rm", "cvm-vfs-1", "localhost/cvm-copied"});
-  ASSERT_TRUE(r) << r.error().message;
-  r = buildah({"from", "--quiet", "--name", "cvm-vfs-2", "localhost/cvm-copied"});
-  ASSERT_TRUE(r) << r.error().message;
-  const auto mounted = buildah({"mount", "cvm-vfs-2"});
-  ASSERT_TRUE(mounted) << mounted.error().message;
-  ASSERT_TRUE(edit_buildah_rootfs(*mounted));
-  r = buildah({"umount", "cvm-vfs-2"});
-  ASSERT_TRUE(r) << r.error().message;
-  r = buildah({"commit", "--quiet", "--rm", "--format", "oci", "cvm-vfs-2", "oci:layout:buildah"});
-  ASSERT_TRUE(r) << r.error().message;
+  ASSERT_TRUE(build_with_buildah(buildah, src, "cvm-vfs", "buildah"));
 
   const std::string layout = *work_ + "/layout";
   std::string error;
@@ -456,22 +467,7 @@ TEST_F(UnpackDiff, BuildahOverlayCommitsAnOpaqueDirectory) {
       << "buildah not found (scripts/install-deps.sh installs it)";
   const Buildah buildah{*work_, *work_ + "/buildah-overlay", "overlay"};
   const std::string src = buildah_copy_source(*work_ + "/buildah-src");
-  auto r = buildah({"from", "--quiet", "--name", "cvm-ov-1", "oci:layout:busybox"});
-  ASSERT_TRUE(r) << r.error().message;
-  r = buildah({"copy", "--quiet", "--chown", "1000:1000", "cvm-ov-1", src, "/data"});
-  ASSERT_TRUE(r) << r.error().message;
-  r = buildah({"commit", "--quiet", "--rm", "cvm-ov-1", "localhost/cvm-copied"});
-  ASSERT_TRUE(r) << r.error().message;
-  r = buildah({"from", "--quiet", "--name", "cvm-ov-2", "localhost/cvm-copied"});
-  ASSERT_TRUE(r) << r.error().message;
-  const auto mounted = buildah({"mount", "cvm-ov-2"});
-  ASSERT_TRUE(mounted) << mounted.error().message;
-  ASSERT_TRUE(edit_buildah_rootfs(*mounted));
-  r = buildah({"umount", "cvm-ov-2"});
-  ASSERT_TRUE(r) << r.error().message;
-  r = buildah(
-      {"commit", "--quiet", "--rm", "--format", "oci", "cvm-ov-2", "oci:layout:buildah-overlay"});
-  ASSERT_TRUE(r) << r.error().message;
+  ASSERT_TRUE(build_with_buildah(buildah, src, "cvm-ov", "buildah-overlay"));
 
   const std::string layout = *work_ + "/layout";
   std::string error;
