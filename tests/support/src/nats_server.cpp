@@ -6,15 +6,20 @@
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
+#include <random>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -45,11 +50,45 @@ sockaddr_in loopback(uint16_t port) {
   return addr;
 }
 
-bool accepts_connections(uint16_t port) {
+// The server_name in the INFO line a nats-server sends first on a new connection; "" when
+// nothing answers on `port` (or not with an INFO within `patience`).
+std::string answering_server_name(uint16_t port, std::chrono::milliseconds patience) {
+  Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (fd.get() < 0) return "";
+  auto addr = loopback(port);
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) return "";
+  timeval tv{};
+  tv.tv_sec = static_cast<time_t>(patience.count() / 1000);
+  tv.tv_usec = static_cast<suseconds_t>((patience.count() % 1000) * 1000);
+  ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  std::string info;
+  char buf[4096];
+  while (info.find("\r\n") == std::string::npos && info.size() < 65536) {
+    const ssize_t n = ::recv(fd.get(), buf, sizeof(buf), 0);
+    if (n <= 0) return "";
+    info.append(buf, static_cast<size_t>(n));
+  }
+  const std::string key = "\"server_name\":\"";
+  const size_t at = info.find(key);
+  if (at == std::string::npos) return "";
+  const size_t from = at + key.size();
+  const size_t to = info.find('"', from);
+  return to == std::string::npos ? "" : info.substr(from, to - from);
+}
+
+// The first of the kernel's ephemeral ports.
+int ephemeral_first() {
+  std::ifstream in("/proc/sys/net/ipv4/ip_local_port_range");
+  int first = 32768;
+  in >> first;
+  return first;
+}
+
+bool bindable(uint16_t port) {
   Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (fd.get() < 0) return false;
   auto addr = loopback(port);
-  return ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+  return ::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
 }
 
 // Debian installs nats-server in /usr/sbin; allow an override for other machines.
@@ -64,6 +103,21 @@ std::string server_binary() {
 }  // namespace
 
 uint16_t free_port() {
+  constexpr int kLowest = 10000;  // clear of well-known and registered service ports
+  const int first = ephemeral_first();
+  if (first - kLowest >= 1000) {
+    // Seeded per process: test processes that run at once draw different sequences.
+    static std::mutex mu;
+    std::lock_guard lock(mu);
+    static std::mt19937 rng(static_cast<unsigned>(::getpid()) ^
+                            static_cast<unsigned>(std::random_device{}()));
+    std::uniform_int_distribution<int> pick(kLowest, first - 1);
+    for (int attempt = 0; attempt < 200; ++attempt) {
+      const auto port = static_cast<uint16_t>(pick(rng));
+      if (bindable(port)) return port;
+    }
+  }
+  // No room below the ephemeral range: let the kernel choose.
   Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (fd.get() < 0) throw std::runtime_error(std::string("socket: ") + std::strerror(errno));
   auto addr = loopback(0);
@@ -78,7 +132,12 @@ uint16_t free_port() {
 }
 
 NatsServer::NatsServer(NatsServerOptions options) : options_(std::move(options)) {
-  port_ = free_port();
+  port_ = options_.port != 0 ? options_.port : free_port();
+  if (options_.server_name.empty()) {
+    static std::atomic<int> made{0};
+    options_.server_name = "cvm-test-" + std::to_string(::getpid()) + "-" + std::to_string(++made) +
+                           "-" + std::to_string(port_);
+  }
   std::string tmpl = (std::filesystem::temp_directory_path() / "cvm-nats-XXXXXX").string();
   if (::mkdtemp(tmpl.data()) == nullptr) {
     throw std::runtime_error(std::string("mkdtemp: ") + std::strerror(errno));
@@ -102,7 +161,7 @@ Status NatsServer::start() {
   if (options_.jetstream) {
     args.insert(args.end(), {"-js", "-sd", dir_ + "/store"});
   }
-  if (!options_.server_name.empty()) args.insert(args.end(), {"-n", options_.server_name});
+  args.insert(args.end(), {"-n", options_.server_name});
   if (!options_.extra_config.empty()) {
     const std::string conf = dir_ + "/server.conf";
     std::ofstream(conf) << options_.extra_config << '\n';
@@ -133,6 +192,7 @@ Status NatsServer::start() {
   pid_ = pid;
 
   bool exited = false;
+  std::string answered;  // the name of whatever answered on the port last
   const bool up = wait_until(
       [&] {
         int status = 0;
@@ -140,17 +200,22 @@ Status NatsServer::start() {
           exited = true;
           return true;
         }
-        return accepts_connections(port_);
+        answered = answering_server_name(port_, std::chrono::milliseconds{500});
+        return answered == options_.server_name;
       },
       options_.start_timeout, std::chrono::milliseconds{10});
   if (exited) {
     pid_ = -1;
-    return make_error(ErrorDomain::kTool, "nats-server exited at start; see " + log);
+    return make_error(ErrorDomain::kTool, "nats-server exited at start (port " +
+                                              std::to_string(port_) + " taken?); see " + log);
   }
   if (!up) {
     kill();
-    return make_error(ErrorDomain::kTimeout, "nats-server did not listen on port " +
-                                                 std::to_string(port_) + "; see " + log);
+    const std::string who =
+        answered.empty() ? "nothing answered" : "another server (" + answered + ") answered";
+    return make_error(ErrorDomain::kTimeout,
+                      "nats-server " + options_.server_name + " did not answer on port " +
+                          std::to_string(port_) + ": " + who + "; see " + log);
   }
   return {};
 }

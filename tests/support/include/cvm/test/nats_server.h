@@ -11,7 +11,10 @@
 
 namespace cvm::test {
 
-// A TCP port on 127.0.0.1 that nothing listens on right now (bind port 0, read it back).
+// A TCP port on 127.0.0.1 that nothing listens on right now, taken at random from below the
+// kernel's ephemeral range (ip_local_port_range): bind(0) and outgoing connections never hand out
+// such a port, so a server a test kills and starts again finds its port still free, instead of
+// taken by another test's server or some client's socket in the meantime.
 uint16_t free_port();
 
 struct NatsServerOptions {
@@ -20,7 +23,10 @@ struct NatsServerOptions {
   // Written to a config file in the server's directory and passed with -c; the listen address,
   // port and store directory stay on the command line so they win.
   std::string extra_config;
-  std::string server_name;  // empty: let the server pick one
+  // Empty: a name unique to this NatsServer (kept across its restarts). start() checks that the
+  // server answering on the port has this name, so it never mistakes another one for its own.
+  std::string server_name;
+  uint16_t port = 0;  // 0: free_port()
   std::chrono::milliseconds start_timeout{10000};
 };
 
@@ -32,8 +38,9 @@ class NatsServer {
   NatsServer(const NatsServer&) = delete;
   NatsServer& operator=(const NatsServer&) = delete;
 
-  // Starts (or restarts, on the same port and store directory) and waits until it accepts TCP
-  // connections. Fails if it exits or does not listen within start_timeout.
+  // Starts (or restarts, on the same port and store directory) and waits until it answers on its
+  // port with its own name. Fails if it exits, or nothing (or another server) answers there
+  // within start_timeout.
   Status start();
   void stop();  // SIGTERM, bounded wait, then SIGKILL
   void kill();  // SIGKILL: a crash, for fault tests
@@ -43,6 +50,7 @@ class NatsServer {
   [[nodiscard]] std::string url() const;
   [[nodiscard]] const std::string& dir() const { return dir_; }
   [[nodiscard]] std::string log_path() const { return dir_ + "/server.log"; }
+  [[nodiscard]] const std::string& server_name() const { return options_.server_name; }
 
  private:
   void reap(std::chrono::milliseconds timeout);
