@@ -63,8 +63,9 @@ Status ensure_consumer(jsCtx* js, const ConsumerConfig& config) {
 // ---- JsMessage ----
 
 struct JsMessage::Impl {
-  // Declared first so it is destroyed last: cnats messages point at their subscription.
-  std::shared_ptr<detail::SubHandle> sub;
+  // The connection the acknowledgements go out on; a message that outlives it fails its acks
+  // cleanly ("connection closed").
+  std::shared_ptr<Core> core;
   detail::MsgHandle msg;
   uint64_t stream_sequence = 0;
   uint64_t num_delivered = 0;
@@ -73,10 +74,13 @@ struct JsMessage::Impl {
   int64_t fetched_unix_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
                                 std::chrono::system_clock::now().time_since_epoch())
                                 .count();
-  // cnats' ack state and header cache are not thread safe.
+  // Ack, nak and term end the delivery: later ones are no-ops, as in cnats. Header reads share
+  // the lock because cnats' header cache is not thread safe.
   mutable std::mutex mu;
+  bool settled = false;
 
-  Impl(std::shared_ptr<detail::SubHandle> s, natsMsg* m) : sub(std::move(s)), msg(m) {
+  Impl(std::shared_ptr<Core> c, natsMsg* m) : core(std::move(c)), msg(m) {
+    // Parsed from the $JS.ACK reply subject; needs no subscription.
     jsMsgMetaData* raw = nullptr;
     if (natsMsg_GetMetaData(&raw, msg.get()) == NATS_OK) {
       detail::MetaDataHandle meta(raw);
@@ -84,6 +88,29 @@ struct JsMessage::Impl {
       num_delivered = meta->NumDelivered;
       stored_unix_ns = meta->Timestamp;
     }
+  }
+
+  // Sends one acknowledgement body ("+ACK", "-NAK", "+TERM", "+WPI") to the message's $JS.ACK
+  // subject; with `confirm`, as a request the server answers once it has applied it.
+  Status send(std::string_view body, const char* what, bool final, bool confirm = false) {
+    std::lock_guard lock(mu);
+    if (settled) return {};
+    const char* reply = natsMsg_GetReply(msg.get());
+    if (reply == nullptr || *reply == '\0') {
+      return make_error(ErrorDomain::kInvalid, std::string(what) + ": not a JetStream message");
+    }
+    natsStatus st = NATS_OK;
+    if (confirm) {
+      natsMsg* answer = nullptr;
+      st = natsConnection_Request(&answer, core->nc, reply, body.data(),
+                                  static_cast<int>(body.size()), 5000);
+      natsMsg_Destroy(answer);
+    } else {
+      st = natsConnection_Publish(core->nc, reply, body.data(), static_cast<int>(body.size()));
+    }
+    if (st != NATS_OK) return nats_error(st, what);
+    if (final) settled = true;
+    return {};
   }
 };
 
@@ -115,49 +142,35 @@ uint64_t JsMessage::num_delivered() const { return impl_->num_delivered; }
 int64_t JsMessage::stored_unix_ns() const { return impl_->stored_unix_ns; }
 int64_t JsMessage::fetched_unix_ns() const { return impl_->fetched_unix_ns; }
 
-Status JsMessage::ack() {
-  std::lock_guard lock(impl_->mu);
-  jsErrCode jerr = static_cast<jsErrCode>(0);
-  const natsStatus s = natsMsg_AckSync(impl_->msg.get(), nullptr, &jerr);
-  if (s != NATS_OK) return nats_error(s, "ack", jerr);
-  return {};
-}
+Status JsMessage::ack() { return impl_->send("+ACK", "ack", true, /*confirm=*/true); }
 
-Status JsMessage::ack_async() {
-  std::lock_guard lock(impl_->mu);
-  const natsStatus s = natsMsg_Ack(impl_->msg.get(), nullptr);
-  if (s != NATS_OK) return nats_error(s, "ack");
-  return {};
-}
+Status JsMessage::ack_async() { return impl_->send("+ACK", "ack", true); }
 
 Status JsMessage::nak(std::chrono::milliseconds delay) {
-  std::lock_guard lock(impl_->mu);
-  const natsStatus s = delay.count() > 0
-                           ? natsMsg_NakWithDelay(impl_->msg.get(), delay.count(), nullptr)
-                           : natsMsg_Nak(impl_->msg.get(), nullptr);
-  if (s != NATS_OK) return nats_error(s, "nak");
-  return {};
+  if (delay.count() <= 0) return impl_->send("-NAK", "nak", true);
+  const std::string body =
+      "-NAK {\"delay\":" +
+      std::to_string(std::chrono::duration_cast<std::chrono::nanoseconds>(delay).count()) + "}";
+  return impl_->send(body, "nak", true);
 }
 
-Status JsMessage::term() {
-  std::lock_guard lock(impl_->mu);
-  const natsStatus s = natsMsg_Term(impl_->msg.get(), nullptr);
-  if (s != NATS_OK) return nats_error(s, "term");
-  return {};
-}
+Status JsMessage::term() { return impl_->send("+TERM", "term", true); }
 
-Status JsMessage::in_progress() {
-  std::lock_guard lock(impl_->mu);
-  const natsStatus s = natsMsg_InProgress(impl_->msg.get(), nullptr);
-  if (s != NATS_OK) return nats_error(s, "in progress");
-  return {};
-}
+Status JsMessage::in_progress() { return impl_->send("+WPI", "in progress", false); }
 
 // ---- PullConsumer ----
 
+// The fetch loop speaks the pull protocol itself instead of calling natsSubscription_Fetch: the
+// Fetch of cnats 3.4.1 (Debian 12's) can return more messages than the batch it was asked for,
+// written past the end of its own array (seen as heap corruption in fault tests, with a list of
+// 22 messages from a batch of 16). Here every pull request has its own reply subject under one
+// wildcard inbox, so each status answer (408 expired, 409 refused) is matched to its request,
+// and at most two requests wait at the server at a time.
 struct PullConsumer::Impl {
   std::shared_ptr<Core> core;
-  std::shared_ptr<detail::SubHandle> sub;
+  std::shared_ptr<detail::SubHandle> sub;  // the inbox: "<inbox prefix>.<token>.*", synchronous
+  std::string inbox;                       // "<inbox prefix>.<token>."
+  std::string next_subject;                // $JS.API.CONSUMER.MSG.NEXT.<stream>.<durable>
   std::shared_ptr<Delivery> delivery;
   ConsumerConfig config;
   std::string name;
@@ -180,56 +193,140 @@ struct PullConsumer::Impl {
     if (thread.joinable()) thread.join();
   }
 
+  // A pull request the server may still be answering.
+  struct Request {
+    uint64_t id = 0;
+    int remaining = 0;
+    std::chrono::steady_clock::time_point gone;  // by then the server has surely let it go
+  };
+
   void run() {
-    // A fetch returns at the latest after this, which bounds how long stop() waits.
-    constexpr int64_t kFetchTimeoutMs = 500;
+    // How long the server keeps a request waiting; bounds how long a lost request (a server
+    // restart forgets them) delays the next.
+    constexpr auto kExpires = std::chrono::milliseconds{500};
+    constexpr auto kGrace = std::chrono::milliseconds{500};
     constexpr auto kRetryDelay = std::chrono::milliseconds{250};
     // Fetches to a consumer that was deleted (by an operator, or lost with the server's store)
     // just time out: look for it now and then while idle, and put it back.
     constexpr auto kCheckEvery = std::chrono::seconds{2};
     auto last_check = std::chrono::steady_clock::now();
+    auto last_message = last_check;
+    std::vector<Request> requests;
+    uint64_t next_id = 0;
     natsStatus last_reported = NATS_OK;
+    std::vector<JsMessagePtr> ready;
     while (!stopping.load()) {
-      detail::MsgList list;
-      jsErrCode jerr = static_cast<jsErrCode>(0);
-      const natsStatus s =
-          natsSubscription_Fetch(list.get(), sub->sub, batch, kFetchTimeoutMs, &jerr);
-      if (list->Count > 0) {
-        // One post per fetched batch, not per message: one wake-up of the executor's thread.
-        std::vector<JsMessagePtr> batch_msgs;
-        batch_msgs.reserve(static_cast<size_t>(list->Count));
-        for (int i = 0; i < list->Count; ++i) {
-          natsMsg* m = std::exchange(list->Msgs[i], nullptr);
-          batch_msgs.push_back(
-              std::make_shared<JsMessage>(std::make_unique<JsMessage::Impl>(sub, m)));
-        }
-        boost::asio::post(core->executor, [d = delivery, msgs = std::move(batch_msgs)] {
-          for (const auto& msg : msgs) {
-            if (!d->active.load()) return;
-            d->handler(msg);
+      const auto now = std::chrono::steady_clock::now();
+      std::erase_if(requests, [&](const Request& r) { return r.remaining <= 0 || now >= r.gone; });
+      int credit = 0;
+      for (const auto& r : requests) credit += r.remaining;
+      if (requests.size() < 2 && credit <= batch / 2) {
+        const uint64_t id = ++next_id;
+        const std::string body =
+            "{\"batch\":" + std::to_string(batch) + ",\"expires\":" +
+            std::to_string(std::chrono::duration_cast<std::chrono::nanoseconds>(kExpires).count()) +
+            "}";
+        const std::string reply = inbox + std::to_string(id);
+        const natsStatus s =
+            natsConnection_PublishRequest(core->nc, next_subject.c_str(), reply.c_str(),
+                                          body.data(), static_cast<int>(body.size()));
+        if (s == NATS_OK) {
+          requests.push_back({id, batch, now + kExpires + kGrace});
+          last_reported = NATS_OK;
+        } else {
+          if (stopping.load()) break;
+          // Disconnected and the reconnect buffer is full, or closed: report once per kind of
+          // failure, then keep trying.
+          if (s != last_reported) {
+            detail::report_error(*core, nats_error(s, "fetch from consumer " + name));
+            last_reported = s;
           }
-        });
+          std::unique_lock lock(mu);
+          cv.wait_for(lock, kRetryDelay, [&] { return stopping.load(); });
+          continue;
+        }
       }
-      // A timeout only means that nothing was there to fetch.
-      if (s == NATS_OK || s == NATS_TIMEOUT) {
-        last_reported = NATS_OK;
-        const auto now = std::chrono::steady_clock::now();
-        if (s == NATS_TIMEOUT && now - last_check >= kCheckEvery) {
-          last_check = now;
+
+      // Wait briefly: stop() and the requests' bookkeeping must not wait on the server.
+      natsMsg* raw = nullptr;
+      const natsStatus s = natsSubscription_NextMsg(&raw, sub->sub, 100);
+      if (s == NATS_OK) {
+        detail::MsgHandle m(raw);
+        on_message(std::move(m), requests, ready);
+        // Take whatever else is queued already, up to a batch, before handing over: one post per
+        // batch, not per message, wakes the executor's thread once.
+        int queued = 0;
+        while (ready.size() < static_cast<size_t>(batch) &&
+               natsSubscription_GetPending(sub->sub, &queued, nullptr) == NATS_OK && queued > 0) {
+          natsMsg* more = nullptr;
+          if (natsSubscription_NextMsg(&more, sub->sub, 10) != NATS_OK) break;
+          on_message(detail::MsgHandle(more), requests, ready);
+        }
+        if (!ready.empty()) {
+          last_message = std::chrono::steady_clock::now();
+          boost::asio::post(core->executor, [d = delivery, msgs = std::exchange(ready, {})] {
+            for (const auto& msg : msgs) {
+              if (!d->active.load()) return;
+              d->handler(msg);
+            }
+          });
+        }
+        continue;
+      }
+      if (s == NATS_TIMEOUT) {
+        const auto t = std::chrono::steady_clock::now();
+        if (t - last_message >= kCheckEvery && t - last_check >= kCheckEvery) {
+          last_check = t;
           restore_if_missing();
         }
         continue;
       }
       if (stopping.load()) break;
-      // Disconnects and the like: the connection reconnects by itself; report once per kind
-      // of failure, then keep trying.
       if (s != last_reported) {
-        detail::report_error(*core, nats_error(s, "fetch from consumer " + name, jerr));
+        detail::report_error(*core, nats_error(s, "fetch from consumer " + name));
         last_reported = s;
       }
       std::unique_lock lock(mu);
       cv.wait_for(lock, kRetryDelay, [&] { return stopping.load(); });
     }
+  }
+
+  // A message on the inbox: a stream message (counted against the oldest request still owed
+  // messages) or a status answer to one request (it ends that request).
+  void on_message(detail::MsgHandle m, std::vector<Request>& requests,
+                  std::vector<JsMessagePtr>& ready) {
+    const char* status = nullptr;
+    if (natsMsg_GetDataLength(m.get()) == 0 &&
+        natsMsgHeader_Get(m.get(), "Status", &status) == NATS_OK && status != nullptr) {
+      const std::string_view subject(natsMsg_GetSubject(m.get()));
+      uint64_t id = 0;
+      if (subject.starts_with(inbox)) {
+        for (char c : subject.substr(inbox.size())) {
+          if (c < '0' || c > '9') break;
+          id = id * 10 + static_cast<uint64_t>(c - '0');
+        }
+      }
+      std::erase_if(requests, [&](const Request& r) { return r.id == id; });
+      const std::string_view code(status);
+      // 404/408: nothing there, or the request expired: the normal end of an idle request.
+      if (code != "404" && code != "408") {
+        const char* description = nullptr;
+        natsMsgHeader_Get(m.get(), "Description", &description);
+        detail::report_error(
+            *core, make_error(ErrorDomain::kNats, "fetch from consumer " + name + ": " +
+                                                      std::string(code) + " " +
+                                                      (description != nullptr ? description : "")));
+      }
+      return;
+    }
+    for (auto& r : requests) {
+      if (r.remaining > 0) {
+        --r.remaining;
+        break;
+      }
+    }
+    ready.push_back(
+        std::make_shared<JsMessage>(std::make_unique<JsMessage::Impl>(core, m.release())));
   }
 
   void restore_if_missing() {
@@ -373,27 +470,34 @@ Result<PubAck> Connection::js_publish(const std::string& subject, std::string_vi
 
 Result<std::unique_ptr<PullConsumer>> Connection::pull_consume(
     const ConsumerConfig& config, std::function<void(JsMessagePtr)> handler, int batch) {
-  // The consumer is made here and the subscription only binds to it: cnats then never deletes
-  // it on unsubscribe, so its position survives restarts of the service.
+  // The consumer is made here and only pulled from: nothing deletes it when the loop stops, so
+  // its position survives restarts of the service.
   if (auto created = ensure_consumer(impl_->core->js, config); !created.ok()) {
     return created.error();
   }
 
-  jsSubOptions so;
-  jsSubOptions_Init(&so);
-  so.Stream = config.stream.c_str();
-  so.Consumer = config.durable.c_str();
+  // A unique token under this connection's own inbox prefix (cnats' inbox is "_INBOX.<nuid>"),
+  // so least-privilege users (deploy/nats) may receive on it.
+  std::string token = "pull";
+  natsInbox* made = nullptr;
+  if (natsInbox_Create(&made) == NATS_OK) {
+    const std::string_view text(made);
+    token = std::string(text.substr(text.rfind('.') + 1));
+    natsInbox_Destroy(made);
+  }
+  const auto& prefix = impl_->core->inbox_prefix;
+  const std::string inbox = (prefix.empty() ? std::string("_INBOX") : prefix) + "." + token + ".";
   natsSubscription* sub = nullptr;
-  jsErrCode jerr = static_cast<jsErrCode>(0);
-  const natsStatus s =
-      js_PullSubscribe(&sub, impl_->core->js,
-                       config.filter_subject.empty() ? nullptr : config.filter_subject.c_str(),
-                       config.durable.c_str(), nullptr, &so, &jerr);
-  if (s != NATS_OK) return nats_error(s, "bind to consumer " + config.durable, jerr);
+  const natsStatus s = natsConnection_SubscribeSync(&sub, impl_->core->nc, (inbox + "*").c_str());
+  if (s != NATS_OK) return nats_error(s, "subscribe to the pull inbox of " + config.durable);
+  // Bounded by the requests (two batches at most); never dropped as a slow consumer.
+  natsSubscription_SetPendingLimits(sub, -1, -1);
 
   auto impl = std::make_unique<PullConsumer::Impl>();
   impl->core = impl_->core;
   impl->sub = std::make_shared<detail::SubHandle>(sub);
+  impl->inbox = inbox;
+  impl->next_subject = "$JS.API.CONSUMER.MSG.NEXT." + config.stream + "." + config.durable;
   impl->delivery = std::make_shared<Delivery>();
   impl->delivery->handler = std::move(handler);
   impl->config = config;

@@ -1,6 +1,9 @@
 // JetStream through the adapter: streams, de-duplication, pull consumers and redelivery.
 
+#include <algorithm>
 #include <future>
+#include <mutex>
+#include <vector>
 
 #include "bus_fixture.h"
 
@@ -130,6 +133,55 @@ TEST_F(BusJetStream, PullConsumerDeliversOnExecutorAndAckStopsRedelivery) {
   EXPECT_EQ(got.at(1)->data(), "2");
   // Past the ack wait: an un-acked message would be back by now.
   EXPECT_FALSE(got.wait_for(3, 1200ms));
+}
+
+// Many batches' worth, published while the consumer is already pulling (requests half-used when
+// more arrive): each message exactly once, in order, and never more than two pull requests
+// waiting at the server.
+TEST_F(BusJetStream, ABurstOfManyBatchesArrivesOnceInOrder) {
+  constexpr int kMessages = 1000;
+  std::vector<uint64_t> seen;
+  std::mutex mu;
+  auto c = consume(consumer(), [&](JsMessagePtr m) {
+    ASSERT_TRUE(m->ack_async().ok());
+    std::lock_guard lock(mu);
+    seen.push_back(m->stream_sequence());
+  });
+  ASSERT_TRUE(c);
+  uint64_t most_waiting = 0;
+  for (int i = 0; i < kMessages; ++i) {
+    publish("work.burst", std::to_string(i));
+    if (i % 100 == 0) {
+      auto states = conn_->consumer_states("WORK");
+      ASSERT_TRUE(states.ok());
+      for (const auto& st : *states) most_waiting = std::max(most_waiting, st.waiting);
+    }
+  }
+  ASSERT_TRUE(cvm::test::wait_until(
+      [&] {
+        std::lock_guard lock(mu);
+        return seen.size() >= kMessages;
+      },
+      20s));
+  std::this_thread::sleep_for(300ms);  // a duplicate would arrive about now
+  std::lock_guard lock(mu);
+  ASSERT_EQ(seen.size(), static_cast<size_t>(kMessages));
+  for (int i = 0; i < kMessages; ++i) EXPECT_EQ(seen[i], static_cast<uint64_t>(i + 1));
+  EXPECT_LE(most_waiting, 2u);
+}
+
+// An ack of a message whose delivery was already settled is a no-op, as in cnats: a nak after an
+// ack does not bring the message back.
+TEST_F(BusJetStream, ANakAfterAnAckChangesNothing) {
+  publish("work.once", "x");
+  Collector<JsMessagePtr> got;
+  auto c = consume(consumer(500ms), [&](JsMessagePtr m) {
+    EXPECT_TRUE(m->ack().ok());
+    EXPECT_TRUE(m->nak().ok());
+    got.add(m);
+  });
+  ASSERT_TRUE(got.wait_for(1));
+  EXPECT_FALSE(got.wait_for(2, 1500ms));
 }
 
 TEST_F(BusJetStream, NakWithDelayRedeliversAfterDelay) {
