@@ -295,7 +295,9 @@ def main():
         paused = scheduler_pid
         ctl_user = cvmctl[cvmctl.index("--nats-user") + 1]
         ctl_password = cvmctl[cvmctl.index("--nats-password") + 1]
-        for i in range(25):
+        # 40: the paused scheduler's last pull request (a batch of 16, waiting up to 500 ms) may
+        # still take some; more than 20 stay pending whatever it took.
+        for i in range(40):
             nats_publish(int(env["NATS_PORT"]), ctl_user, ctl_password, "cvm.v1.builds.submit", b"\x0a\x01x")
         for name, expr in alert_rules():
             if name not in needs_pause:
