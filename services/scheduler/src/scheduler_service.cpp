@@ -168,6 +168,8 @@ Status SchedulerService::start() {
   auto consumer = conn_->pull_consume(cc, [this](bus::JsMessagePtr m) { on_build(m); });
   if (!consumer) return consumer.error();
   consumer_ = std::move(*consumer);
+  lost_lane_work_.emplace(lost_lane_.get_executor());
+  lost_lane_thread_ = std::thread([this] { lost_lane_.run(); });
   schedule_sweep();
   spdlog::info("scheduler consuming {} (durable {}), node TTL {} ms", wire::kStreamBuilds,
                wire::kSchedulerDurable, config_.node_ttl.count());
@@ -183,6 +185,11 @@ void SchedulerService::stop() {
   leases_watch_.reset();
   capacity_watch_.reset();
   workspaces_watch_.reset();
+  // A sweep in progress finishes its current bus call (each is bounded by its timeout); what it
+  // posts back finds the service gone (guarded) and its notice is redelivered to a replica.
+  lost_lane_work_.reset();
+  lost_lane_.stop();
+  if (lost_lane_thread_.joinable()) lost_lane_thread_.join();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -924,34 +931,75 @@ void SchedulerService::handle_node_lost(const bus::JsMessagePtr& msg) {
   }
   spdlog::warn("node {} lost (last heartbeat {} ms ago)", node,
                clock_.now_unix_ms() - notice.last_heartbeat_unix_ms());
-  // Every step below is idempotent (msg-ids, CAS, releases of what is already released), so a
-  // crash part-way is finished by the redelivery.
+  // The leases the cvm_gpu_leases watch knows on the node, taken here: leases_ is the executor's.
+  std::vector<std::pair<std::string, std::string>> known;
+  if (auto it = leases_.find(node); it != leases_.end()) {
+    for (const auto& l : it->second) known.emplace_back(l.workspace_id(), l.lease_id());
+  }
   const std::string tag = std::to_string(notice.last_heartbeat_unix_ms());
+  boost::asio::post(lost_lane_, [this, msg, node, tag, known = std::move(known)]() mutable {
+    auto swept = sweep_lost_node(node, tag);
+    boost::asio::post(
+        io_, guarded([this, msg, node, known = std::move(known), swept = std::move(swept)] {
+          // Released even when the notice is retried: a release of what is released already is a
+          // no-op at the broker.
+          for (const auto& [workspace, lease] : swept.leases) release_gpus(workspace, lease);
+          if (!swept.retry.empty()) return retry_later(msg, swept.retry);
+          // Whatever GPUs are still leased on the node go back to the broker.
+          for (const auto& [workspace, lease] : known) release_gpus(workspace, lease);
+          meters_->nodes_lost.Increment();
+          ++counts_.nodes_lost;
+          ack(msg);
+        }));
+  });
+}
+
+SchedulerService::LostSweep SchedulerService::sweep_lost_node(const std::string& node,
+                                                              const std::string& tag) {
+  // Every step below is idempotent (msg-ids, CAS, releases of what is already released), so a
+  // crash part-way is finished by the redelivery. Only thread-safe things are used here: the
+  // bus, the buckets, the clock and the configuration.
+  LostSweep out;
   auto keys = placements_->keys();
-  if (!keys) return retry_later(msg, "cannot list placement records: " + keys.error().message);
+  if (!keys) {
+    out.retry = "cannot list placement records: " + keys.error().message;
+    return out;
+  }
   const std::string prefix = node + ".";
   for (const auto& key : *keys) {
     if (!key.starts_with(prefix)) continue;
     auto entry = placements_->get(key);
-    if (!entry) return retry_later(msg, "cannot read " + key + ": " + entry.error().message);
+    if (!entry) {
+      out.retry = "cannot read " + key + ": " + entry.error().message;
+      return out;
+    }
     cvm::v1::PlacementRecord r;
     if (!entry->has_value() || !r.ParseFromString((*entry)->value)) continue;
     const auto& a = r.assignment();
     if (a.node_id() != node) continue;  // already placed again elsewhere
     auto phase = last_phase(a.request().build_id());
-    if (!phase) return retry_later(msg, "cannot read events: " + phase.error().message);
+    if (!phase) {
+      out.retry = "cannot read events: " + phase.error().message;
+      return out;
+    }
     if (lost_node_action(*phase) != LostAction::kPlaceAgain) continue;  // running: see below
     const auto& req = a.request();
     auto pub = conn_->js_publish(std::string(wire::kBuildsSubmit), req.SerializeAsString(),
                                  req.build_id() + ".again." + node + "." + tag,
                                  {{std::string(kHeaderPlaceAgain), node}});
-    if (!pub) return retry_later(msg, "cannot queue build again: " + pub.error().message);
+    if (!pub) {
+      out.retry = "cannot queue build again: " + pub.error().message;
+      return out;
+    }
   }
 
   // Running workspaces: their records (written by the agent) say where they run. Mark them LOST
   // by compare-and-set, so the event is sent once even across replicas and restarts.
   auto ws_keys = workspaces_->keys();
-  if (!ws_keys) return retry_later(msg, "cannot list workspaces: " + ws_keys.error().message);
+  if (!ws_keys) {
+    out.retry = "cannot list workspaces: " + ws_keys.error().message;
+    return out;
+  }
   for (const auto& key : *ws_keys) {
     auto entry = workspaces_->get(key);
     if (!entry || !entry->has_value()) continue;
@@ -967,7 +1015,8 @@ void SchedulerService::handle_node_lost(const bus::JsMessagePtr& msg) {
                   std::to_string(config_.node_ttl.count() / 1000) +
                   " s; the workspace is not running anywhere");
     if (auto ev = service::publish_event(*conn_, e); !ev) {
-      return retry_later(msg, "cannot publish LOST: " + ev.error().message);
+      out.retry = "cannot publish LOST: " + ev.error().message;
+      return out;
     }
     ws.set_phase(cvm::v1::LOST);
     ws.set_reason(cvm::v1::NODE_LOST);
@@ -975,21 +1024,14 @@ void SchedulerService::handle_node_lost(const bus::JsMessagePtr& msg) {
     ws.set_updated_unix_ms(clock_.now_unix_ms());
     // A conflict means the agent wrote it meanwhile (it is back): its word wins.
     (void)workspaces_->update(key, ws.SerializeAsString(), (*entry)->revision);
-    if (!ws.lease_id().empty()) release_gpus(ws.workspace_id(), ws.lease_id());
+    if (!ws.lease_id().empty()) out.leases.emplace_back(ws.workspace_id(), ws.lease_id());
   }
 
-  // Whatever GPUs are still leased on the node go back to the broker.
-  if (auto it = leases_.find(node); it != leases_.end()) {
-    const auto leases = it->second;  // release_gpus may run watch handlers later, not now
-    for (const auto& l : leases) release_gpus(l.workspace_id(), l.lease_id());
-  }
   // And the schedulers' holds on it.
   if (auto st = capacity_->erase(node); !st) {
     spdlog::warn("cannot drop the capacity holds of {}: {}", node, st.error().message);
   }
-  meters_->nodes_lost.Increment();
-  ++counts_.nodes_lost;
-  ack(msg);
+  return out;
 }
 
 void SchedulerService::handle_transition(const cvm::v1::BuildRequest& req,

@@ -792,6 +792,69 @@ TEST_F(SchedulerFleet, LostNodeBuildsArePlacedAgainRunningOnesMarkedLost) {
   EXPECT_EQ(handled, 1u) << "two replicas saw the loss; exactly one handles it";
 }
 
+// A lost node's sweep reads and writes one record at a time: on a node with thousands of
+// workspaces that is seconds, and placements must go on meanwhile. A build submitted while the
+// sweep of 3,000 running workspaces is under way is SCHEDULED before the sweep is done; the sweep
+// still marks every one of them LOST.
+TEST_F(SchedulerFleet, PlacementsGoOnWhileALostNodeIsSwept) {
+  fleetsim::FleetConfig fleet;
+  fleet.nodes = 2;
+  fleet.prefix = "p";
+  fleet.profiles = {vm()};
+  start(fleet, 1, /*broker=*/false);
+
+  // Workspaces of a node the scheduler has never heard of (so no heartbeat overrules the notice).
+  constexpr int kOnGhost = 3000;
+  auto ws = client_->ensure_kv(service::workspaces_bucket());
+  ASSERT_TRUE(ws.ok());
+  for (int i = 0; i < kOnGhost; ++i) {
+    cvm::v1::WorkspaceRecord r;
+    r.set_workspace_id("ws-ghost-" + std::to_string(i));
+    r.set_build_id("ghost-" + std::to_string(i));
+    r.set_node_id("ghost");
+    r.set_phase(cvm::v1::RUNNING);
+    ASSERT_TRUE(ws->put(r.workspace_id(), r.SerializeAsString()).ok());
+  }
+  // In the order the server has them: how many LOST events came before the build's SCHEDULED.
+  std::atomic<int> lost_events{0};
+  std::atomic<int> lost_before_scheduled{-1};
+  auto sub = client_->subscribe("cvm.v1.builds.*.events", "", [&](bus::Message m) {
+    cvm::v1::BuildEvent e;
+    if (!e.ParseFromString(m.data)) return;
+    if (e.phase() == cvm::v1::LOST) ++lost_events;
+    if (e.build_id() == "meanwhile" && e.phase() == cvm::v1::SCHEDULED) {
+      lost_before_scheduled = lost_events.load();
+    }
+  });
+  ASSERT_TRUE(sub.ok());
+
+  cvm::v1::NodeLostNotice notice;
+  notice.set_node_id("ghost");
+  notice.set_last_heartbeat_unix_ms(clock_.now_unix_ms() - 60'000);
+  ASSERT_TRUE(client_
+                  ->js_publish(std::string(wire::kBuildsSubmit), notice.SerializeAsString(),
+                               "lost.ghost", {{std::string(scheduler::kHeaderNodeLost), "ghost"}})
+                  .ok());
+  ASSERT_TRUE(test::wait_until([&] { return lost_events.load() > 0; }, 20s))
+      << "the sweep never started";
+
+  submit(request("meanwhile"));
+  ASSERT_TRUE(test::wait_until([&] { return lost_before_scheduled.load() >= 0; }, 20s))
+      << "never SCHEDULED";
+  EXPECT_LT(lost_before_scheduled.load(), kOnGhost) << "the build waited for the whole sweep";
+
+  ASSERT_TRUE(test::wait_until(
+      [&] { return harness_->on_scheduler(0, [](auto& s) { return s.counts().nodes_lost; }) == 1; },
+      120s))
+      << "the sweep never finished";
+  EXPECT_EQ(lost_events.load(), kOnGhost);
+  auto last = ws->get("ws-ghost-" + std::to_string(kOnGhost - 1));
+  ASSERT_TRUE(last.ok() && last->has_value());
+  cvm::v1::WorkspaceRecord r;
+  ASSERT_TRUE(r.ParseFromString((*last)->value));
+  EXPECT_EQ(r.phase(), cvm::v1::LOST);
+}
+
 // Settings come from KV cvm_settings and apply from the next build: CVMs disabled, "default to
 // CVM" off with the workspace's own override, and the scoring strategy.
 TEST_F(SchedulerFleet, SettingsApplyFromTheNextBuild) {

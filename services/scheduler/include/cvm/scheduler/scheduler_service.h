@@ -1,7 +1,8 @@
 #pragma once
 // The scheduler's wiring: CVM_BUILDS in, NodeAssignments and BuildEvents out. The decisions are in
 // placement.h, ledger.h and liveness.h; this class only moves data between the bus and them, on
-// one executor thread. Several replicas may run at once (they share the durable consumer):
+// one executor thread (a lost node's record-by-record sweep runs on a thread of its own, see
+// sweep_lost_node). Several replicas may run at once (they share the durable consumer):
 //
 //   decide (in-memory index)  ->  hold capacity (CAS on KV cvm_capacity)  ->  GPUs (broker)
 //   ->  record the placement (KV cvm_placements, "<node>.<build>")  ->  NodeAssignment
@@ -27,9 +28,12 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
 
@@ -174,6 +178,14 @@ class SchedulerService {
   void handle_place_again(const cvm::v1::BuildRequest& req, const std::string& lost_node,
                           const bus::JsMessagePtr& msg);
   void handle_node_lost(const bus::JsMessagePtr& msg);
+  // What a lost node's sweep did off the executor, for the executor to finish.
+  struct LostSweep {
+    std::string retry;  // set: the notice is retried later, for this reason
+    std::vector<std::pair<std::string, std::string>> leases;  // (workspace, lease) to release
+  };
+  // The part of a node-lost notice that reads and writes a record at a time (placement records,
+  // workspace records, LOST events, the node's holds): on lost_lane_, never on the executor.
+  LostSweep sweep_lost_node(const std::string& node, const std::string& tag);
   void handle_transition(const cvm::v1::BuildRequest& req, const bus::JsMessagePtr& msg);
 
   // Places on the first candidate whose capacity hold, GPUs and record all succeed; publishes the
@@ -278,6 +290,12 @@ class SchedulerService {
   std::unique_ptr<bus::KvWatch> capacity_watch_;
   std::unique_ptr<bus::PullConsumer> consumer_;
   boost::asio::steady_timer sweep_timer_;
+  // One thread for lost-node sweeps: a bus round trip per record is seconds on a big fleet, and
+  // placements must not wait behind it. Sweeps run one at a time, in the order of their notices.
+  boost::asio::io_context lost_lane_;
+  std::optional<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>>
+      lost_lane_work_;
+  std::thread lost_lane_thread_;
   struct StageSample {
     int64_t stored = 0, fetched = 0, executing = 0, held = 0, looked_up = 0, recorded = 0,
             published = 0;  // unix ns
