@@ -256,16 +256,7 @@ std::shared_ptr<AsyncOps> Core::async_ops() {
   natsStatus s = natsConnection_JetStream(&ops->js, nc, &jo);
   if (s != NATS_OK) ops->js_status = nats_error(s, "create asynchronous JetStream context");
 
-  // A unique token under this connection's own prefix (cnats' inbox is "_INBOX.<nuid>").
-  std::string token = "async";
-  natsInbox* inbox = nullptr;
-  if (natsInbox_Create(&inbox) == NATS_OK) {
-    const std::string_view made(inbox);
-    token = std::string(made.substr(made.rfind('.') + 1));
-    natsInbox_Destroy(inbox);
-  }
-  ops->inbox_base =
-      (inbox_prefix.empty() ? std::string("_INBOX") : inbox_prefix) + "." + token + ".";
+  ops->inbox_base = detail::unique_inbox(inbox_prefix, "async");
   s = natsConnection_Subscribe(&ops->inbox, nc, (ops->inbox_base + "*").c_str(), on_reply, key);
   if (s != NATS_OK) ops->inbox_status = nats_error(s, "subscribe to the reply inbox");
   async_ = ops;

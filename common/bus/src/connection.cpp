@@ -179,6 +179,17 @@ Core::~Core() {
 
 void report_error(const Core& core, const Error& error) { core.callbacks->post_error(error); }
 
+std::string unique_inbox(const std::string& inbox_prefix, const char* fallback) {
+  std::string token = fallback;
+  natsInbox* made = nullptr;
+  if (natsInbox_Create(&made) == NATS_OK) {
+    const std::string_view text(made);
+    token = std::string(text.substr(text.rfind('.') + 1));
+    natsInbox_Destroy(made);
+  }
+  return (inbox_prefix.empty() ? std::string("_INBOX") : inbox_prefix) + "." + token + ".";
+}
+
 }  // namespace detail
 
 using detail::Core;

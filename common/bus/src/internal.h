@@ -121,6 +121,11 @@ void destroy_async_ops(Core& core);
 // Posts an async error (fetch loop, watcher) to the connection's on_error, if any.
 void report_error(const Core& core, const Error& error);
 
+// "<inbox prefix>.<unique token>.": a wildcard inbox of its own under the connection's prefix
+// (cnats' inbox is "_INBOX.<nuid>"), so least-privilege users (deploy/nats) may receive on it;
+// `fallback` names it should cnats fail to make a nuid.
+std::string unique_inbox(const std::string& inbox_prefix, const char* fallback);
+
 }  // namespace cvm::bus::detail
 
 namespace cvm::bus {

@@ -215,6 +215,16 @@ struct PullConsumer::Impl {
     uint64_t next_id = 0;
     natsStatus last_reported = NATS_OK;
     std::vector<JsMessagePtr> ready;
+    // Disconnected and the reconnect buffer full, or closed: report once per kind of failure,
+    // then wait a little and keep trying.
+    const auto report_and_wait = [&](natsStatus s) {
+      if (s != last_reported) {
+        detail::report_error(*core, nats_error(s, "fetch from consumer " + name));
+        last_reported = s;
+      }
+      std::unique_lock lock(mu);
+      cv.wait_for(lock, kRetryDelay, [&] { return stopping.load(); });
+    };
     while (!stopping.load()) {
       const auto now = std::chrono::steady_clock::now();
       std::erase_if(requests, [&](const Request& r) { return r.remaining <= 0 || now >= r.gone; });
@@ -235,14 +245,7 @@ struct PullConsumer::Impl {
           last_reported = NATS_OK;
         } else {
           if (stopping.load()) break;
-          // Disconnected and the reconnect buffer is full, or closed: report once per kind of
-          // failure, then keep trying.
-          if (s != last_reported) {
-            detail::report_error(*core, nats_error(s, "fetch from consumer " + name));
-            last_reported = s;
-          }
-          std::unique_lock lock(mu);
-          cv.wait_for(lock, kRetryDelay, [&] { return stopping.load(); });
+          report_and_wait(s);
           continue;
         }
       }
@@ -282,12 +285,7 @@ struct PullConsumer::Impl {
         continue;
       }
       if (stopping.load()) break;
-      if (s != last_reported) {
-        detail::report_error(*core, nats_error(s, "fetch from consumer " + name));
-        last_reported = s;
-      }
-      std::unique_lock lock(mu);
-      cv.wait_for(lock, kRetryDelay, [&] { return stopping.load(); });
+      report_and_wait(s);
     }
   }
 
@@ -476,17 +474,7 @@ Result<std::unique_ptr<PullConsumer>> Connection::pull_consume(
     return created.error();
   }
 
-  // A unique token under this connection's own inbox prefix (cnats' inbox is "_INBOX.<nuid>"),
-  // so least-privilege users (deploy/nats) may receive on it.
-  std::string token = "pull";
-  natsInbox* made = nullptr;
-  if (natsInbox_Create(&made) == NATS_OK) {
-    const std::string_view text(made);
-    token = std::string(text.substr(text.rfind('.') + 1));
-    natsInbox_Destroy(made);
-  }
-  const auto& prefix = impl_->core->inbox_prefix;
-  const std::string inbox = (prefix.empty() ? std::string("_INBOX") : prefix) + "." + token + ".";
+  const std::string inbox = detail::unique_inbox(impl_->core->inbox_prefix, "pull");
   natsSubscription* sub = nullptr;
   const natsStatus s = natsConnection_SubscribeSync(&sub, impl_->core->nc, (inbox + "*").c_str());
   if (s != NATS_OK) return nats_error(s, "subscribe to the pull inbox of " + config.durable);
