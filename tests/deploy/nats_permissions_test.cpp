@@ -5,6 +5,7 @@
 // stream. The services' end-to-end run with these users is tests/deploy/stack_test.py.
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -42,7 +43,8 @@ struct GeneratedAuth {
   GeneratedAuth() {
     dir = fs::temp_directory_path() / ("cvm-auth-" + std::to_string(getpid()));
     fs::remove_all(dir);
-    const std::string cmd = std::string(CVM_GEN_AUTH) + " --out " + dir + " n1 n2 >/dev/null";
+    const std::string cmd =
+        std::string(CVM_GEN_AUTH) + " --out " + dir + " --user alice --user bob n1 n2 >/dev/null";
     if (std::system(cmd.c_str()) != 0) return;
     auth_conf = read_file(dir + "/auth.conf");
     for (const auto& entry : fs::directory_iterator(dir + "/credentials")) {
@@ -66,7 +68,7 @@ class NatsPermissions : public ::testing::Test {
 
   void SetUp() override {
     ASSERT_FALSE(auth_->auth_conf.empty()) << "gen-auth.sh failed";
-    ASSERT_EQ(auth_->passwords.size(), 6u);
+    ASSERT_EQ(auth_->passwords.size(), 8u);
     server_.emplace(NatsServerOptions{.extra_config = auth_->auth_conf});
     auto started = server_->start();
     ASSERT_TRUE(started.ok()) << started.error().message;
@@ -320,6 +322,68 @@ TEST_F(NatsPermissions, AnAgentAnswersConsoleRequestsForItsOwnNodeOnly) {
   ASSERT_TRUE(got->has_value());
   EXPECT_EQ((*got)->value, "record");
   EXPECT_FALSE(kv->put("ws1", "forged").ok());
+}
+
+// Sessions: the user token of the session subjects is pinned to the user, so an agent may take it
+// as who asks; an agent serves and sees its own node's sessions only.
+TEST_F(NatsPermissions, SessionSubjectsCarryAUserOnlyThatUserMayUse) {
+  auto agent = connect("agent-n1");
+  auto alice = connect("alice");
+  auto bob = connect("bob");
+  ASSERT_TRUE(agent && alice && bob);
+  auto opens = agent->subscribe(wire::session_open_wildcard("n1"), "",
+                                [&](bus::Message m) { (void)agent->publish(m.reply, m.subject); });
+  ASSERT_TRUE(opens.ok()) << opens.error().message;
+  std::mutex mu;
+  std::vector<std::string> input;
+  auto in = agent->subscribe(wire::session_in_wildcard("n1"), "", [&](bus::Message m) {
+    std::lock_guard lock(mu);
+    input.push_back(m.subject);
+  });
+  ASSERT_TRUE(in.ok()) << in.error().message;
+  ASSERT_TRUE(agent->flush().ok());
+
+  // alice opens as alice; the agent sees her name in the subject.
+  auto asked = alice->request(wire::session_open_subject("n1", "alice"), "open", 5s);
+  ASSERT_TRUE(asked.ok()) << asked.error().message;
+  EXPECT_EQ(asked->data, "cvm.v1.node.n1.open.alice");
+  // She cannot open, type into or read a session as bob.
+  EXPECT_FALSE(alice->request(wire::session_open_subject("n1", "bob"), "open", 1s).ok());
+  EXPECT_TRUE(refused("alice", "cvm.v1.node.n1.open.bob"));
+  (void)alice->publish(wire::session_in_subject("n1", "bob", "s1"), "keys");
+  EXPECT_TRUE(refused("alice", "cvm.v1.node.n1.session.bob.s1.in"));
+  auto peek =
+      alice->subscribe(wire::session_out_subject("n1", "bob", "s1"), "", [](bus::Message) {});
+  (void)alice->flush();
+  EXPECT_TRUE(refused("alice", "cvm.v1.node.n1.session.bob.s1.out"));
+
+  // bob's output reaches bob.
+  std::atomic<int> got{0};
+  auto out = bob->subscribe(wire::session_out_subject("n1", "bob", "s2"), "",
+                            [&](bus::Message) { got.fetch_add(1); });
+  ASSERT_TRUE(out.ok()) << out.error().message;
+  ASSERT_TRUE(bob->flush().ok());
+  ASSERT_TRUE(agent->publish(wire::session_out_subject("n1", "bob", "s2"), "out").ok());
+  EXPECT_TRUE(wait_until([&] { return got.load() == 1; }, 5s));
+  ASSERT_TRUE(bob->publish(wire::session_in_subject("n1", "bob", "s2"), "keys").ok());
+  EXPECT_TRUE(wait_until(
+      [&] {
+        std::lock_guard lock(mu);
+        return input.size() == 1;
+      },
+      5s));
+
+  // Another node's agent can neither open a session here (as anyone) nor speak for this node.
+  auto other = connect("agent-n2");
+  ASSERT_TRUE(other);
+  EXPECT_FALSE(other->request(wire::session_open_subject("n1", "alice"), "open", 1s).ok());
+  EXPECT_TRUE(refused("agent-n2", "cvm.v1.node.n1.open.alice"));
+  (void)other->publish(wire::session_out_subject("n1", "bob", "s2"), "forged");
+  EXPECT_TRUE(refused("agent-n2", "cvm.v1.node.n1.session.bob.s2.out"));
+  auto listen = other->subscribe(wire::session_in_wildcard("n1"), "", [](bus::Message) {});
+  (void)other->flush();
+  EXPECT_TRUE(refused("agent-n2", "cvm.v1.node.n1.session.*.*.in"));
+  EXPECT_EQ(got.load(), 1) << "the forged output did not reach bob";
 }
 
 }  // namespace

@@ -16,6 +16,7 @@
 #include "cvm/service/streams.h"
 #include "cvm/v1/gpu.pb.h"
 #include "cvm/v1/settings.pb.h"
+#include "shared.h"
 
 namespace cvm::cli {
 namespace {
@@ -40,6 +41,10 @@ std::string next_step(const Error& e, const GlobalOptions& g) {
          "cvm-nats cvm-scheduler, or point --nats-url (CVM_NATS_URL) at it.";
 }
 
+}  // namespace
+
+namespace detail {
+
 int unavailable(std::ostream& err, const std::string& what, const Error& e,
                 const GlobalOptions& g) {
   err << "cvmctl: " << what << ": " << e.message << "\n" << next_step(e, g) << "\n";
@@ -57,6 +62,13 @@ Result<bus::ConnectionPtr> connect(const GlobalOptions& g, boost::asio::io_conte
   co.max_reconnect = 5;
   return bus::Connection::connect(co, io.get_executor());
 }
+
+}  // namespace detail
+
+namespace {
+
+using detail::connect;
+using detail::unavailable;
 
 // Runs `command` on a fresh connection; every command says the same when NATS is not there.
 template <class Command>
@@ -227,7 +239,7 @@ int build_command(const GlobalOptions& global, const BuildOptions& o,
   cvm::v1::BuildRequest req;
   req.set_build_id(o.build_id.empty() ? new_build_id() : o.build_id);
   req.set_workspace_id(o.workspace);
-  req.set_owner(o.owner);
+  req.set_owner(o.owner.empty() ? session_user(global) : o.owner);
   req.set_image(o.image);
   req.set_transition(transition);
   if (auto st = parse_resources(o, req.mutable_resources()); !st) {
@@ -328,7 +340,7 @@ std::string last_lines(const std::string& text, int64_t n) {
   return n == 0 ? std::string() : text.substr(pos + 1);
 }
 
-namespace {
+namespace detail {
 
 // Where a workspace lives now: its record in cvm_workspaces. nullopt when there is none.
 Result<std::optional<cvm::v1::WorkspaceRecord>> workspace_record(bus::KeyValue& kv,
@@ -344,7 +356,9 @@ Result<std::optional<cvm::v1::WorkspaceRecord>> workspace_record(bus::KeyValue& 
   return std::optional<cvm::v1::WorkspaceRecord>(std::move(record));
 }
 
-}  // namespace
+}  // namespace detail
+
+using detail::workspace_record;
 
 int logs_command(const GlobalOptions& global, const LogsOptions& o, std::ostream& out,
                  std::ostream& err) {

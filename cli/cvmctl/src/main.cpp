@@ -16,7 +16,8 @@ int main(int argc, char** argv) {
   app.fallthrough();
   app.footer(
       "Exit codes: 0 ok, 1 the build FAILED, 2 bad usage, 3 NATS or a service unavailable, "
-      "4 --watch timed out, 5 no such build (events) or workspace (logs).");
+      "4 --watch timed out, 5 no such build (events) or workspace (logs); exec and shell exit "
+      "with the command's status, or 255 when there was no session.");
   GlobalOptions global;
   bool plain = false;
   app.add_option("--nats-url", global.nats_url, "NATS server URL(s), comma-separated")
@@ -49,7 +50,8 @@ int main(int argc, char** argv) {
   auto* start = build->add_subcommand("start", "build and start a workspace");
   add_common(start);
   start->add_option("--image", opts.image, "oci:PATH:TAG or docker://HOST/REPO:TAG")->required();
-  start->add_option("--owner", opts.owner, "who owns the workspace");
+  start->add_option("--owner", opts.owner,
+                    "who owns the workspace and may exec into it (default: you, see exec)");
   start->add_option("--cpu", opts.cpu, "CPU limit: 500m, 1, 2.5");
   start->add_option("--memory", opts.memory, "memory limit: 512Mi, 2Gi");
   start->add_option("--gpus", opts.gpus, "number of GPUs");
@@ -81,6 +83,23 @@ int main(int argc, char** argv) {
   workspaces->add_option("--node", ws_node, "only those on this node");
   workspaces->add_option("--owner", ws_owner, "only those of this owner");
   auto* nodes = app.add_subcommand("nodes", "nodes: capabilities, runtime, capacity, GPUs");
+  ExecOptions exec_opts;
+  auto* exec = app.add_subcommand(
+      "exec", "run a command inside a workspace: cvmctl exec WS [-i] [-t] -- CMD ARGS...");
+  exec->add_option("workspace", exec_opts.workspace, "workspace id")->required();
+  exec->add_option("command", exec_opts.argv, "the command and its arguments (after --)")
+      ->required();
+  exec->add_flag("-i,--interactive", exec_opts.interactive, "send stdin to the command");
+  exec->add_flag("-t,--tty", exec_opts.tty, "give the command a terminal");
+  auto* shell = app.add_subcommand("shell", "a login shell inside a workspace, on a terminal");
+  shell->add_option("workspace", exec_opts.workspace, "workspace id")->required();
+  for (auto* cmd : {exec, shell}) {
+    cmd->add_option("-u,--user", exec_opts.user,
+                    "user inside the workspace: name, uid, uid:gid (default: the image's)");
+    cmd->add_option("-w,--workdir", exec_opts.cwd, "working directory (default: the user's home)");
+    cmd->add_option("-e,--env", exec_opts.env, "K=V for the command's environment")
+        ->allow_extra_args(false);
+  }
   auto* gpus = app.add_subcommand("gpus", "GPUs of every node, their health and leases");
   auto* dead_letters = app.add_subcommand(
       "dead-letters", "requests the scheduler gave up on (CVM_DEAD_LETTERS), newest last");
@@ -114,6 +133,12 @@ int main(int argc, char** argv) {
   if (watch->parsed()) return watch_command(global, build_id, opts.timeout, out, err);
   if (events->parsed()) return events_command(global, build_id, out, err);
   if (logs->parsed()) return logs_command(global, logs_opts, out, err);
+  if (exec->parsed()) return exec_command(global, exec_opts, err);
+  if (shell->parsed()) {
+    exec_opts.interactive = true;
+    exec_opts.tty = true;
+    return exec_command(global, exec_opts, err);
+  }
   if (workspaces->parsed()) return workspaces_command(global, ws_node, ws_owner, out, err);
   if (nodes->parsed()) return nodes_command(global, out, err);
   if (gpus->parsed()) return gpus_command(global, out, err);

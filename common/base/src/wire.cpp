@@ -12,6 +12,30 @@ std::string node_console_subject(std::string_view node_id) {
   return "cvm.v1.node." + std::string(node_id) + ".console";
 }
 
+std::string session_open_subject(std::string_view node_id, std::string_view user) {
+  return "cvm.v1.node." + std::string(node_id) + ".open." + std::string(user);
+}
+
+std::string session_in_subject(std::string_view node_id, std::string_view user,
+                               std::string_view session_id) {
+  return "cvm.v1.node." + std::string(node_id) + ".session." + std::string(user) + "." +
+         std::string(session_id) + ".in";
+}
+
+std::string session_out_subject(std::string_view node_id, std::string_view user,
+                                std::string_view session_id) {
+  return "cvm.v1.node." + std::string(node_id) + ".session." + std::string(user) + "." +
+         std::string(session_id) + ".out";
+}
+
+std::string session_open_wildcard(std::string_view node_id) {
+  return "cvm.v1.node." + std::string(node_id) + ".open.*";
+}
+
+std::string session_in_wildcard(std::string_view node_id) {
+  return "cvm.v1.node." + std::string(node_id) + ".session.*.*.in";
+}
+
 std::string build_events_subject(std::string_view build_id) {
   return "cvm.v1.builds." + std::string(build_id) + ".events";
 }

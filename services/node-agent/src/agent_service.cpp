@@ -29,6 +29,7 @@
 #include "cvm/service/events.h"
 #include "cvm/service/streams.h"
 #include "cvm/v1/gpu.pb.h"
+#include "file_util.h"
 
 namespace cvm::agent {
 
@@ -119,7 +120,20 @@ struct AgentService::Meters {
         lost(m.counter("cvm_agent_workspaces_lost_total",
                        "Workspaces whose container was gone when the agent restarted")),
         orphans(m.counter("cvm_agent_orphans_removed_total",
-                          "Containers and directories no workspace accounted for, removed")) {}
+                          "Containers and directories no workspace accounted for, removed")),
+        sessions_open(m.gauge("cvm_agent_sessions_open", "exec/shell sessions open on this node")),
+        sessions_opened(m.counter("cvm_agent_sessions_total", "Session opens by outcome",
+                                  {{"result", "opened"}})),
+        sessions_refused(m.counter("cvm_agent_sessions_total", "Session opens by outcome",
+                                   {{"result", "refused"}})),
+        sessions_failed(m.counter("cvm_agent_sessions_total", "Session opens by outcome",
+                                  {{"result", "failed"}})),
+        session_bytes_in(m.counter("cvm_agent_session_bytes_total",
+                                   "Bytes through sessions (in: to processes)",
+                                   {{"direction", "in"}})),
+        session_bytes_out(m.counter("cvm_agent_session_bytes_total",
+                                    "Bytes through sessions (in: to processes)",
+                                    {{"direction", "out"}})) {}
   prometheus::Counter& assignments;
   prometheus::Counter& invalid;
   prometheus::Counter& launched;
@@ -131,6 +145,13 @@ struct AgentService::Meters {
   prometheus::Gauge& running;
   prometheus::Counter& lost;
   prometheus::Counter& orphans;
+  prometheus::Gauge& sessions_open;
+  prometheus::Counter& sessions_opened;
+  prometheus::Counter& sessions_refused;
+  prometheus::Counter& sessions_failed;
+  prometheus::Counter& session_bytes_in;
+  prometheus::Counter& session_bytes_out;
+  SessionCounters exported;  // what the counters above already hold
 };
 
 AgentService::AgentService(boost::asio::io_context& io, bus::ConnectionPtr conn,
@@ -308,7 +329,40 @@ Status AgentService::start() {
                                   [this](bus::Message m) { answer_console(m); });
   if (!console) return console.error();
   console_sub_ = std::move(*console);
+
+  SessionServerConfig sc;
+  sc.node_id = config_.node_id;
+  sc.runc = config_.tools.runc;
+  sc.runc_root = config_.runc_root;
+  sc.inner_runtime = launcher_->inner_runtime();
+  sc.admins = config_.session_admins;
+  sc.limits = config_.session_limits;
+  sc.heartbeat = config_.session_heartbeat;
+  sessions_ = std::make_unique<SessionServer>(
+      conn_, sc, [this](const std::string& id) { return session_target(id); });
+  if (auto st = sessions_->start(); !st) return st;
   return {};
+}
+
+std::optional<SessionTarget> AgentService::session_target(const std::string& workspace_id) const {
+  auto it = workspaces_.find(workspace_id);
+  if (it == workspaces_.end() || it->second.record.phase() != cvm::v1::RUNNING ||
+      busy_.contains(workspace_id)) {
+    return std::nullopt;
+  }
+  SessionTarget t;
+  t.owner = it->second.record.owner();
+  t.container_id = container_id(workspace_id);
+  t.rootfs = workspace_dir(workspace_id) + "/bundle/rootfs";
+  // The image's user (the inner spec's process.user) is a session's user unless it names one.
+  if (auto spec = detail::read_file(workspace_dir(workspace_id) + "/bundle/config.json")) {
+    auto j = nlohmann::json::parse(*spec, nullptr, false);
+    if (j.is_object() && j.contains("process") && j["process"].contains("user")) {
+      t.default_uid = j["process"]["user"].value("uid", 0u);
+      t.default_gid = j["process"]["user"].value("gid", 0u);
+    }
+  }
+  return t;
 }
 
 void AgentService::answer_console(const bus::Message& msg) {
@@ -350,6 +404,7 @@ void AgentService::stop() {
   stopping_ = true;
   consumer_.reset();
   console_sub_.reset();
+  if (sessions_) sessions_->stop();
   heartbeat_timer_.cancel();
   // The workspaces keep running without the agent; a restarted one adopts and watches them.
   for (auto& [id, watch] : exit_watches_) {
@@ -546,8 +601,22 @@ cvm::v1::NodeStatus AgentService::node_status() const {
   return s;
 }
 
+void AgentService::export_session_counters() {
+  if (!sessions_) return;
+  const SessionCounters now = sessions_->counters();
+  auto& last = meters_->exported;
+  meters_->sessions_opened.Increment(static_cast<double>(now.opened - last.opened));
+  meters_->sessions_refused.Increment(static_cast<double>(now.refused - last.refused));
+  meters_->sessions_failed.Increment(static_cast<double>(now.failed - last.failed));
+  meters_->session_bytes_in.Increment(static_cast<double>(now.bytes_in - last.bytes_in));
+  meters_->session_bytes_out.Increment(static_cast<double>(now.bytes_out - last.bytes_out));
+  meters_->sessions_open.Set(now.open);
+  last = now;
+}
+
 void AgentService::heartbeat() {
   if (stopping_) return;
+  export_session_counters();
   if (auto rev = nodes_kv_->put(config_.node_id, node_status().SerializeAsString()); rev) {
     meters_->heartbeats.Increment();
   } else {
@@ -927,6 +996,9 @@ void AgentService::handle_stop(const cvm::v1::NodeAssignment& a, const bus::JsMe
   const auto& req = a.request();
   busy_.insert(req.workspace_id());
   unwatch_exit(req.workspace_id());  // this end is asked for: STOPPED comes from here
+  if (sessions_)
+    sessions_->end_workspace(req.workspace_id(),
+                             "workspace " + req.workspace_id() + " is stopping");
   const int64_t stopping_ms = clock_.now_unix_ms();
   publish(a, cvm::v1::STOPPING);
   boost::asio::post(worker_, [this, a, msg, remove, stopping_ms] {
@@ -1229,6 +1301,7 @@ void AgentService::on_exit(const std::string& workspace_id, const std::string& b
     return;
   }
   busy_.insert(workspace_id);
+  if (sessions_) sessions_->end_workspace(workspace_id, "workspace " + workspace_id + " stopped");
   boost::asio::post(worker_, [this, workspace_id, build_id] {
     const InitExit how = launcher_->exit_report(workspace_id);
     // The container is gone; remove what runc keeps of it and unmount, keeping the files (a

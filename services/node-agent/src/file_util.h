@@ -45,6 +45,8 @@ class Fd {
     fd_ = -1;
   }
   [[nodiscard]] int get() const { return fd_; }
+  // Hands the descriptor to a new owner, which closes it.
+  [[nodiscard]] int release() { return std::exchange(fd_, -1); }
 
  private:
   int fd_ = -1;

@@ -102,7 +102,22 @@ int main(int argc, char** argv) {
   app.add_option("--tune-sysctls", config.tune_sysctls,
                  "raise fs.inotify limits that would stop systemd workspaces from booting")
       ->capture_default_str();
+  app.add_option("--session-admins", config.session_admins,
+                 "NATS users who may exec into every workspace of this node (others: their own)")
+      ->delimiter(',')
+      ->capture_default_str();
+  app.add_option("--sessions-per-workspace", config.session_limits.per_workspace,
+                 "concurrent exec/shell sessions a workspace may have (0: no limit)")
+      ->capture_default_str();
+  app.add_option("--sessions-per-user", config.session_limits.per_user,
+                 "concurrent sessions one user may have on this node (0: no limit)")
+      ->capture_default_str();
+  int64_t idle_s = 0;
+  app.add_option("--session-idle-timeout", idle_s,
+                 "seconds without input or output that end a session (0: never)")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  config.session_limits.idle = std::chrono::seconds(idle_s);
   config.heartbeat_interval = std::chrono::milliseconds(static_cast<int64_t>(heartbeat_s * 1000));
   config.stop_grace = std::chrono::milliseconds(static_cast<int64_t>(grace_s * 1000));
   auto parsed = cvm::agent::parse_subid_pool("cvm:" + pool, "cvm");

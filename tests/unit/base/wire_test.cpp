@@ -14,6 +14,14 @@ TEST(Wire, SubjectsFollowTheContract) {
   EXPECT_EQ(agent_durable("n1"), "agent-n1");
 }
 
+TEST(Wire, SessionSubjectsCarryNodeUserAndSession) {
+  EXPECT_EQ(session_open_subject("n1", "alice"), "cvm.v1.node.n1.open.alice");
+  EXPECT_EQ(session_in_subject("n1", "alice", "s9"), "cvm.v1.node.n1.session.alice.s9.in");
+  EXPECT_EQ(session_out_subject("n1", "alice", "s9"), "cvm.v1.node.n1.session.alice.s9.out");
+  EXPECT_EQ(session_open_wildcard("n1"), "cvm.v1.node.n1.open.*");
+  EXPECT_EQ(session_in_wildcard("n1"), "cvm.v1.node.n1.session.*.*.in");
+}
+
 TEST(Wire, ValidIdsAreSingleSubjectTokens) {
   EXPECT_TRUE(is_valid_id("ws_1-A"));
   EXPECT_TRUE(is_valid_id(std::string(128, 'a')));

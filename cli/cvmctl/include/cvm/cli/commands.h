@@ -60,6 +60,24 @@ struct LogsOptions {
   std::chrono::milliseconds poll{500};
 };
 
+struct ExecOptions {
+  std::string workspace;
+  std::vector<std::string> argv;  // empty: the user's login shell (cvmctl shell)
+  bool interactive = false;       // -i: stdin goes to the process (else it reads end of file)
+  bool tty = false;               // -t: a terminal
+  std::string user;               // -u: inside the workspace
+  std::string cwd;                // -w
+  std::vector<std::string> env;   // -e K=V
+};
+
+// Who this cvmctl is to sessions: the NATS user (the server pins it), else $USER, else root.
+std::string session_user(const GlobalOptions& global);
+
+// Runs a process inside a workspace (cvmctl exec / shell) over the bus; returns its exit status,
+// or kExitSessionError when there was no session or it broke off.
+inline constexpr int kExitSessionError = 255;
+int exec_command(const GlobalOptions& global, const ExecOptions& options, std::ostream& err);
+
 int build_command(const GlobalOptions& global, const BuildOptions& options,
                   cvm::v1::Transition transition, std::ostream& out, std::ostream& err);
 // Follows a build by id: its history first, then live events, until a terminal phase.

@@ -38,6 +38,18 @@ inline constexpr std::string_view kNodeWorkWildcard = "cvm.v1.node.*.work";
 // cvm.v1.node.<node_id>.console: request-reply (ConsoleLogRequest/Reply), answered by the node's
 // agent; not captured by any stream.
 std::string node_console_subject(std::string_view node_id);
+// Sessions (session.proto). The user token is pinned by the server's permissions
+// (deploy/nats/gen-auth.sh), so an agent takes it as who asks.
+// cvm.v1.node.<node_id>.open.<user>: request SessionOpen, reply SessionOpened.
+std::string session_open_subject(std::string_view node_id, std::string_view user);
+// cvm.v1.node.<node_id>.session.<user>.<session_id>.in / .out
+std::string session_in_subject(std::string_view node_id, std::string_view user,
+                               std::string_view session_id);
+std::string session_out_subject(std::string_view node_id, std::string_view user,
+                                std::string_view session_id);
+// What an agent subscribes to: every user's opens and input on its node.
+std::string session_open_wildcard(std::string_view node_id);
+std::string session_in_wildcard(std::string_view node_id);
 // cvm.v1.builds.<build_id>.events
 std::string build_events_subject(std::string_view build_id);
 inline constexpr std::string_view kBuildEventsWildcard = "cvm.v1.builds.*.events";

@@ -40,6 +40,7 @@
 #include "cvm/agent/launcher.h"
 #include "cvm/agent/network.h"
 #include "cvm/agent/runtime.h"
+#include "cvm/agent/session_server.h"
 #include "cvm/agent/tool_paths.h"
 #include "cvm/base/clock.h"
 #include "cvm/bus/bus.h"
@@ -88,6 +89,10 @@ struct AgentConfig {
   std::string lxcfs_dir = "/var/lib/lxcfs";
   // Raise the kernel limits systemd workspaces need (node_tuning.h) at start.
   bool tune_sysctls = true;
+  // exec/shell sessions (session_server.h): who may enter every workspace, and the limits.
+  std::vector<std::string> session_admins = {"cvmctl"};  // deploy/nats: the operator user
+  session::Limits session_limits;
+  std::chrono::milliseconds session_heartbeat{2000};
 };
 
 class AgentService {
@@ -242,6 +247,10 @@ class AgentService {
   std::optional<bus::KeyValue> workspaces_kv_;
   std::unique_ptr<bus::PullConsumer> consumer_;
   std::optional<bus::Subscription> console_sub_;
+  std::unique_ptr<SessionServer> sessions_;
+  // A workspace running here that a session may enter (the io thread's view), else nullopt.
+  std::optional<SessionTarget> session_target(const std::string& workspace_id) const;
+  void export_session_counters();
   std::vector<int> node_cpus_;                         // the CPUs the agent may run on
   std::map<std::string, std::string> launching_cpus_;  // pins of launches in flight, by workspace
 

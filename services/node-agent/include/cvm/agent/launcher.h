@@ -163,6 +163,8 @@ class WorkspaceLauncher {
   // console said (reads files only).
   [[nodiscard]] InitExit exit_report(const std::string& workspace_id) const;
   [[nodiscard]] const std::vector<std::string>& supervisor_files() const { return files_; }
+  // The inner runtime, as found at prepare() (its path inside the supervising container too).
+  [[nodiscard]] const std::string& inner_runtime() const { return config_.inner_runtime; }
   // Whether an overlay over an ID-mapped lower layer works on this host (probed once, on real
   // mounts in the image cache's directory).
   const IdmapSupport& idmap_support();
