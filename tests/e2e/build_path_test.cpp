@@ -9,6 +9,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -74,13 +75,17 @@ class BuildPath : public ::testing::Test {
     broker_ = std::make_unique<ChildProcess>(
         std::vector<std::string>{CVM_BROKER_BIN, "--nats-url", url, "--metrics-listen", "off"},
         work_ + "/broker.log");
+    start_agent("agent.log");
+    ASSERT_TRUE(wait_until([&] { return node_registered(); }, 30s)) << logs();
+  }
+
+  void start_agent(const std::string& log) {
     agent_ = std::make_unique<ChildProcess>(
-        std::vector<std::string>{CVM_AGENT_BIN, "--nats-url", url, "--node-id", "e2e-node",
+        std::vector<std::string>{CVM_AGENT_BIN, "--nats-url", nats_.url(), "--node-id", "e2e-node",
                                  "--state-dir", work_ + "/agent", "--runc-root", runc_root(),
                                  "--metrics-listen", "127.0.0.1:" + std::to_string(agent_port_),
                                  "--heartbeat-interval", "1", "--stop-grace", "2"},
-        work_ + "/agent.log");
-    ASSERT_TRUE(wait_until([&] { return node_registered(); }, 30s)) << logs();
+        work_ + "/" + log);
   }
 
   void TearDown() override {
@@ -117,6 +122,16 @@ class BuildPath : public ::testing::Test {
     std::vector<std::string> argv = {CVMCTL_BIN, "--nats-url", nats_.url()};
     argv.insert(argv.end(), args.begin(), args.end());
     return run_command(argv, 180s);
+  }
+
+  // cvmctl as `user` (without NATS users, a session's user is $USER), through a shell for pipes.
+  std::vector<std::string> cvmctl_as(const std::string& user) const {
+    return {"/usr/bin/env", "USER=" + user, CVMCTL_BIN, "--nats-url", nats_.url()};
+  }
+  CommandResult shell_as(const std::string& user, const std::string& pipeline) {
+    std::string line = "export USER=" + user + "; CVMCTL='" + std::string(CVMCTL_BIN) +
+                       " --nats-url " + nats_.url() + "'; " + pipeline;
+    return run_command({"/bin/bash", "-o", "pipefail", "-c", line}, 300s);
   }
 
   // The host pid of the workspace's inner container init. runc (the agent's --root) knows the
@@ -413,6 +428,169 @@ TEST_F(BuildPath, ACpuRequestIsTheCpuCountInsideTheWorkspace) {
     auto del = cvmctl({"build", "delete", "--workspace", ws, "--watch", "--timeout", "60"});
     EXPECT_EQ(del.exit_code, 0) << del.output << logs();
   }
+}
+
+// cvmctl exec and shell over the bus into a Debian workspace booted with systemd: inside the
+// workspace's own container, exit status, stderr, users and groups from the image, a 200 MB binary
+// stream intact, owner-only access, a terminal driven through tmux (resize, ^C), SIGHUP when the
+// client vanishes, and a clear end when the agent stops or the workspace stops.
+TEST_F(BuildPath, ExecAndShellRunInsideADebianWorkspaceOverTheBus) {
+  if (run_command({"tmux", "-V"}).exit_code != 0) GTEST_SKIP() << "tmux is missing";
+  const char* env = std::getenv("CVM_TEST_IMAGE_CACHE");
+  const std::string cache = env != nullptr && *env != '\0' ? env : "/var/cache/cvm-control/images";
+  auto image = run_command({"/bin/sh", CVM_BUILD_DEBIAN_IMAGE_SCRIPT, cache, "debian"}, 900s);
+  ASSERT_EQ(image.exit_code, 0) << "the Debian image: " << image.output;
+  auto start =
+      cvmctl({"build", "start", "--workspace", "sh1", "--image", "oci:" + cache + ":debian",
+              "--cvm", "--memory", "1Gi", "--owner", "alice", "--watch", "--timeout", "300"});
+  ASSERT_EQ(start.exit_code, 0) << start.output << logs();
+
+  // The remote exit status is cvmctl's; stdout and stderr stay apart.
+  auto status = shell_as("alice",
+                         "$CVMCTL exec sh1 -- sh -c 'echo out; echo err >&2; exit 7' "
+                         "2>" +
+                             work_ + "/err.txt");
+  EXPECT_EQ(status.exit_code, 7) << status.output << logs();
+  EXPECT_EQ(status.output, "out\n");
+  EXPECT_EQ(read_file(work_ + "/err.txt"), "err\n");
+
+  // Inside the workspace's container: its user namespace (uid 0 is not the node's), its hostname.
+  auto inside = shell_as("alice",
+                         "$CVMCTL exec sh1 -- sh -c 'cat /proc/self/uid_map; hostname; "
+                         "grep NoNewPrivs /proc/self/status /proc/1/status'");
+  ASSERT_EQ(inside.exit_code, 0) << inside.output;
+  std::istringstream map(inside.output);
+  uint64_t in = 1, out = 0, count = 0;
+  map >> in >> out >> count;
+  EXPECT_EQ(in, 0u);
+  EXPECT_NE(out, 0u) << inside.output;
+  EXPECT_NE(inside.output.find("\nsh1\n"), std::string::npos) << inside.output;
+  // sudo works in sessions and in what systemd starts: no_new_privs is set on neither.
+  EXPECT_NE(inside.output.find("/proc/self/status:NoNewPrivs:\t0"), std::string::npos)
+      << inside.output;
+  EXPECT_NE(inside.output.find("/proc/1/status:NoNewPrivs:\t0"), std::string::npos)
+      << inside.output;
+
+  // The image's user dev, with its groups (sudo, docker) and home; sudo works for it.
+  auto dev =
+      shell_as("alice", "$CVMCTL exec -u dev sh1 -- sh -c 'id -un; id -Gn; pwd; sudo -n id -u'");
+  ASSERT_EQ(dev.exit_code, 0) << dev.output;
+  EXPECT_NE(dev.output.find("dev\n"), std::string::npos) << dev.output;
+  EXPECT_NE(dev.output.find("sudo"), std::string::npos) << dev.output;
+  EXPECT_NE(dev.output.find("docker"), std::string::npos) << dev.output;
+  EXPECT_NE(dev.output.find("/home/dev\n"), std::string::npos) << dev.output;
+  EXPECT_NE(dev.output.find("\n0\n"), std::string::npos) << "sudo: " << dev.output;
+  auto nobody = shell_as("alice", "$CVMCTL exec -u nobody-here sh1 -- true");
+  EXPECT_EQ(nobody.exit_code, 255) << nobody.output;
+  EXPECT_NE(nobody.output.find("/etc/passwd"), std::string::npos) << nobody.output;
+
+  // 200 MB of random bytes through stdin and back out through cat: the same checksum.
+  const std::string blob = work_ + "/blob";
+  ASSERT_EQ(run_command({"/bin/sh", "-c", "head -c 200M /dev/urandom > " + blob}).exit_code, 0);
+  auto want = run_command({"/bin/sh", "-c", "sha256sum < " + blob});
+  auto through = shell_as("alice", "$CVMCTL exec -i sh1 -- cat < " + blob + " | sha256sum");
+  ASSERT_EQ(through.exit_code, 0) << through.output << logs();
+  EXPECT_EQ(through.output, want.output);
+  std::filesystem::remove(blob);
+
+  // Only the owner and the admins may enter.
+  auto bob = shell_as("bob", "$CVMCTL exec sh1 -- true");
+  EXPECT_EQ(bob.exit_code, 255) << bob.output;
+  EXPECT_NE(bob.output.find("belongs to alice, not to bob"), std::string::npos) << bob.output;
+  EXPECT_EQ(shell_as("cvmctl", "$CVMCTL exec sh1 -- true").exit_code, 0) << "the admin";
+  auto missing = shell_as("alice", "$CVMCTL exec nope -- true");
+  EXPECT_EQ(missing.exit_code, 255) << missing.output;
+
+  // A terminal: cvmctl shell under tmux, typed into and read back as a user sees it.
+  const std::string tmux_sock = work_ + "/tmux.sock";
+  auto tmux = [&](std::vector<std::string> args) {
+    std::vector<std::string> argv = {"tmux", "-S", tmux_sock};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return run_command(argv, 10s);
+  };
+  auto pane = [&] { return tmux({"capture-pane", "-p", "-t", "t"}).output; };
+  const std::string shell_cmd = "env USER=alice " + std::string(CVMCTL_BIN) + " --nats-url " +
+                                nats_.url() + " shell sh1; echo EXITED $?; sleep 60";
+  ASSERT_EQ(tmux({"new-session", "-d", "-s", "t", "-x", "120", "-y", "40", shell_cmd}).exit_code,
+            0);
+  tmux({"send-keys", "-t", "t", "echo $((6*7))-$TERM; stty size; whoami", "Enter"});
+  EXPECT_TRUE(wait_until([&] { return pane().find("40 120") != std::string::npos; }, 20s))
+      << pane() << logs();
+  EXPECT_NE(pane().find("42-"), std::string::npos) << pane();
+  EXPECT_NE(pane().find("root"), std::string::npos) << pane();
+  tmux({"resize-window", "-t", "t", "-x", "100", "-y", "30"});
+  tmux({"send-keys", "-t", "t", "clear; stty size", "Enter"});
+  EXPECT_TRUE(wait_until([&] { return pane().find("30 100") != std::string::npos; }, 10s))
+      << pane();
+  tmux({"send-keys", "-t", "t", "clear; sleep 600", "Enter"});
+  std::this_thread::sleep_for(1s);
+  tmux({"send-keys", "-t", "t", "C-c"});
+  tmux({"send-keys", "-t", "t", "echo after-$((1+1)); exit 7", "Enter"});
+  EXPECT_TRUE(wait_until([&] { return pane().find("EXITED 7") != std::string::npos; }, 20s))
+      << pane();
+  EXPECT_NE(pane().find("after-2"), std::string::npos) << "^C did not stop sleep: " << pane();
+  tmux({"kill-server"});
+
+  // A client that vanishes: its process gets SIGHUP once three heartbeats were missed.
+  auto argv = cvmctl_as("alice");
+  argv.insert(argv.end(), {"exec", "sh1", "--", "sh", "-c",
+                           "trap 'echo hup > /run/hup-mark; exit 0' HUP; "
+                           "while true; do sleep 0.2; done"});
+  {
+    ChildProcess client(argv, work_ + "/client.log");
+    std::this_thread::sleep_for(2s);
+    client.kill9();
+  }
+  CommandResult mark;
+  EXPECT_TRUE(wait_until(
+      [&] {
+        mark = shell_as("alice", "$CVMCTL exec sh1 -- cat /run/hup-mark");
+        return mark.exit_code == 0 && mark.output == "hup\n";
+      },
+      20s))
+      << mark.output << logs();
+
+  // The agent stops: a running session ends with a clear error, the workspace keeps running, and
+  // the restarted agent lets users in again.
+  argv = cvmctl_as("alice");
+  argv.insert(argv.end(), {"exec", "sh1", "--", "sleep", "1000"});
+  {
+    ChildProcess client(argv, work_ + "/client2.log");
+    std::this_thread::sleep_for(2s);
+    agent_->stop();
+    EXPECT_TRUE(wait_until([&] { return !client.running(); }, 10s));
+    EXPECT_NE(read_file(client.log_path()).find("is stopping"), std::string::npos)
+        << read_file(client.log_path());
+  }
+  start_agent("agent2.log");
+  CommandResult again;
+  EXPECT_TRUE(wait_until(
+      [&] {
+        again = shell_as("alice", "$CVMCTL exec sh1 -- echo back");
+        return again.exit_code == 0;
+      },
+      30s))
+      << again.output << logs();
+  EXPECT_EQ(again.output, "back\n");
+  EXPECT_TRUE(wait_until(
+      [&] { return scrape(agent_port_, "cvm_agent_sessions_total{result=\"opened\"}") >= 1; },
+      10s));
+
+  // STOP ends the sessions of the workspace, then the workspace.
+  {
+    ChildProcess client(argv, work_ + "/client3.log");
+    std::this_thread::sleep_for(2s);
+    auto stop = cvmctl({"build", "stop", "--workspace", "sh1", "--watch", "--timeout", "60"});
+    ASSERT_EQ(stop.exit_code, 0) << stop.output << logs();
+    EXPECT_TRUE(wait_until([&] { return !client.running(); }, 10s));
+    EXPECT_NE(read_file(client.log_path()).find("sh1 is stopping"), std::string::npos)
+        << read_file(client.log_path());
+  }
+  auto stopped = shell_as("alice", "$CVMCTL exec sh1 -- true");
+  EXPECT_EQ(stopped.exit_code, 255);
+  EXPECT_NE(stopped.output.find("not running"), std::string::npos) << stopped.output;
+  auto del = cvmctl({"build", "delete", "--workspace", "sh1", "--watch", "--timeout", "60"});
+  EXPECT_EQ(del.exit_code, 0) << del.output;
 }
 
 }  // namespace

@@ -118,6 +118,10 @@ nlohmann::json build_supervisor_spec(const SupervisorSpecInput& in) {
   // Empty and shared by nothing, but read-only all the same: the supervisor writes only to its
   // tmpfs mounts and the run dir.
   base.rootfs_readonly = true;
+  // no_new_privs is inherited by every descendant and cannot be cleared: set on the supervisor,
+  // it would reach the workspace's init and every `runc exec` of a session (runc exec takes the
+  // container's process settings), and sudo inside would refuse to run. The inner spec decides.
+  base.no_new_privileges = false;
   base.ids = IdRange{0, 0};
   base.host_cap_bounding = in.host_cap_bounding;
   base.host_nofile_hard = in.host_nofile_hard;

@@ -68,6 +68,8 @@ TEST(SupervisorSpec, PrivilegedWithoutUserNamespaceButNamespaced) {
   EXPECT_EQ(ns, (std::vector<std::string>{"pid", "ipc", "uts", "mount", "network", "cgroup"}));
   EXPECT_TRUE(linux_section["maskedPaths"].empty()) << "a masked /proc blocks the inner proc mount";
   EXPECT_TRUE(spec["root"]["readonly"].get<bool>());
+  EXPECT_FALSE(spec["process"]["noNewPrivileges"].get<bool>())
+      << "inherited by the workspace's init and sessions: sudo would stop working";
   EXPECT_EQ(linux_section["cgroupsPath"], "/cvm/cvm-ws1");
   EXPECT_EQ(linux_section["resources"]["memory"]["limit"],
             static_cast<int64_t>((1ULL << 30) + kSupervisorMemoryOverhead));
