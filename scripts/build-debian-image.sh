@@ -19,7 +19,7 @@ mirror=${DEBIAN_MIRROR:-}
 
 # Everything a user expects of a small Debian machine; systemd-sysv makes /sbin/init systemd.
 packages="systemd,systemd-sysv,dbus,docker.io,iproute2,iptables,procps,sudo,iputils-ping,\
-ca-certificates,kmod,less,netbase"
+ca-certificates,kmod,less,netbase,openssh-server,rsync"
 
 [ "$(id -u)" = 0 ] || { echo "$0: run as root" >&2; exit 1; }
 for tool in mmdebstrap umoci sha256sum; do

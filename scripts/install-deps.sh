@@ -16,6 +16,7 @@ PACKAGES=(
   clang-format clang-tidy
   clang libclang-rt-14-dev  # libFuzzer and the sanitizer runtimes for scripts/fuzz.sh
   iproute2 procps util-linux jq curl ca-certificates
+  tmux openssh-client rsync  # the terminal and SSH tests of cvmctl shell / proxy
   containernetworking-plugins iptables lxcfs  # network (CNI) and lxcfs of the workspaces
 )
 

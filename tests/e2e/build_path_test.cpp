@@ -593,5 +593,102 @@ TEST_F(BuildPath, ExecAndShellRunInsideADebianWorkspaceOverTheBus) {
   EXPECT_EQ(del.exit_code, 0) << del.output;
 }
 
+// TCP into a workspace over the bus: OpenSSH's sshd, started by the workspace's systemd, reached
+// by a real ssh, scp and rsync through `cvmctl proxy` as ProxyCommand; and `cvmctl port-forward`
+// carrying a local port to it. Nothing on the node listens for the workspace.
+TEST_F(BuildPath, SshScpAndRsyncReachADebianWorkspaceThroughCvmctl) {
+  if (run_command({"ssh", "-V"}).exit_code != 0) GTEST_SKIP() << "openssh-client is missing";
+  const char* env = std::getenv("CVM_TEST_IMAGE_CACHE");
+  const std::string cache = env != nullptr && *env != '\0' ? env : "/var/cache/cvm-control/images";
+  auto image = run_command({"/bin/sh", CVM_BUILD_DEBIAN_IMAGE_SCRIPT, cache, "debian"}, 900s);
+  ASSERT_EQ(image.exit_code, 0) << "the Debian image: " << image.output;
+  auto start =
+      cvmctl({"build", "start", "--workspace", "ssh1", "--image", "oci:" + cache + ":debian",
+              "--cvm", "--memory", "1Gi", "--owner", "alice", "--watch", "--timeout", "300"});
+  ASSERT_EQ(start.exit_code, 0) << start.output << logs();
+
+  // A key for dev, put in place through exec as a user would; then sshd must be up.
+  const std::string key = work_ + "/id_ed25519";
+  ASSERT_EQ(run_command({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key}).exit_code, 0);
+  auto installed = shell_as("alice",
+                            "$CVMCTL exec -i -u dev ssh1 -- sh -c 'mkdir -p -m 700 "
+                            "~/.ssh && cat > ~/.ssh/authorized_keys' < " +
+                                key + ".pub");
+  ASSERT_EQ(installed.exit_code, 0) << installed.output;
+  CommandResult up;
+  ASSERT_TRUE(wait_until(
+      [&] {
+        up = shell_as("alice", "$CVMCTL exec ssh1 -- systemctl is-active ssh");
+        return up.output == "active\n";
+      },
+      90s))
+      << up.output << logs();
+
+  const std::string proxy = "ProxyCommand=env USER=alice " + std::string(CVMCTL_BIN) +
+                            " --nats-url " + nats_.url() + " proxy %h 22";
+  const std::string opts = "-o '" + proxy +
+                           "' -o StrictHostKeyChecking=no -o UserKnownHostsFile=" + work_ +
+                           "/known_hosts -o BatchMode=yes -i " + key;
+  auto ssh = run_command(
+      {"/bin/sh", "-c", "ssh " + opts + " dev@ssh1 'echo over-ssh; id -un; hostname' 2>&1"}, 60s);
+  ASSERT_EQ(ssh.exit_code, 0) << ssh.output << logs();
+  EXPECT_NE(ssh.output.find("over-ssh\ndev\nssh1\n"), std::string::npos) << ssh.output;
+
+  // scp a 20 MB file in and back; rsync a tree in.
+  const std::string file = work_ + "/payload";
+  ASSERT_EQ(run_command({"/bin/sh", "-c", "head -c 20M /dev/urandom > " + file}).exit_code, 0);
+  auto scp = run_command({"/bin/sh", "-c",
+                          "scp -q " + opts + " " + file + " dev@ssh1:payload && scp -q " + opts +
+                              " dev@ssh1:payload " + file + ".back && cmp " + file + " " + file +
+                              ".back && echo same"},
+                         120s);
+  EXPECT_EQ(scp.exit_code, 0) << scp.output;
+  EXPECT_NE(scp.output.find("same"), std::string::npos) << scp.output;
+  const std::string tree = work_ + "/tree";
+  fs::create_directories(tree + "/a/b");
+  std::ofstream(tree + "/a/b/c.txt") << "rsynced\n";
+  std::ofstream(tree + "/top.txt") << "top\n";
+  auto rsync =
+      run_command({"/bin/sh", "-c",
+                   "rsync -a -e \"ssh " + opts + "\" " + tree + "/ dev@ssh1:tree/ && ssh " + opts +
+                       " dev@ssh1 cat tree/a/b/c.txt tree/top.txt"},
+                  120s);
+  EXPECT_EQ(rsync.exit_code, 0) << rsync.output;
+  EXPECT_NE(rsync.output.find("rsynced\ntop\n"), std::string::npos) << rsync.output;
+
+  // port-forward: a local port to the workspace's sshd, whose banner comes back through it.
+  ChildProcess forward({"/usr/bin/env", "USER=alice", CVMCTL_BIN, "--nats-url", nats_.url(),
+                        "port-forward", "ssh1", "0:22"},
+                       work_ + "/forward.log");
+  uint16_t port = 0;
+  ASSERT_TRUE(wait_until(
+      [&] {
+        const auto text = read_file(forward.log_path());
+        const auto at = text.find("127.0.0.1:");
+        if (at == std::string::npos) return false;
+        port = static_cast<uint16_t>(std::stoi(text.substr(at + 10)));
+        return port != 0;
+      },
+      10s))
+      << read_file(forward.log_path());
+  auto banner = run_command({"/bin/sh", "-c",
+                             "ssh " + opts.substr(opts.find("-o StrictHostKeyChecking")) + " -p " +
+                                 std::to_string(port) + " dev@127.0.0.1 echo via-forward 2>&1"},
+                            60s);
+  EXPECT_EQ(banner.exit_code, 0) << banner.output << read_file(forward.log_path());
+  EXPECT_NE(banner.output.find("via-forward"), std::string::npos) << banner.output;
+  // Nothing listens on a port: a clear refusal, not a hang.
+  auto refused = shell_as("alice", "$CVMCTL proxy ssh1 1 < /dev/null");
+  EXPECT_EQ(refused.exit_code, 255) << refused.output;
+  EXPECT_NE(refused.output.find("nothing answers on port 1"), std::string::npos) << refused.output;
+  // Another user's proxy is refused like an exec.
+  auto bob = shell_as("bob", "$CVMCTL proxy ssh1 22 < /dev/null");
+  EXPECT_EQ(bob.exit_code, 255);
+  EXPECT_NE(bob.output.find("belongs to alice"), std::string::npos) << bob.output;
+  forward.stop();
+  auto del = cvmctl({"build", "delete", "--workspace", "ssh1", "--watch", "--timeout", "60"});
+  EXPECT_EQ(del.exit_code, 0) << del.output;
+}
+
 }  // namespace
 }  // namespace cvm::test

@@ -100,6 +100,23 @@ int main(int argc, char** argv) {
     cmd->add_option("-e,--env", exec_opts.env, "K=V for the command's environment")
         ->allow_extra_args(false);
   }
+  std::string proxy_ws;
+  uint16_t proxy_port = 0;
+  auto* proxy = app.add_subcommand(
+      "proxy",
+      "stdin/stdout to a TCP port inside a workspace (ssh -o ProxyCommand='cvmctl proxy "
+      "%h 22')");
+  proxy->add_option("workspace", proxy_ws, "workspace id")->required();
+  proxy->add_option("port", proxy_port, "port on the workspace's loopback")
+      ->required()
+      ->check(CLI::Range(1, 65535));
+  std::string forward_ws;
+  std::string forward_ports;
+  auto* forward = app.add_subcommand(
+      "port-forward", "listen on 127.0.0.1:LOCAL and carry each connection to REMOTE inside");
+  forward->add_option("workspace", forward_ws, "workspace id")->required();
+  forward->add_option("ports", forward_ports, "LOCAL:REMOTE, or PORT for both (LOCAL 0: any)")
+      ->required();
   auto* gpus = app.add_subcommand("gpus", "GPUs of every node, their health and leases");
   auto* dead_letters = app.add_subcommand(
       "dead-letters", "requests the scheduler gave up on (CVM_DEAD_LETTERS), newest last");
@@ -134,6 +151,15 @@ int main(int argc, char** argv) {
   if (events->parsed()) return events_command(global, build_id, out, err);
   if (logs->parsed()) return logs_command(global, logs_opts, out, err);
   if (exec->parsed()) return exec_command(global, exec_opts, err);
+  if (proxy->parsed()) return proxy_command(global, proxy_ws, proxy_port, err);
+  if (forward->parsed()) {
+    const auto ports = parse_port_pair(forward_ports);
+    if (!ports) {
+      err << "cvmctl: '" << forward_ports << "' is not LOCAL:REMOTE or PORT\n";
+      return kExitUsage;
+    }
+    return port_forward_command(global, forward_ws, ports->first, ports->second, out, err);
+  }
   if (shell->parsed()) {
     exec_opts.interactive = true;
     exec_opts.tty = true;

@@ -4,9 +4,12 @@
 // the io thread and a reader thread reads stdin, both handing their events to it through a queue.
 // The reader hands over one chunk at a time and waits until it was sent, so stdin is read only as
 // fast as the agent takes it.
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <termios.h>
 #include <unistd.h>
 
@@ -14,8 +17,11 @@
 #include <cerrno>
 #include <condition_variable>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <mutex>
+#include <optional>
+#include <sstream>
 #include <string>
 #include <thread>
 
@@ -99,90 +105,97 @@ struct Inbox {
   bool input_taken = true;  // the reader may read the next chunk
 };
 
-}  // namespace
-
-int exec_command(const GlobalOptions& global, const ExecOptions& o, std::ostream& err) {
-  if (!wire::is_valid_id(o.workspace)) {
-    err << "cvmctl: '" << o.workspace << "' is not a workspace id ([A-Za-z0-9_-], 1..128)\n";
-    return kExitUsage;
-  }
-  const std::string user = session_user(global);
-  if (!wire::is_valid_id(user)) {
-    err << "cvmctl: '" << user << "' cannot be a session user ([A-Za-z0-9_-], 1..128)\n";
-    return kExitUsage;
-  }
+// A connection whose io_context runs on a thread of its own (subscriptions deliver there), and
+// the node the workspace lives on.
+struct Client {
   boost::asio::io_context io;
-  auto work = boost::asio::make_work_guard(io);
-  auto conn = detail::connect(global, io);
+  std::optional<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> work{
+      boost::asio::make_work_guard(io)};
+  std::thread thread;
+  bus::ConnectionPtr conn;
+  std::string node;
+  std::string user;
+  ~Client() {
+    work.reset();
+    io.stop();
+    if (thread.joinable()) thread.join();
+  }
+};
+
+// Connects, and finds where `workspace` lives; kExitOk, or the exit code with `err` told why.
+int open_client(const GlobalOptions& global, const std::string& workspace, Client& c,
+                std::ostream& err) {
+  if (!wire::is_valid_id(workspace)) {
+    err << "cvmctl: '" << workspace << "' is not a workspace id ([A-Za-z0-9_-], 1..128)\n";
+    return kExitUsage;
+  }
+  c.user = session_user(global);
+  if (!wire::is_valid_id(c.user)) {
+    err << "cvmctl: '" << c.user << "' cannot be a session user ([A-Za-z0-9_-], 1..128)\n";
+    return kExitUsage;
+  }
+  auto conn = detail::connect(global, c.io);
   if (!conn) {
     detail::unavailable(err, "cannot reach NATS at " + global.nats_url, conn.error(), global);
     return kExitSessionError;
   }
-  std::thread io_thread([&io] { io.run(); });
-  struct Joiner {
-    boost::asio::io_context& io;
-    std::thread& t;
-    decltype(work)& w;
-    ~Joiner() {
-      w.reset();
-      io.stop();
-      t.join();
-    }
-  } joiner{io, io_thread, work};
-
-  auto kv = (*conn)->ensure_kv(service::workspaces_bucket());
+  c.conn = *conn;
+  c.thread = std::thread([&c] { c.io.run(); });
+  auto kv = c.conn->ensure_kv(service::workspaces_bucket());
   if (!kv) {
     detail::unavailable(err, "cannot read the workspaces", kv.error(), global);
     return kExitSessionError;
   }
-  auto record = detail::workspace_record(*kv, o.workspace);
+  auto record = detail::workspace_record(*kv, workspace);
   if (!record) {
     detail::unavailable(err, "cannot read the workspaces", record.error(), global);
     return kExitSessionError;
   }
   if (!record->has_value() || (*record)->node_id().empty()) {
-    err << "cvmctl: no workspace " << o.workspace << " (cvmctl build start makes one)\n";
+    err << "cvmctl: no workspace " << workspace << " (cvmctl build start makes one)\n";
     return kExitSessionError;
   }
-  const std::string node = (*record)->node_id();
-  const std::string sid = session::new_session_id();
+  c.node = (*record)->node_id();
+  return kExitOk;
+}
 
+// Where a session's bytes come from and go to: the terminal's, or an accepted connection's.
+struct Stdio {
+  int in = STDIN_FILENO;
+  int out = STDOUT_FILENO;
+  int err = STDERR_FILENO;
+  bool terminal = true;  // raw mode, resizes and signals are this process's
+};
+
+// One session, from the open to its end: the process's exit status, or kExitSessionError.
+int run_session(Client& c, cvm::v1::SessionOpen open, bool interactive, const Stdio& stdio,
+                std::ostream& err) {
+  bus::Connection* conn = c.conn.get();
+  const std::string& node = c.node;
+  const std::string& user = c.user;
+  const std::string sid = session::new_session_id();
+  open.set_session_id(sid);
   // Shared with the stdin reader, which may outlive this function (it is never joined).
   auto shared_inbox = std::make_shared<Inbox>();
   Inbox& inbox = *shared_inbox;
-  auto sub = (*conn)->subscribe(wire::session_out_subject(node, user, sid), "",
-                                [shared_inbox](bus::Message m) {
-                                  std::lock_guard lock(shared_inbox->mu);
-                                  shared_inbox->frames.push_back(std::move(m.data));
-                                  shared_inbox->cv.notify_all();
-                                });
+  auto sub = conn->subscribe(wire::session_out_subject(node, user, sid), "",
+                             [shared_inbox](bus::Message m) {
+                               std::lock_guard lock(shared_inbox->mu);
+                               shared_inbox->frames.push_back(std::move(m.data));
+                               shared_inbox->cv.notify_all();
+                             });
   if (!sub) {
-    detail::unavailable(err, "cannot subscribe to the session's output", sub.error(), global);
+    err << "cvmctl: cannot subscribe to the session's output: " << sub.error().message << "\n";
     return kExitSessionError;
   }
-  (void)(*conn)->flush();
+  (void)conn->flush();
 
-  cvm::v1::SessionOpen open;
-  open.set_workspace_id(o.workspace);
-  open.set_session_id(sid);
-  for (const auto& a : o.argv) open.add_argv(a);
-  open.set_tty(o.tty);
-  open.set_user(o.user);
-  open.set_cwd(o.cwd);
-  for (const auto& e : o.env) open.add_env(e);
-  if (o.tty) {
-    const auto [rows, cols] = terminal_size();
-    open.set_rows(rows);
-    open.set_cols(cols);
-    const char* term = std::getenv("TERM");
-    open.set_term(term != nullptr ? term : "xterm");
-  }
   open.set_window(session::kDefaultWindow);
   auto answer =
-      (*conn)->request(wire::session_open_subject(node, user), open.SerializeAsString(), 10s);
+      conn->request(wire::session_open_subject(node, user), open.SerializeAsString(), 10s);
   if (!answer) {
-    detail::unavailable(err, "the agent of node " + node + " does not answer", answer.error(),
-                        global);
+    err << "cvmctl: the agent of node " << node << " does not answer: " << answer.error().message
+        << "\n";
     return kExitSessionError;
   }
   cvm::v1::SessionOpened opened;
@@ -205,25 +218,30 @@ int exec_command(const GlobalOptions& global, const ExecOptions& o, std::ostream
     auto numbered = fc.send(std::move(f));
     if (!numbered) return;
     live.sent(Steady::now());
-    (void)(*conn)->publish(in_subject, numbered->SerializeAsString());
+    (void)conn->publish(in_subject, numbered->SerializeAsString());
   };
   auto send_raw = [&](const SessionFrame& numbered) {
     live.sent(Steady::now());
-    (void)(*conn)->publish(in_subject, numbered.SerializeAsString());
+    (void)conn->publish(in_subject, numbered.SerializeAsString());
   };
 
+  const bool tty = open.tty();
   std::optional<RawTerminal> raw;
-  if (o.tty) raw.emplace();
-  struct sigaction sa {};
-  sa.sa_handler = on_winch;
-  ::sigaction(SIGWINCH, &sa, nullptr);
-  sa.sa_handler = on_signal;
-  for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGQUIT}) ::sigaction(sig, &sa, nullptr);
+  if (tty && stdio.terminal) raw.emplace();
+  if (stdio.terminal) {
+    struct sigaction sa {};
+    sa.sa_handler = on_winch;
+    ::sigaction(SIGWINCH, &sa, nullptr);
+    sa.sa_handler = on_signal;
+    for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGQUIT}) ::sigaction(sig, &sa, nullptr);
+  }
 
-  if (o.interactive) {
+  if (interactive) {
     // Detached: a blocking read of stdin cannot be interrupted, and the process ends with the
     // session anyway.
-    std::thread([shared_inbox] {
+    // Its own descriptor, closed by itself: the caller may close its own at any time.
+    const int in_fd = ::fcntl(stdio.in, F_DUPFD_CLOEXEC, 0);
+    std::thread([shared_inbox, in_fd] {
       Inbox& inbox = *shared_inbox;
       std::string buf(session::kMaxChunk, '\0');
       for (;;) {
@@ -231,10 +249,11 @@ int exec_command(const GlobalOptions& global, const ExecOptions& o, std::ostream
           std::unique_lock lock(inbox.mu);
           inbox.cv.wait(lock, [&] { return inbox.input_taken; });
         }
-        const ssize_t n = ::read(STDIN_FILENO, buf.data(), buf.size());
+        const ssize_t n = in_fd < 0 ? 0 : ::read(in_fd, buf.data(), buf.size());
         if (n < 0 && errno == EINTR) continue;
         std::lock_guard lock(inbox.mu);
         if (n <= 0) {
+          if (in_fd >= 0) ::close(in_fd);
           inbox.input_eof = true;
           inbox.cv.notify_all();
           return;
@@ -251,7 +270,7 @@ int exec_command(const GlobalOptions& global, const ExecOptions& o, std::ostream
   }
 
   int interrupts = 0;
-  bool eof_sent = !o.interactive;
+  bool eof_sent = !interactive;
   for (;;) {
     std::deque<std::string> frames;
     std::optional<std::string> input;
@@ -300,7 +319,7 @@ int exec_command(const GlobalOptions& global, const ExecOptions& o, std::ostream
         case SessionFrame::kErrorOutput: {
           const bool out = f.body_case() == SessionFrame::kOutput;
           const std::string& data = out ? f.output() : f.error_output();
-          if (!write_all(out ? STDOUT_FILENO : STDERR_FILENO, data)) {
+          if (!write_all(out ? stdio.out : stdio.err, data)) {
             // Our reader went away (a closed pipe): hang up, as ssh does.
             SessionFrame bye;
             bye.set_hangup(true);
@@ -327,14 +346,14 @@ int exec_command(const GlobalOptions& global, const ExecOptions& o, std::ostream
       send(f);
       eof_sent = true;
     }
-    if (g_winch.exchange(false) && o.tty) {
+    if (stdio.terminal && g_winch.exchange(false) && tty) {
       const auto [rows, cols] = terminal_size();
       SessionFrame f;
       f.mutable_resize()->set_rows(rows);
       f.mutable_resize()->set_cols(cols);
       send(f);
     }
-    if (const int sig = g_signal.exchange(0); sig != 0) {
+    if (const int sig = stdio.terminal ? g_signal.exchange(0) : 0; sig != 0) {
       // Without a terminal, signals to cvmctl go to the process; a second ^C leaves.
       if (sig == SIGINT && ++interrupts >= 2) {
         SessionFrame bye;
@@ -358,6 +377,112 @@ int exec_command(const GlobalOptions& global, const ExecOptions& o, std::ostream
       send(f);
     }
   }
+}
+
+}  // namespace
+
+std::optional<std::pair<uint16_t, uint16_t>> parse_port_pair(const std::string& text) {
+  auto port = [](std::string_view s, bool zero_ok) -> std::optional<uint16_t> {
+    uint32_t v = 0;
+    if (s.empty() || s.size() > 5) return std::nullopt;
+    for (char ch : s) {
+      if (ch < '0' || ch > '9') return std::nullopt;
+      v = v * 10 + static_cast<uint32_t>(ch - '0');
+    }
+    if (v > 65535 || (v == 0 && !zero_ok)) return std::nullopt;
+    return static_cast<uint16_t>(v);
+  };
+  const auto colon = text.find(':');
+  if (colon == std::string::npos) {
+    auto p = port(text, false);
+    if (!p) return std::nullopt;
+    return std::make_pair(*p, *p);
+  }
+  auto local = port(std::string_view(text).substr(0, colon), true);
+  auto remote = port(std::string_view(text).substr(colon + 1), false);
+  if (!local || !remote) return std::nullopt;
+  return std::make_pair(*local, *remote);
+}
+
+int exec_command(const GlobalOptions& global, const ExecOptions& o, std::ostream& err) {
+  Client c;
+  if (const int rc = open_client(global, o.workspace, c, err); rc != kExitOk) return rc;
+  cvm::v1::SessionOpen open;
+  open.set_workspace_id(o.workspace);
+  for (const auto& a : o.argv) open.add_argv(a);
+  open.set_tty(o.tty);
+  open.set_user(o.user);
+  open.set_cwd(o.cwd);
+  for (const auto& e : o.env) open.add_env(e);
+  if (o.tty) {
+    const auto [rows, cols] = terminal_size();
+    open.set_rows(rows);
+    open.set_cols(cols);
+    const char* term = std::getenv("TERM");
+    open.set_term(term != nullptr ? term : "xterm");
+  }
+  return run_session(c, std::move(open), o.interactive, Stdio{}, err);
+}
+
+int proxy_command(const GlobalOptions& global, const std::string& workspace, uint16_t port,
+                  std::ostream& err) {
+  Client c;
+  if (const int rc = open_client(global, workspace, c, err); rc != kExitOk) return rc;
+  cvm::v1::SessionOpen open;
+  open.set_workspace_id(workspace);
+  open.set_port(port);
+  return run_session(c, std::move(open), /*interactive=*/true, Stdio{}, err);
+}
+
+int port_forward_command(const GlobalOptions& global, const std::string& workspace, uint16_t local,
+                         uint16_t remote, std::ostream& out, std::ostream& err) {
+  Client c;
+  if (const int rc = open_client(global, workspace, c, err); rc != kExitOk) return rc;
+  // A peer that goes away mid-write must end its connection, not cvmctl.
+  ::signal(SIGPIPE, SIG_IGN);
+  const int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  const int one = 1;
+  ::setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(local);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (listener < 0 || ::bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      ::listen(listener, 64) != 0) {
+    err << "cvmctl: cannot listen on 127.0.0.1:" << local << ": " << std::strerror(errno) << "\n";
+    return kExitSessionError;
+  }
+  socklen_t len = sizeof addr;
+  ::getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len);
+  out << "Forwarding from 127.0.0.1:" << ntohs(addr.sin_port) << " -> " << workspace << ":"
+      << remote << std::endl;
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  for (int sig : {SIGINT, SIGTERM, SIGHUP}) ::sigaction(sig, &sa, nullptr);
+  std::atomic<int> live{0};
+  while (g_signal.load() == 0) {
+    const int fd = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR) continue;
+      err << "cvmctl: accept: " << std::strerror(errno) << "\n";
+      break;
+    }
+    live.fetch_add(1);
+    std::thread([&c, &err, &live, fd, workspace, remote] {
+      cvm::v1::SessionOpen open;
+      open.set_workspace_id(workspace);
+      open.set_port(remote);
+      std::ostringstream why;
+      (void)run_session(c, std::move(open), true, Stdio{fd, fd, STDERR_FILENO, false}, why);
+      ::shutdown(fd, SHUT_RDWR);
+      ::close(fd);
+      if (!why.str().empty()) err << why.str() << std::flush;
+      live.fetch_sub(1);
+    }).detach();
+  }
+  ::close(listener);
+  // Connections in flight end with the process; their peers see it close.
+  return kExitOk;
 }
 
 }  // namespace cvm::cli

@@ -1,9 +1,13 @@
 #include "cvm/agent/session_server.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <sched.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <termios.h>
@@ -22,7 +26,9 @@
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
+#include <nlohmann/json.hpp>
 
+#include "cvm/agent/launcher.h"
 #include "cvm/agent/supervisor_spec.h"
 #include "cvm/base/wire.h"
 #include "file_util.h"
@@ -145,6 +151,50 @@ std::string read_in_root(const std::string& root, const std::string& rel) {
     if (n <= 0 || out.size() > (4u << 20)) break;
     out.append(buf, static_cast<size_t>(n));
   }
+  return out;
+}
+
+// The pid runc started the container with (its state.json), without running runc.
+int container_init_pid(const std::string& runc_root, const std::string& container_id) {
+  auto text = detail::read_file(runc_root + "/" + container_id + "/state.json", 1 << 20);
+  if (!text) return 0;
+  auto j = nlohmann::json::parse(*text, nullptr, false);
+  return j.is_object() ? j.value("init_process_pid", 0) : 0;
+}
+
+// A TCP connection to 127.0.0.1:port inside the network namespace at `netns`: made on a thread of
+// its own that enters the namespace (setns changes only the calling thread) and ends there; the
+// socket stays in the namespace it was made in.
+Result<int> connect_in_netns(const std::string& netns, uint16_t port) {
+  Result<int> out = make_error(ErrorDomain::kSystem, "not connected");
+  std::thread([&] {
+    const int ns = ::open(netns.c_str(), O_RDONLY | O_CLOEXEC);
+    if (ns < 0) {
+      out = sys_error("open " + netns, errno);
+      return;
+    }
+    detail::Fd ns_fd(ns);
+    if (::setns(ns, CLONE_NEWNET) != 0) {
+      out = sys_error("enter the workspace's network namespace", errno);
+      return;
+    }
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+      out = sys_error("socket", errno);
+      return;
+    }
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+      const int e = errno;
+      ::close(fd);
+      out = sys_error("nothing answers on port " + std::to_string(port) + " in the workspace", e);
+      return;
+    }
+    out = fd;
+  }).join();
   return out;
 }
 
@@ -289,6 +339,7 @@ struct SessionServer::Session {
   std::string workspace_id;
   std::string out_subject;
   bool tty = false;
+  bool socket = false;  // a port session: out and in are one TCP connection
   session::FlowControl fc;
   session::Liveness live;
   Steady::time_point last_data = Steady::now();
@@ -533,6 +584,8 @@ void SessionServer::open_on_lane(SessionOpen open, std::string user, std::string
     return refuse(*why, false);
   }
 
+  if (open.port() != 0) return open_port_on_lane(std::move(open), user, reply_to, target);
+
   auto who = resolve_session_user(open.user(), read_in_root(target.rootfs, "etc/passwd"),
                                   read_in_root(target.rootfs, "etc/group"), target.default_uid,
                                   target.default_gid);
@@ -597,6 +650,53 @@ void SessionServer::open_on_lane(SessionOpen open, std::string user, std::string
                            });
 }
 
+void SessionServer::open_port_on_lane(SessionOpen open, const std::string& user,
+                                      const std::string& reply_to, const SessionTarget& target) {
+  SessionOpened answer;
+  auto refuse = [&](std::string why) {
+    {
+      std::lock_guard lock(counters_mu_);
+      ++counters_.refused;
+    }
+    answer.set_error(std::move(why));
+    reply(reply_to, answer);
+  };
+  if (open.port() > 65535) return refuse("port " + std::to_string(open.port()) + " is not a port");
+  const int supervisor = container_init_pid(config_.runc_root, target.container_id);
+  const int inner = supervisor > 0 ? find_inner_host_pid("/proc", supervisor) : 0;
+  if (inner <= 0) return refuse("the workspace's init was not found");
+  auto fd = connect_in_netns("/proc/" + std::to_string(inner) + "/ns/net",
+                             static_cast<uint16_t>(open.port()));
+  if (!fd) return refuse(fd.error().message);
+  const int dup = ::fcntl(*fd, F_DUPFD_CLOEXEC, 0);
+  if (dup < 0) {
+    ::close(*fd);
+    return refuse("dup: " + std::string(std::strerror(errno)));
+  }
+  const uint64_t peer_window = open.window() == 0 ? session::kDefaultWindow : open.window();
+  auto s = std::make_shared<Session>(lane_, peer_window);
+  s->live = session::Liveness(config_.heartbeat, Steady::now());
+  s->key = user + "." + open.session_id();
+  s->user = user;
+  s->workspace_id = open.workspace_id();
+  s->out_subject = wire::session_out_subject(config_.node_id, user, open.session_id());
+  s->socket = true;
+  s->out.assign(*fd);
+  s->in.assign(dup);
+  sessions_[s->key] = s;
+  {
+    std::lock_guard lock(counters_mu_);
+    ++counters_.opened;
+    counters_.open = static_cast<int>(sessions_.size());
+  }
+  spdlog::info("sessions: {} opened {} to port {} of workspace {}", user, open.session_id(),
+               open.port(), open.workspace_id());
+  answer.set_window(session::kDefaultWindow);
+  answer.set_heartbeat_ms(static_cast<uint32_t>(config_.heartbeat.count()));
+  reply(reply_to, answer);
+  read_output(s, false);
+}
+
 void SessionServer::send(const std::shared_ptr<Session>& s, SessionFrame frame) {
   auto numbered = s->fc.send(std::move(frame));
   if (!numbered) {
@@ -634,7 +734,13 @@ void SessionServer::read_output(const std::shared_ptr<Session>& s, bool errors) 
                          // its end of file.
                          if (ec || got == 0) {
                            eof = true;
-                           (errors ? s->err : s->out).close();
+                           boost::system::error_code ignored;
+                           (errors ? s->err : s->out).close(ignored);
+                           if (s->socket) {
+                             // The workspace's side closed the connection: nothing more comes.
+                             s->exited = true;
+                             s->drain_until = Steady::now();
+                           }
                            maybe_finish(s);
                            return;
                          }
@@ -665,7 +771,10 @@ void SessionServer::write_input(const std::shared_ptr<Session>& s) {
         s->to_write.emplace_back("\x04");
         s->input_eof = false;
       } else {
-        s->in.close();
+        boost::system::error_code ignored;
+        // A socket's other descriptor (out) keeps it open: only shutdown() sends the FIN.
+        if (s->socket) ::shutdown(s->in.native_handle(), SHUT_WR);
+        s->in.close(ignored);
         return;
       }
     } else {
@@ -679,7 +788,8 @@ void SessionServer::write_input(const std::shared_ptr<Session>& s) {
                       if (ec) {
                         // The process closed its stdin: what is still queued goes nowhere.
                         s->to_write.clear();
-                        s->in.close();
+                        boost::system::error_code ignored;
+                        s->in.close(ignored);
                         return;
                       }
                       s->to_write.pop_front();
@@ -760,9 +870,16 @@ void SessionServer::on_frame(const bus::Message& msg) {
 
 void SessionServer::hang_up(const std::shared_ptr<Session>& s) {
   s->ended = true;  // nobody to tell
+  if (s->socket) {
+    boost::system::error_code ignored;
+    s->in.close(ignored);
+    s->out.close(ignored);  // the pending read ends, and with it the session
+    return;
+  }
   if (s->exited || s->kill_at) return;
   ::kill(s->pid, SIGHUP);
-  s->in.close();
+  boost::system::error_code ignored;
+  s->in.close(ignored);
   s->kill_at = Steady::now() + config_.hangup_grace;
 }
 
@@ -793,7 +910,8 @@ void SessionServer::on_exited(const std::shared_ptr<Session>& s) {
     s->exit_signal = WTERMSIG(status);
     s->exit_code = 128 + s->exit_signal;
   }
-  s->exit_watch.close();
+  boost::system::error_code ignored;
+  s->exit_watch.close(ignored);
   // A process's children may hold its output open: wait a little for the end of it, not forever.
   s->drain_until = Steady::now() + std::chrono::seconds{2};
   maybe_finish(s);

@@ -202,6 +202,18 @@ TEST(Settings, AssignmentsSplitAtTheFirstEquals) {
   EXPECT_FALSE(split_assignment("=true"));
 }
 
+TEST(PortForward, PortPairsAreLocalColonRemoteOrOnePortForBoth) {
+  using P = std::pair<uint16_t, uint16_t>;
+  EXPECT_EQ(parse_port_pair("8080:80"), P(8080, 80));
+  EXPECT_EQ(parse_port_pair("22"), P(22, 22));
+  EXPECT_EQ(parse_port_pair("0:22"), P(0, 22)) << "local 0: any free port";
+  EXPECT_EQ(parse_port_pair("65535:1"), P(65535, 1));
+  for (const char* bad : {"", "0", "22:0", "65536:1", "1:65536", "a:1", "1:", ":1", "1:2:3",
+                          "-1:2", " 1:2", "123456:1"}) {
+    EXPECT_FALSE(parse_port_pair(bad).has_value()) << bad;
+  }
+}
+
 TEST(Logs, LastLinesCountsALastLineWithoutItsNewline) {
   EXPECT_EQ(last_lines("a\nb\nc\n", 2), "b\nc\n");
   EXPECT_EQ(last_lines("a\nb\nc", 2), "b\nc");

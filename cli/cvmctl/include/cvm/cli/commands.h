@@ -77,6 +77,15 @@ std::string session_user(const GlobalOptions& global);
 // or kExitSessionError when there was no session or it broke off.
 inline constexpr int kExitSessionError = 255;
 int exec_command(const GlobalOptions& global, const ExecOptions& options, std::ostream& err);
+// stdin/stdout as a TCP stream to `port` on the workspace's own loopback (ssh's ProxyCommand).
+int proxy_command(const GlobalOptions& global, const std::string& workspace, uint16_t port,
+                  std::ostream& err);
+// Listens on 127.0.0.1:local (0: any free port, printed) and carries each connection to
+// `remote` on the workspace's loopback, until interrupted.
+int port_forward_command(const GlobalOptions& global, const std::string& workspace, uint16_t local,
+                         uint16_t remote, std::ostream& out, std::ostream& err);
+// "LOCAL:REMOTE" or "PORT" (the same both sides); nullopt for anything else. Pure.
+std::optional<std::pair<uint16_t, uint16_t>> parse_port_pair(const std::string& text);
 
 int build_command(const GlobalOptions& global, const BuildOptions& options,
                   cvm::v1::Transition transition, std::ostream& out, std::ostream& err);

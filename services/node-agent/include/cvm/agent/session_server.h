@@ -134,6 +134,9 @@ class SessionServer {
   void on_frame(const bus::Message& msg);
   void open_on_lane(cvm::v1::SessionOpen open, std::string user, std::string reply,
                     SessionTarget target);
+  // A port session: a TCP connection to the workspace's loopback, made in its network namespace.
+  void open_port_on_lane(cvm::v1::SessionOpen open, const std::string& user,
+                         const std::string& reply_to, const SessionTarget& target);
   void reply(const std::string& subject, const cvm::v1::SessionOpened& answer);
   void tick();
   void end_all(const std::string& why);
