@@ -920,7 +920,12 @@ void SessionServer::on_exited(const std::shared_ptr<Session>& s) {
 void SessionServer::maybe_finish(const std::shared_ptr<Session>& s) {
   if (!s->exited) return;
   const bool drained = s->out_eof && s->err_eof;
-  if (!drained && Steady::now() < *s->drain_until) return;
+  // Output still owed waits for the client's credit however long that takes (a client that is
+  // gone is hung up by the heartbeat check instead); the deadline is only for a pipe that some
+  // child of the process keeps open while nothing more comes.
+  if (!drained && (Steady::now() < *s->drain_until || (!s->ended && s->fc.can_send() == 0))) {
+    return;
+  }
   if (!s->ended) {
     SessionFrame f;
     f.mutable_exit()->set_code(s->exit_code);
