@@ -103,6 +103,22 @@ class BuildPath : public ::testing::Test {
   }
 
   std::string runc_root() const { return work_ + "/runc"; }
+
+  // The cached Debian machine image (scripts/build-debian-image.sh): its directory.
+  static std::string debian_cache() {
+    const char* env = std::getenv("CVM_TEST_IMAGE_CACHE");
+    return env != nullptr && *env != '\0' ? env : "/var/cache/cvm-control/images";
+  }
+  // Builds (or finds cached) the Debian image and boots a 1 GiB CVM of it owned by `owner`.
+  void start_debian(const std::string& workspace, const std::string& owner) {
+    const std::string cache = debian_cache();
+    auto image = run_command({"/bin/sh", CVM_BUILD_DEBIAN_IMAGE_SCRIPT, cache, "debian"}, 900s);
+    ASSERT_EQ(image.exit_code, 0) << "the Debian image: " << image.output;
+    auto start =
+        cvmctl({"build", "start", "--workspace", workspace, "--image", "oci:" + cache + ":debian",
+                "--cvm", "--memory", "1Gi", "--owner", owner, "--watch", "--timeout", "300"});
+    ASSERT_EQ(start.exit_code, 0) << start.output << logs();
+  }
   std::string image_ref() const { return "oci:" + *image_dir_ + ":latest"; }
 
   std::string logs() const {
@@ -307,14 +323,7 @@ TEST_F(BuildPath, ServicesSurviveANatsRestart) {
 // last lines only, a follower that sees new console output and ends when the workspace is deleted,
 // and the log still there after STOP.
 TEST_F(BuildPath, LogsShowTheConsoleOfADebianWorkspaceAndFollowIt) {
-  const char* env = std::getenv("CVM_TEST_IMAGE_CACHE");
-  const std::string cache = env != nullptr && *env != '\0' ? env : "/var/cache/cvm-control/images";
-  auto image = run_command({"/bin/sh", CVM_BUILD_DEBIAN_IMAGE_SCRIPT, cache, "debian"}, 900s);
-  ASSERT_EQ(image.exit_code, 0) << "the Debian image: " << image.output;
-  auto start =
-      cvmctl({"build", "start", "--workspace", "deb", "--image", "oci:" + cache + ":debian",
-              "--cvm", "--memory", "1Gi", "--owner", "alice", "--watch", "--timeout", "300"});
-  ASSERT_EQ(start.exit_code, 0) << start.output << logs();
+  ASSERT_NO_FATAL_FAILURE(start_debian("deb", "alice"));
   // Listed with its owner; another owner's list leaves it out.
   auto mine = cvmctl({"workspaces", "--owner", "alice"});
   ASSERT_EQ(mine.exit_code, 0) << mine.output;
@@ -382,8 +391,7 @@ TEST_F(BuildPath, LogsShowTheConsoleOfADebianWorkspaceAndFollowIt) {
 TEST_F(BuildPath, ACpuRequestIsTheCpuCountInsideTheWorkspace) {
   const long node_cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
   ASSERT_GE(node_cpus, 2) << "needs a node with 2 CPUs to tell a pin from none";
-  const char* env = std::getenv("CVM_TEST_IMAGE_CACHE");
-  const std::string cache = env != nullptr && *env != '\0' ? env : "/var/cache/cvm-control/images";
+  const std::string cache = debian_cache();
   auto image = run_command({"/bin/sh", CVM_BUILD_DEBIAN_IMAGE_SCRIPT, cache, "debian"}, 900s);
   ASSERT_EQ(image.exit_code, 0) << "the Debian image: " << image.output;
   for (const std::string ws : {"cpu-a", "cpu-b"}) {
@@ -436,14 +444,7 @@ TEST_F(BuildPath, ACpuRequestIsTheCpuCountInsideTheWorkspace) {
 // client vanishes, and a clear end when the agent stops or the workspace stops.
 TEST_F(BuildPath, ExecAndShellRunInsideADebianWorkspaceOverTheBus) {
   if (run_command({"tmux", "-V"}).exit_code != 0) GTEST_SKIP() << "tmux is missing";
-  const char* env = std::getenv("CVM_TEST_IMAGE_CACHE");
-  const std::string cache = env != nullptr && *env != '\0' ? env : "/var/cache/cvm-control/images";
-  auto image = run_command({"/bin/sh", CVM_BUILD_DEBIAN_IMAGE_SCRIPT, cache, "debian"}, 900s);
-  ASSERT_EQ(image.exit_code, 0) << "the Debian image: " << image.output;
-  auto start =
-      cvmctl({"build", "start", "--workspace", "sh1", "--image", "oci:" + cache + ":debian",
-              "--cvm", "--memory", "1Gi", "--owner", "alice", "--watch", "--timeout", "300"});
-  ASSERT_EQ(start.exit_code, 0) << start.output << logs();
+  ASSERT_NO_FATAL_FAILURE(start_debian("sh1", "alice"));
 
   // The remote exit status is cvmctl's; stdout and stderr stay apart.
   auto status = shell_as("alice",
@@ -598,14 +599,7 @@ TEST_F(BuildPath, ExecAndShellRunInsideADebianWorkspaceOverTheBus) {
 // carrying a local port to it. Nothing on the node listens for the workspace.
 TEST_F(BuildPath, SshScpAndRsyncReachADebianWorkspaceThroughCvmctl) {
   if (run_command({"ssh", "-V"}).exit_code != 0) GTEST_SKIP() << "openssh-client is missing";
-  const char* env = std::getenv("CVM_TEST_IMAGE_CACHE");
-  const std::string cache = env != nullptr && *env != '\0' ? env : "/var/cache/cvm-control/images";
-  auto image = run_command({"/bin/sh", CVM_BUILD_DEBIAN_IMAGE_SCRIPT, cache, "debian"}, 900s);
-  ASSERT_EQ(image.exit_code, 0) << "the Debian image: " << image.output;
-  auto start =
-      cvmctl({"build", "start", "--workspace", "ssh1", "--image", "oci:" + cache + ":debian",
-              "--cvm", "--memory", "1Gi", "--owner", "alice", "--watch", "--timeout", "300"});
-  ASSERT_EQ(start.exit_code, 0) << start.output << logs();
+  ASSERT_NO_FATAL_FAILURE(start_debian("ssh1", "alice"));
 
   // A key for dev, put in place through exec as a user would; then sshd must be up.
   const std::string key = work_ + "/id_ed25519";

@@ -73,12 +73,21 @@ struct PasswdEntry {
   std::string shell;
 };
 
-std::vector<PasswdEntry> parse_passwd(std::string_view text) {
-  std::vector<PasswdEntry> out;
+// The colon-separated records of /etc/passwd or /etc/group with at least `fields` fields;
+// comments and blank lines are skipped.
+std::vector<std::vector<std::string_view>> records(std::string_view text, size_t fields) {
+  std::vector<std::vector<std::string_view>> out;
   for (auto line : detail::trimmed_lines(text)) {
     if (line.empty() || line.front() == '#') continue;
-    const auto f = split(line, ':');
-    if (f.size() < 7) continue;
+    auto f = split(line, ':');
+    if (f.size() >= fields) out.push_back(std::move(f));
+  }
+  return out;
+}
+
+std::vector<PasswdEntry> parse_passwd(std::string_view text) {
+  std::vector<PasswdEntry> out;
+  for (const auto& f : records(text, 7)) {
     const auto uid = number(f[2]);
     const auto gid = number(f[3]);
     if (!uid || !gid) continue;
@@ -95,10 +104,7 @@ struct GroupEntry {
 
 std::vector<GroupEntry> parse_group(std::string_view text) {
   std::vector<GroupEntry> out;
-  for (auto line : detail::trimmed_lines(text)) {
-    if (line.empty() || line.front() == '#') continue;
-    const auto f = split(line, ':');
-    if (f.size() < 4) continue;
+  for (const auto& f : records(text, 4)) {
     const auto gid = number(f[2]);
     if (!gid) continue;
     GroupEntry g{std::string(f[0]), *gid, {}};
@@ -436,19 +442,47 @@ void SessionServer::reply(const std::string& subject, const SessionOpened& answe
   }
 }
 
+void SessionServer::refuse(const std::string& reply_to, SessionOpened answer, std::string why,
+                           bool failed) {
+  {
+    std::lock_guard lock(counters_mu_);
+    ++(failed ? counters_.failed : counters_.refused);
+  }
+  answer.set_error(std::move(why));
+  reply(reply_to, answer);
+}
+
+std::shared_ptr<SessionServer::Session> SessionServer::new_session(const SessionOpen& open,
+                                                                   const std::string& user) {
+  const uint64_t peer_window = open.window() == 0 ? session::kDefaultWindow : open.window();
+  auto s = std::make_shared<Session>(lane_, peer_window);
+  s->live = session::Liveness(config_.heartbeat, Steady::now());
+  s->key = user + "." + open.session_id();
+  s->user = user;
+  s->workspace_id = open.workspace_id();
+  s->out_subject = wire::session_out_subject(config_.node_id, user, open.session_id());
+  return s;
+}
+
+void SessionServer::admit(const std::shared_ptr<Session>& s, const std::string& reply_to) {
+  sessions_[s->key] = s;
+  {
+    std::lock_guard lock(counters_mu_);
+    ++counters_.opened;
+    counters_.open = static_cast<int>(sessions_.size());
+  }
+  SessionOpened answer;
+  answer.set_window(session::kDefaultWindow);
+  answer.set_heartbeat_ms(static_cast<uint32_t>(config_.heartbeat.count()));
+  reply(reply_to, answer);
+}
+
 void SessionServer::on_open(const bus::Message& msg) {
   // cvm.v1.node.<node>.open.<user>: the last token is who asks, pinned by the server.
   const std::string user = msg.subject.substr(msg.subject.rfind('.') + 1);
   SessionOpen open;
   SessionOpened answer;
-  auto refuse = [&](std::string why) {
-    {
-      std::lock_guard lock(counters_mu_);
-      ++counters_.refused;
-    }
-    answer.set_error(std::move(why));
-    reply(msg.reply, answer);
-  };
+  auto refuse = [&](std::string why) { this->refuse(msg.reply, answer, std::move(why)); };
   if (!open.ParseFromString(msg.data)) return refuse("the request is not a cvm.v1.SessionOpen");
   if (!wire::is_valid_id(user)) return refuse("'" + user + "' is not a user name");
   if (!wire::is_valid_id(open.session_id())) {
@@ -562,15 +596,9 @@ Result<Spawned> spawn(const std::vector<std::string>& argv, bool tty, uint32_t r
 
 void SessionServer::open_on_lane(SessionOpen open, std::string user, std::string reply_to,
                                  SessionTarget target) {
-  SessionOpened answer;
   const std::string key = user + "." + open.session_id();
   auto refuse = [&](std::string why, bool failed) {
-    {
-      std::lock_guard lock(counters_mu_);
-      ++(failed ? counters_.failed : counters_.refused);
-    }
-    answer.set_error(std::move(why));
-    reply(reply_to, answer);
+    this->refuse(reply_to, SessionOpened(), std::move(why), failed);
   };
   if (sessions_.contains(key)) return refuse("session " + open.session_id() + " is open", false);
   int in_workspace = 0;
@@ -611,13 +639,7 @@ void SessionServer::open_on_lane(SessionOpen open, std::string user, std::string
   auto spawned = spawn(exec_argv(plan), open.tty(), open.rows(), open.cols());
   if (!spawned) return refuse(spawned.error().message, true);
 
-  const uint64_t peer_window = open.window() == 0 ? session::kDefaultWindow : open.window();
-  auto s = std::make_shared<Session>(lane_, peer_window);
-  s->live = session::Liveness(config_.heartbeat, Steady::now());
-  s->key = key;
-  s->user = user;
-  s->workspace_id = open.workspace_id();
-  s->out_subject = wire::session_out_subject(config_.node_id, user, open.session_id());
+  auto s = new_session(open, user);
   s->tty = open.tty();
   s->pid = spawned->pid;
   // Asio owns the descriptors from here, and closes them.
@@ -628,18 +650,9 @@ void SessionServer::open_on_lane(SessionOpen open, std::string user, std::string
     s->err.assign(spawned->err.release());
     s->err_eof = false;
   }
-  sessions_[key] = s;
-  {
-    std::lock_guard lock(counters_mu_);
-    ++counters_.opened;
-    counters_.open = static_cast<int>(sessions_.size());
-  }
   spdlog::info("sessions: {} opened {} in workspace {} ({}{})", user, open.session_id(),
                open.workspace_id(), open.tty() ? "tty, " : "", plan.argv.front());
-
-  answer.set_window(session::kDefaultWindow);
-  answer.set_heartbeat_ms(static_cast<uint32_t>(config_.heartbeat.count()));
-  reply(reply_to, answer);
+  admit(s, reply_to);
 
   read_output(s, false);
   read_output(s, true);
@@ -652,15 +665,7 @@ void SessionServer::open_on_lane(SessionOpen open, std::string user, std::string
 
 void SessionServer::open_port_on_lane(SessionOpen open, const std::string& user,
                                       const std::string& reply_to, const SessionTarget& target) {
-  SessionOpened answer;
-  auto refuse = [&](std::string why) {
-    {
-      std::lock_guard lock(counters_mu_);
-      ++counters_.refused;
-    }
-    answer.set_error(std::move(why));
-    reply(reply_to, answer);
-  };
+  auto refuse = [&](std::string why) { this->refuse(reply_to, SessionOpened(), std::move(why)); };
   if (open.port() > 65535) return refuse("port " + std::to_string(open.port()) + " is not a port");
   const int supervisor = container_init_pid(config_.runc_root, target.container_id);
   const int inner = supervisor > 0 ? find_inner_host_pid("/proc", supervisor) : 0;
@@ -673,27 +678,13 @@ void SessionServer::open_port_on_lane(SessionOpen open, const std::string& user,
     ::close(*fd);
     return refuse("dup: " + std::string(std::strerror(errno)));
   }
-  const uint64_t peer_window = open.window() == 0 ? session::kDefaultWindow : open.window();
-  auto s = std::make_shared<Session>(lane_, peer_window);
-  s->live = session::Liveness(config_.heartbeat, Steady::now());
-  s->key = user + "." + open.session_id();
-  s->user = user;
-  s->workspace_id = open.workspace_id();
-  s->out_subject = wire::session_out_subject(config_.node_id, user, open.session_id());
+  auto s = new_session(open, user);
   s->socket = true;
   s->out.assign(*fd);
   s->in.assign(dup);
-  sessions_[s->key] = s;
-  {
-    std::lock_guard lock(counters_mu_);
-    ++counters_.opened;
-    counters_.open = static_cast<int>(sessions_.size());
-  }
   spdlog::info("sessions: {} opened {} to port {} of workspace {}", user, open.session_id(),
                open.port(), open.workspace_id());
-  answer.set_window(session::kDefaultWindow);
-  answer.set_heartbeat_ms(static_cast<uint32_t>(config_.heartbeat.count()));
-  reply(reply_to, answer);
+  admit(s, reply_to);
   read_output(s, false);
 }
 

@@ -138,6 +138,13 @@ class SessionServer {
   void open_port_on_lane(cvm::v1::SessionOpen open, const std::string& user,
                          const std::string& reply_to, const SessionTarget& target);
   void reply(const std::string& subject, const cvm::v1::SessionOpened& answer);
+  // Counts the refusal (or failure) and answers `answer` with `why` as its error.
+  void refuse(const std::string& reply_to, cvm::v1::SessionOpened answer, std::string why,
+              bool failed = false);
+  // A session of `user` for `open`, not yet registered.
+  std::shared_ptr<Session> new_session(const cvm::v1::SessionOpen& open, const std::string& user);
+  // Registers it, counts it, and tells the client its window and heartbeat.
+  void admit(const std::shared_ptr<Session>& s, const std::string& reply_to);
   void tick();
   void end_all(const std::string& why);
   // The session's parts, on the lane.
