@@ -79,13 +79,24 @@ class BuildPath : public ::testing::Test {
     ASSERT_TRUE(wait_until([&] { return node_registered(); }, 30s)) << logs();
   }
 
-  void start_agent(const std::string& log) {
-    agent_ = std::make_unique<ChildProcess>(
-        std::vector<std::string>{CVM_AGENT_BIN, "--nats-url", nats_.url(), "--node-id", "e2e-node",
-                                 "--state-dir", work_ + "/agent", "--runc-root", runc_root(),
-                                 "--metrics-listen", "127.0.0.1:" + std::to_string(agent_port_),
-                                 "--heartbeat-interval", "1", "--stop-grace", "2"},
-        work_ + "/" + log);
+  void start_agent(const std::string& log, const std::vector<std::string>& extra = {}) {
+    std::vector<std::string> argv = {CVM_AGENT_BIN,
+                                     "--nats-url",
+                                     nats_.url(),
+                                     "--node-id",
+                                     "e2e-node",
+                                     "--state-dir",
+                                     work_ + "/agent",
+                                     "--runc-root",
+                                     runc_root(),
+                                     "--metrics-listen",
+                                     "127.0.0.1:" + std::to_string(agent_port_),
+                                     "--heartbeat-interval",
+                                     "1",
+                                     "--stop-grace",
+                                     "2"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    agent_ = std::make_unique<ChildProcess>(argv, work_ + "/" + log);
   }
 
   void TearDown() override {
@@ -576,6 +587,48 @@ TEST_F(BuildPath, ExecAndShellRunInsideADebianWorkspaceOverTheBus) {
   EXPECT_TRUE(wait_until(
       [&] { return scrape(agent_port_, "cvm_agent_sessions_total{result=\"opened\"}") >= 1; },
       10s));
+
+  // An agent killed with -9: the next one ends what its sessions left, a process that ignores
+  // SIGHUP included. That agent has limits: one session per workspace, 6 s idle.
+  auto ignorer = cvmctl_as("alice");
+  ignorer.insert(ignorer.end(), {"exec", "sh1", "--", "sh", "-c",
+                                 "trap '' HUP; echo $$ > /run/ignorer; "
+                                 "while true; do sleep 0.2; done"});
+  {
+    ChildProcess client(ignorer, work_ + "/client-ignorer.log");
+    ASSERT_TRUE(wait_until(
+        [&] {
+          return shell_as("alice", "$CVMCTL exec sh1 -- test -s /run/ignorer").exit_code == 0;
+        },
+        20s));
+    agent_->kill9();
+    start_agent("agent3.log", {"--sessions-per-workspace", "1", "--session-idle-timeout", "6"});
+    CommandResult alive;
+    EXPECT_TRUE(wait_until(
+        [&] {
+          alive = shell_as("alice", "$CVMCTL exec sh1 -- sh -c 'kill -0 $(cat /run/ignorer)'");
+          return alive.exit_code == 1;
+        },
+        40s))
+        << "the process that ignores SIGHUP outlived the killed agent: " << alive.output << logs();
+  }
+  {
+    ChildProcess idle(argv, work_ + "/client-idle.log");
+    ASSERT_TRUE(
+        wait_until([&] { return scrape(agent_port_, "cvm_agent_sessions_open") == 1; }, 20s))
+        << logs();
+    auto second = shell_as("alice", "$CVMCTL exec sh1 -- true");
+    EXPECT_EQ(second.exit_code, 255) << second.output;
+    EXPECT_NE(second.output.find("at most 1"), std::string::npos) << second.output;
+    EXPECT_TRUE(wait_until([&] { return !idle.running(); }, 20s)) << "never ended for idleness";
+    EXPECT_NE(read_file(idle.log_path()).find("idle for 6 s"), std::string::npos)
+        << read_file(idle.log_path());
+  }
+  agent_->stop();  // before the next one takes its metrics port
+  start_agent("agent4.log");
+  ASSERT_TRUE(
+      wait_until([&] { return shell_as("alice", "$CVMCTL exec sh1 -- true").exit_code == 0; }, 30s))
+      << logs();
 
   // STOP ends the sessions of the workspace, then the workspace.
   {

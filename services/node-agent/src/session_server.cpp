@@ -20,6 +20,8 @@
 #include <deque>
 #include <filesystem>
 #include <future>
+#include <map>
+#include <sstream>
 
 #include <spdlog/spdlog.h>
 #include <boost/asio/posix/stream_descriptor.hpp>
@@ -329,6 +331,52 @@ std::vector<int> leftover_session_processes(const std::string& proc_root,
   return out;
 }
 
+std::vector<int> process_descendants(const std::string& proc_root, int root) {
+  std::multimap<int, int> children;  // parent -> child
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(proc_root, ec)) {
+    const auto pid = number(entry.path().filename().string());
+    if (!pid) continue;
+    const auto stat = detail::read_file(entry.path().string() + "/stat", 4096);
+    if (!stat) continue;
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses, so from the last ')'.
+    const auto close = stat->rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream rest(stat->substr(close + 1));
+    std::string state;
+    int ppid = 0;
+    if (rest >> state >> ppid) children.emplace(ppid, static_cast<int>(*pid));
+  }
+  std::vector<int> out;
+  std::vector<int> frontier = {root};
+  while (!frontier.empty()) {
+    std::vector<int> next;
+    for (int parent : frontier) {
+      auto [lo, hi] = children.equal_range(parent);
+      for (auto it = lo; it != hi; ++it) {
+        // A cycle cannot happen in a real /proc, but a bounded walk costs nothing.
+        if (std::find(out.begin(), out.end(), it->second) != out.end()) continue;
+        out.push_back(it->second);
+        next.push_back(it->second);
+      }
+    }
+    frontier = std::move(next);
+  }
+  return out;
+}
+
+namespace {
+
+// SIGKILL to `root` and everything below it, collected first, so nothing is reparented away
+// between one kill and the next.
+void kill_tree(int root) {
+  const auto below = process_descendants("/proc", root);
+  ::kill(root, SIGKILL);
+  for (int pid : below) ::kill(pid, SIGKILL);
+}
+
+}  // namespace
+
 // ---- one session, on the lane ----
 
 struct SessionServer::Session {
@@ -379,10 +427,13 @@ SessionServer::SessionServer(bus::ConnectionPtr conn, SessionServerConfig config
 SessionServer::~SessionServer() { stop(); }
 
 Status SessionServer::start() {
-  for (int pid : leftover_session_processes("/proc", config_.runc_root)) {
+  leftovers_ = leftover_session_processes("/proc", config_.runc_root);
+  for (int pid : leftovers_) {
     spdlog::info("sessions: hanging up runc exec {}, a session of an agent before this one", pid);
     ::kill(pid, SIGHUP);
+    for (int below : process_descendants("/proc", pid)) ::kill(below, SIGHUP);
   }
+  leftover_kill_at_ = Steady::now() + config_.hangup_grace;
   work_.emplace(lane_.get_executor());
   timer_ = std::make_unique<asio::steady_timer>(lane_);
   thread_ = std::thread([this] { lane_.run(); });
@@ -415,7 +466,7 @@ void SessionServer::stop() {
         if (s->pid > 0) std::this_thread::sleep_for(std::chrono::milliseconds{20});
       }
       if (s->pid > 0) {
-        ::kill(s->pid, SIGKILL);
+        kill_tree(s->pid);
         ::waitpid(s->pid, nullptr, 0);
         s->pid = -1;
       }
@@ -548,6 +599,16 @@ Result<Spawned> spawn(const std::vector<std::string>& argv, bool tty, uint32_t r
       return sys_error("pty", errno);
     }
     slave_name = name;
+    // This pty only carries bytes to the outer runc, whose own terminal (and the inner one's below
+    // it) does the line discipline the user sees: raw here, so that nothing is echoed, buffered
+    // into lines or turned into signals twice, and each byte passes as soon as it comes.
+    {
+      detail::Fd slave(::open(name, O_RDWR | O_NOCTTY | O_CLOEXEC));
+      termios mode{};
+      if (slave.get() < 0 || ::tcgetattr(slave.get(), &mode) != 0) return sys_error("pty", errno);
+      ::cfmakeraw(&mode);
+      if (::tcsetattr(slave.get(), TCSANOW, &mode) != 0) return sys_error("pty", errno);
+    }
     winsize ws{};
     ws.ws_row = static_cast<unsigned short>(rows == 0 ? 24 : rows);
     ws.ws_col = static_cast<unsigned short>(cols == 0 ? 80 : cols);
@@ -935,6 +996,18 @@ void SessionServer::maybe_finish(const std::shared_ptr<Session>& s) {
 
 void SessionServer::tick() {
   const auto now = Steady::now();
+  if (!leftovers_.empty() && now >= leftover_kill_at_) {
+    // Only what is still a runc exec of this root: a pid that ended may have been reused.
+    const auto still = leftover_session_processes("/proc", config_.runc_root);
+    for (int pid : leftovers_) {
+      if (std::find(still.begin(), still.end(), pid) == still.end()) continue;
+      spdlog::info(
+          "sessions: runc exec {} of an agent before this one outlived its hangup; killing it",
+          pid);
+      kill_tree(pid);
+    }
+    leftovers_.clear();
+  }
   std::vector<std::shared_ptr<Session>> all;
   for (const auto& [k, s] : sessions_) {
     (void)k;
@@ -946,7 +1019,9 @@ void SessionServer::tick() {
       continue;
     }
     if (s->kill_at && now >= *s->kill_at && s->pid > 0) {
-      ::kill(s->pid, SIGKILL);
+      spdlog::info("sessions: {}: still running {} s after the hangup; killing it", s->key,
+                   std::chrono::duration_cast<std::chrono::seconds>(config_.hangup_grace).count());
+      kill_tree(s->pid);
       s->kill_at.reset();
       continue;
     }

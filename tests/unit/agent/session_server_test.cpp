@@ -1,6 +1,7 @@
 #include "cvm/agent/session_server.h"
 
 #include <unistd.h>
+#include <algorithm>
 
 #include <filesystem>
 #include <fstream>
@@ -164,6 +165,37 @@ TEST(LeftoverSessions, OnlyOuterExecsOfThisAgentsRuncRoot) {
   write("self", "runc\0--root\0/run/a\0exec\0cvm-w\0"s);         // not a pid
   write("104", "runc\0--root\0/run/a\0exec\0cvm-v\0sleep\0"s);
   EXPECT_EQ(leftover_session_processes(proc.string(), "/run/a"), (std::vector<int>{100, 104}));
+  fs::remove_all(proc);
+}
+
+TEST(SessionTree, EveryDescendantParentsFirstAndNothingElse) {
+  const fs::path proc = fs::temp_directory_path() / ("cvm-tree-" + std::to_string(getpid()));
+  fs::remove_all(proc);
+  auto write = [&](int pid, const std::string& comm, int ppid) {
+    fs::create_directories(proc / std::to_string(pid));
+    std::ofstream(proc / std::to_string(pid) / "stat")
+        << pid << " (" << comm << ") S " << ppid << " " << pid << " 0 0\n";
+  };
+  write(10, "runc", 1);               // the outer runc exec
+  write(11, "runc", 10);              // the inner one
+  write(12, "sh", 11);                // the session's process
+  write(13, "sleep) S 1 (evil", 12);  // a comm with ") S 1 (" in it is still a child of 12
+  write(14, "make", 11);              // an orphan the subreaper took
+  write(20, "sshd", 1);               // not below the chain
+  write(21, "bash", 20);
+  fs::create_directories(proc / "self");  // not a pid
+  auto below = process_descendants(proc.string(), 10);
+  const auto at = [&](int pid) {
+    return std::find(below.begin(), below.end(), pid) - below.begin();
+  };
+  ASSERT_EQ(below.size(), 4u);
+  EXPECT_EQ(below.front(), 11);  // siblings come in /proc's order, parents always first
+  EXPECT_LT(at(12), at(13));
+  EXPECT_LT(at(11), at(14));
+  EXPECT_NE(std::find(below.begin(), below.end(), 14), below.end());
+  EXPECT_TRUE(process_descendants(proc.string(), 13).empty());
+  EXPECT_TRUE(process_descendants(proc.string(), 99).empty());
+  EXPECT_EQ(process_descendants(proc.string(), 20), (std::vector<int>{21}));
   fs::remove_all(proc);
 }
 

@@ -14,9 +14,11 @@
 // client or process never stalls heartbeats or launches.
 //
 // A session ends when its process exits (exit frame), the client hangs up or goes silent for three
-// heartbeats (SIGHUP to the process, as sshd does; a process that ignores it keeps running, as
-// after an SSH logout), the workspace stops (error frame), or the agent stops (error frame; a
-// killed agent's pty and pipes close, which hangs the process up the same way).
+// heartbeats (SIGHUP to the process, as sshd does), the workspace stops (error frame), or the agent
+// stops (error frame). What SIGHUP did not end within hangup_grace is killed, the whole tree below
+// the outer runc: a hung-up session leaves nothing running (what a user means to outlive it is a
+// service of the workspace's systemd, or a daemon, which is not below the chain). A killed agent's
+// sessions are found by the next one at start and ended the same way.
 
 #include <chrono>
 #include <cstdint>
@@ -81,6 +83,12 @@ struct ExecPlan {
 // notice; the new agent hangs them up at start.
 [[nodiscard]] std::vector<int> leftover_session_processes(const std::string& proc_root,
                                                           const std::string& runc_root);
+
+// Every descendant of `root` under `proc_root` (/proc), by the parent each process's stat names,
+// parents before their children; `root` itself is not in it. A session's process and whatever it
+// started that still hangs below the runc chain (runc exec is a child subreaper, so orphans land on
+// it) are all descendants of the outer runc.
+[[nodiscard]] std::vector<int> process_descendants(const std::string& proc_root, int root);
 
 // A workspace a session may enter, as the agent knows it.
 struct SessionTarget {
@@ -151,7 +159,7 @@ class SessionServer {
   void send(const std::shared_ptr<Session>& s, cvm::v1::SessionFrame frame);
   void read_output(const std::shared_ptr<Session>& s, bool errors);
   void write_input(const std::shared_ptr<Session>& s);
-  // SIGHUP down the runc chain, SIGKILL of the outer runc after hangup_grace.
+  // SIGHUP down the runc chain, SIGKILL of its whole tree after hangup_grace.
   void hang_up(const std::shared_ptr<Session>& s);
   // An error frame to the client (once), then hang_up().
   void end_session(const std::shared_ptr<Session>& s, const std::string& why, bool failed);
@@ -171,6 +179,10 @@ class SessionServer {
   std::unique_ptr<boost::asio::steady_timer> timer_;
   // On the lane only.
   std::map<std::string, std::shared_ptr<Session>> sessions_;  // by "<user>.<session id>"
+  // The outer runc processes of a previous agent's sessions, hung up at start; what is left of
+  // them at leftover_kill_at_ is killed.
+  std::vector<int> leftovers_;
+  std::chrono::steady_clock::time_point leftover_kill_at_;
   mutable std::mutex counters_mu_;
   SessionCounters counters_;
 };
