@@ -21,6 +21,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "bench_util.h"
 #include "child_process.h"
 #include "cvm/test/nats_server.h"
 
@@ -28,74 +29,14 @@ namespace {
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
-using Steady = std::chrono::steady_clock;
+using cvm::bench::Steady;
 
-double us_since(Steady::time_point t0) {
-  return std::chrono::duration<double, std::micro>(Steady::now() - t0).count();
-}
-
-void print(const char* label, std::vector<double> us) {
-  if (us.empty()) {
-    std::printf("%-34s n/a\n", label);
-    return;
-  }
-  std::sort(us.begin(), us.end());
-  const auto at = [&](double q) { return us[std::min(us.size() - 1, size_t(q * us.size()))]; };
-  std::printf("%-34s p50 %10.1f us  p99 %10.1f us  (n=%zu)\n", label, at(0.50), at(0.99),
-              us.size());
-}
-
-void echo(natsConnection* nc, natsSubscription*, natsMsg* msg, void*) {
-  if (natsMsg_GetReply(msg) != nullptr) {
-    natsConnection_Publish(nc, natsMsg_GetReply(msg), natsMsg_GetData(msg),
-                           natsMsg_GetDataLength(msg));
-  }
-  natsMsg_Destroy(msg);
-}
-
-natsConnection* connect(const std::string& url) {
-  natsOptions* opts = nullptr;
-  natsConnection* nc = nullptr;
-  natsOptions_Create(&opts);
-  natsOptions_SetURL(opts, url.c_str());
-  // Our bus adapter sets SendAsap (every request flushed at once); the floor must too, or the
-  // baseline would pay a flush delay our code does not.
-  natsOptions_SetSendAsap(opts, true);
-  const natsStatus s = natsConnection_Connect(&nc, opts);
-  natsOptions_Destroy(opts);
-  return s == NATS_OK ? nc : nullptr;
-}
-
-std::vector<double> request_reply(const std::string& url, int samples) {
-  std::vector<double> out;
-  natsConnection* responder = connect(url);
-  natsConnection* client = connect(url);
-  natsSubscription* sub = nullptr;
-  if (responder == nullptr || client == nullptr ||
-      natsConnection_Subscribe(&sub, responder, "bench.echo", echo, nullptr) != NATS_OK ||
-      natsConnection_Flush(responder) != NATS_OK) {
-    return out;
-  }
-  const std::string payload(200, 'x');  // about a BuildRequest's size
-  for (int i = 0; i < samples + 100; ++i) {
-    natsMsg* reply = nullptr;
-    const auto t0 = Steady::now();
-    const natsStatus s = natsConnection_Request(&reply, client, "bench.echo", payload.data(),
-                                                static_cast<int>(payload.size()), 2000);
-    const double us = us_since(t0);
-    natsMsg_Destroy(reply);
-    if (s != NATS_OK) return {};
-    if (i >= 100) out.push_back(us);  // the first hundred warm the connections up
-  }
-  natsSubscription_Destroy(sub);
-  natsConnection_Destroy(client);
-  natsConnection_Destroy(responder);
-  return out;
-}
+using cvm::bench::print_latency;
+using cvm::bench::us_since;
 
 std::vector<double> js_publish(const std::string& url, int samples) {
   std::vector<double> out;
-  natsConnection* nc = connect(url);
+  natsConnection* nc = cvm::bench::raw_connect(url);
   jsCtx* js = nullptr;
   if (nc == nullptr || natsConnection_JetStream(&js, nc, nullptr) != NATS_OK) return out;
   jsStreamConfig sc;
@@ -185,9 +126,11 @@ int main(int argc, char** argv) {
     std::cerr << "baseline_bench: cannot start nats-server\n";
     return 1;
   }
-  print("raw cnats request-reply", request_reply(nats.url(), samples));
-  print("raw JetStream publish (acked)", js_publish(nats.url(), samples));
-  if (runc > 0) print("raw runc run --detach", runc_run(runc));
+  print_latency("raw cnats request-reply",
+                cvm::bench::raw_round_trips(nats.url(), samples,
+                                            std::string(200, 'x')));  // a BuildRequest's size
+  print_latency("raw JetStream publish (acked)", js_publish(nats.url(), samples));
+  if (runc > 0) print_latency("raw runc run --detach", runc_run(runc));
   nats_Close();
   return 0;
 }

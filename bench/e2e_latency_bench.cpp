@@ -31,6 +31,7 @@
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 
+#include "bench_util.h"
 #include "child_process.h"
 #include "cvm/base/wire.h"
 #include "cvm/bus/bus.h"
@@ -44,7 +45,7 @@ namespace {
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
-using Steady = std::chrono::steady_clock;
+using cvm::bench::Steady;
 using cvm::test::ChildProcess;
 
 // VmRSS or VmHWM of a process, in KiB; -1 when it is gone.
@@ -57,16 +58,7 @@ long status_kib(pid_t pid, const char* field) {
   return -1;
 }
 
-void print_latency(const char* label, std::vector<double> us) {
-  if (us.empty()) {
-    std::printf("%-34s n/a\n", label);
-    return;
-  }
-  std::sort(us.begin(), us.end());
-  const auto at = [&](double q) { return us[std::min(us.size() - 1, size_t(q * us.size()))]; };
-  std::printf("%-34s p50 %10.1f us  p99 %10.1f us  (n=%zu)\n", label, at(0.50), at(0.99),
-              us.size());
-}
+using cvm::bench::print_latency;
 
 // When each phase of each build was first seen on cvm.v1.builds.*.events.
 class EventLog {

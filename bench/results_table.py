@@ -162,6 +162,50 @@ for i, nodes in ((1, 5000), (2, 50000)):
     row(f"one placement decision, {nodes:,} nodes (in-process CPU time)", us(ours),
         "raw cnats request-reply p50", us(rr50), ratio(ours, rr50))
 
+# Sessions (session_bench): cvmctl exec / port-forward into a Debian workspace, against the runc
+# exec chain the agent runs and raw NATS, in the same run.
+sess = read("session")
+
+
+def rate(label):
+    return num(sess, r"^" + re.escape(label) + r"\s+([\d.]+) MB/s")
+
+
+def mbs(v):
+    return "n/a" if v is None else f"{v:.0f} MB/s"
+
+
+start50, _ = pct(sess, "exec start: cvmctl exec -- true")
+chain50, _ = pct(sess, "exec start: raw runc exec chain")
+one50, _ = pct(sess, "exec start: one runc exec (supervisor)")
+row("exec start p50 (`cvmctl exec ws -- true`)", us(start50), "the agent's runc exec chain p50", us(chain50),
+    ratio(start50, chain50))
+row("exec start p50 (`cvmctl exec ws -- true`)", us(start50), "one `runc exec` p50", us(one50), ratio(start50, one50))
+_, key99 = pct(sess, "keystroke echo: cvmctl exec -it")
+_, raw_key99 = pct(sess, "keystroke echo: raw runc exec -t chain")
+_, sess_rr99 = pct(sess, "raw NATS request-reply (1 byte)")
+row("keystroke echo p99 (`cvmctl exec -it`)", us(key99), "the runc chain's ptys p99", us(raw_key99), ratio(key99, raw_key99))
+row("keystroke echo p99 (`cvmctl exec -it`)", us(key99), "raw NATS request-reply p99", us(sess_rr99), ratio(key99, sess_rr99))
+nats_mbs = rate("raw NATS publish, 128 KiB, 8 MiB window")
+for label, ours, base_label, base in (
+        ("exec stdout (`cvmctl exec ws -- head -c`)", "exec stdout: cvmctl exec -- head -c",
+         "the runc chain's pipes", "exec stdout: raw runc exec chain"),
+        ("exec stdin (`cvmctl exec -i ws -- cat`)", "exec stdin: cvmctl exec -i -- cat >/dev/null",
+         "the runc chain's pipes", "exec stdin: raw runc exec chain"),
+        ("port-forward download", "port: cvmctl port-forward", "direct TCP in the workspace", "port: direct TCP in the workspace")):
+    v, b = rate(ours), rate(base)
+    # Throughputs: higher is better, so the ratio is ours / baseline (1 would be the baseline's speed).
+    row(label, mbs(v), base_label, mbs(b), ratio(v, b))
+    row(label, mbs(v), "raw NATS publish, 128 KiB messages, 8 MiB window", mbs(nats_mbs), ratio(v, nats_mbs))
+
+# The workspace's seccomp filter on a syscall loop in a workspace-spec container (seccomp_bench).
+sec = read("seccomp")
+for call in ("getppid", "fstat"):
+    f = num(sec, r"^seccomp " + call + r": filtered\s+([\d.]+) ns/call")
+    u = num(sec, r"^seccomp " + call + r": unfiltered\s+([\d.]+) ns/call")
+    row(f"`{call}` in a loop, workspace seccomp filter on", "n/a" if f is None else f"{f:.0f} ns",
+        "the same container without the filter", "n/a" if u is None else f"{u:.0f} ns", ratio(f, u))
+
 rows.append("")
 mem = []
 for name in ("cvm-scheduler", "cvm-gpu-broker", "cvm-node-agent"):
@@ -202,7 +246,7 @@ Run {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
 in {seconds // 60} min {seconds % 60} s on {platform.node()}: {cpu}, {os.cpu_count()} CPUs, Linux
 {platform.release()}. Load average before / after: {load_before} / {load_after}. Every baseline
 was measured in this same run on this machine; ratios are ours / baseline (lower is better,
-except for placements/s).
+except for placements/s and MB/s).
 
 | Measure | cvm-control | Baseline (same run) | Baseline value | Ratio |
 |---|---|---|---|---|""")

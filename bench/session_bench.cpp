@@ -46,6 +46,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench_util.h"
 #include "child_process.h"
 #include "cvm/agent/launcher.h"
 #include "cvm/agent/session_server.h"
@@ -57,37 +58,16 @@ namespace {
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
-using Steady = std::chrono::steady_clock;
+using cvm::bench::Steady;
 using cvm::test::ChildProcess;
 using cvm::test::run_command;
 
-double us_since(Steady::time_point t0) {
-  return std::chrono::duration<double, std::micro>(Steady::now() - t0).count();
-}
-
+using cvm::bench::mb_per_s;
+using cvm::bench::us_since;
 void print_latency(const char* label, std::vector<double> us) {
-  if (us.empty()) {
-    std::printf("%-44s n/a\n", label);
-    return;
-  }
-  std::sort(us.begin(), us.end());
-  const auto at = [&](double q) { return us[std::min(us.size() - 1, size_t(q * us.size()))]; };
-  std::printf("%-44s p50 %10.1f us  p99 %10.1f us  (n=%zu)\n", label, at(0.50), at(0.99),
-              us.size());
+  cvm::bench::print_latency(label, std::move(us), 44);
 }
-
-void print_rate(const char* label, double mb_per_s) {
-  if (mb_per_s <= 0) {
-    std::printf("%-44s n/a\n", label);
-  } else {
-    std::printf("%-44s %10.1f MB/s\n", label, mb_per_s);
-  }
-}
-
-double mb_per_s(uint64_t bytes, Steady::time_point t0) {
-  const double s = std::chrono::duration<double>(Steady::now() - t0).count();
-  return s > 0 ? static_cast<double>(bytes) / 1e6 / s : 0;
-}
+using cvm::bench::print_rate;
 
 // A child running argv with stdin and stdout as pipes (stderr to /dev/null).
 struct Piped {
@@ -283,35 +263,16 @@ std::vector<double> keystrokes(const std::vector<std::string>& argv, int n) {
 
 // ---- raw NATS, the floor of both ----
 
-natsConnection* nats_connect(const std::string& url) {
-  natsOptions* opts = nullptr;
-  natsConnection* nc = nullptr;
-  natsOptions_Create(&opts);
-  natsOptions_SetURL(opts, url.c_str());
-  natsOptions_SetSendAsap(opts, true);  // as our bus adapter
-  const natsStatus s = natsConnection_Connect(&nc, opts);
-  natsOptions_Destroy(opts);
-  return s == NATS_OK ? nc : nullptr;
-}
-
 std::atomic<uint64_t> g_received{0};
 void count_bytes(natsConnection*, natsSubscription*, natsMsg* msg, void*) {
   g_received += static_cast<uint64_t>(natsMsg_GetDataLength(msg));
   natsMsg_Destroy(msg);
 }
-void echo(natsConnection* nc, natsSubscription*, natsMsg* msg, void*) {
-  if (natsMsg_GetReply(msg) != nullptr) {
-    natsConnection_Publish(nc, natsMsg_GetReply(msg), natsMsg_GetData(msg),
-                           natsMsg_GetDataLength(msg));
-  }
-  natsMsg_Destroy(msg);
-}
-
 // MB/s of `bytes` published in 128 KiB messages from one connection to a subscriber on another,
 // never more than 8 MiB ahead of what it received.
 double nats_throughput(const std::string& url, uint64_t bytes) {
-  natsConnection* pub = nats_connect(url);
-  natsConnection* sub_conn = nats_connect(url);
+  natsConnection* pub = cvm::bench::raw_connect(url);
+  natsConnection* sub_conn = cvm::bench::raw_connect(url);
   natsSubscription* sub = nullptr;
   if (pub == nullptr || sub_conn == nullptr ||
       natsConnection_Subscribe(&sub, sub_conn, "bench.stream", count_bytes, nullptr) != NATS_OK ||
@@ -338,31 +299,6 @@ double nats_throughput(const std::string& url, uint64_t bytes) {
   natsConnection_Destroy(pub);
   natsConnection_Destroy(sub_conn);
   return rate;
-}
-
-std::vector<double> nats_round_trips(const std::string& url, int n) {
-  std::vector<double> out;
-  natsConnection* responder = nats_connect(url);
-  natsConnection* client = nats_connect(url);
-  natsSubscription* sub = nullptr;
-  if (responder == nullptr || client == nullptr ||
-      natsConnection_Subscribe(&sub, responder, "bench.echo", echo, nullptr) != NATS_OK ||
-      natsConnection_Flush(responder) != NATS_OK) {
-    return out;
-  }
-  for (int i = 0; i < n + 100; ++i) {
-    natsMsg* reply = nullptr;
-    const auto t0 = Steady::now();
-    const natsStatus s = natsConnection_Request(&reply, client, "bench.echo", "k", 1, 2000);
-    const double us = us_since(t0);
-    natsMsg_Destroy(reply);
-    if (s != NATS_OK) return {};
-    if (i >= 100) out.push_back(us);
-  }
-  natsSubscription_Destroy(sub);
-  natsConnection_Destroy(client);
-  natsConnection_Destroy(responder);
-  return out;
 }
 
 // ---- a TCP server on the workspace's loopback ----
@@ -574,7 +510,7 @@ int main(int argc, char** argv) {
                 keystrokes(ctl({"exec", "-it", ws, "--", "sh", "-c", "cat >/dev/null"}), keys));
   print_latency("keystroke echo: raw runc exec -t chain",
                 keystrokes(raw({"sh", "-c", "cat >/dev/null"}, true), keys));
-  print_latency("raw NATS request-reply (1 byte)", nats_round_trips(url, keys));
+  print_latency("raw NATS request-reply (1 byte)", cvm::bench::raw_round_trips(url, keys, "k"));
 
   const std::string head = "head -c " + std::to_string(bytes) + " /dev/zero";
   print_rate("exec stdout: cvmctl exec -- head -c",

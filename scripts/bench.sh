@@ -7,7 +7,8 @@
 #   scripts/bench.sh [--quick] [--out FILE]
 #
 # --quick: fewer samples and iterations (a few minutes instead of ~15). Needs root (runc), umoci,
-# nats-server, python3 (scripts/install-deps.sh installs them). A benchmark that fails or prints
+# nats-server, python3, and mmdebstrap for session_bench's Debian image (built once, then cached;
+# scripts/install-deps.sh installs them all). A benchmark that fails or prints
 # no figure shows "n/a" in the table; the run goes on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,16 +18,18 @@ while (($# > 0)); do
   case "$1" in
     --quick) quick=1 ;;
     --out) out=$2; shift ;;
-    -h | --help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
 done
 if ((quick)); then
   rtt_samples=500 runc_runs=5 e2e_builds=5 e2e_burst=4 sim_requests=3000 launch_iterations=3
+  session_args=(--starts 10 --keys 200 --mib 64)
   gbench_min_time=0.05
 else
   rtt_samples=5000 runc_runs=50 e2e_builds=50 e2e_burst=4 sim_requests=20000 launch_iterations=10
+  session_args=(--starts 50 --keys 2000 --mib 512)
   gbench_min_time=0.5
 fi
 sim_nodes=5000
@@ -36,7 +39,7 @@ cmake --preset release >/dev/null
 cmake --build --preset release -j"$(nproc)" --target \
   cvm-scheduler cvm-gpu-broker cvm-node-agent cvm-supervisor cvm-fleet-sim \
   baseline_bench e2e_latency_bench agent_launch_bench broker_roundtrip_bench \
-  broker_decision_bench placement_bench
+  broker_decision_bench placement_bench session_bench cvmctl seccomp_bench
 logs=$build/bench-logs
 rm -rf "$logs"
 mkdir -p "$logs"
@@ -106,6 +109,8 @@ step broker_roundtrip "$build/bench/broker_roundtrip_bench" --benchmark_format=j
 step broker_decision gbench "$build/bench/broker_decision_bench"
 step placement "$build/bench/placement_bench" --benchmark_min_time="$gbench_min_time"
 step scheduler_rss bench/scheduler_rss.sh "$build" "$sim_nodes"
+step session "$build/bench/session_bench" "${session_args[@]}"
+step seccomp "$build/bench/seccomp_bench"
 
 python3 bench/results_table.py "$logs" "$SECONDS" "$quick" "$load_before" >"$out"
 cat "$out"

@@ -2,20 +2,23 @@
 # The local stack: nats-server with JetStream, cvm-scheduler, cvm-gpu-broker, one cvm-node-agent
 # and cvm-exporter, all on free loopback ports, everything under one directory.
 #
-#   deploy/local/stack.sh start DIR [--bin BUILD_DIR] [--node-id ID] [--auth] [--heartbeat-interval S]
+#   deploy/local/stack.sh start DIR [--bin BUILD_DIR] [--node-id ID] [--auth [--user NAME]...]
+#                              [--heartbeat-interval S]
 #   deploy/local/stack.sh stop DIR
 #
 # start returns once the node agent has registered, and writes DIR/stack.env (NATS_URL,
 # *_METRICS host:port of each service, CVMCTL: a cvmctl command line with URL and credentials).
 # --auth runs NATS with deploy/nats's users and permissions (gen-auth.sh) and gives every process
-# its own user, as a production install does. stop ends the processes (SIGTERM, then SIGKILL),
-# removes the workspace containers the agent left under DIR/runc, and keeps DIR (logs are there).
+# its own user, as a production install does; each --user NAME adds a person (gen-auth.sh --user),
+# whose credentials are DIR/auth/credentials/NAME.env. stop ends the processes (SIGTERM, then
+# SIGKILL), removes the workspace containers the agent left under DIR/runc, and keeps DIR (logs are
+# there).
 # Used by scripts/demo.sh and by the tests under tests/deploy.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 
-usage() { sed -n '2,14p' "$0" >&2; exit 2; }
+usage() { sed -n '2,16p' "$0" >&2; exit 2; }
 (($# >= 2)) || usage
 CMD=$1
 DIR=$2
@@ -63,12 +66,14 @@ esac
 BIN=$ROOT/build/release
 NODE_ID=demo-node
 AUTH=0
+PEOPLE=()
 HEARTBEAT=2
 while (($#)); do
   case "$1" in
     --bin) BIN=$(cd "$2" && pwd); shift 2 ;;
     --node-id) NODE_ID=$2; shift 2 ;;
     --auth) AUTH=1; shift ;;
+    --user) PEOPLE+=(--user "$2"); shift 2 ;;
     --heartbeat-interval) HEARTBEAT=$2; shift 2 ;;
     *) usage ;;
   esac
@@ -87,7 +92,7 @@ NATS_URL="nats://127.0.0.1:$NATS_PORT"
 NATS_ARGS=(-a 127.0.0.1 -p "$NATS_PORT" -js -sd "$DIR/nats")
 creds() { :; }  # no users: every process connects anonymously
 if ((AUTH)); then
-  "$HERE/../nats/gen-auth.sh" --out "$DIR/auth" "$NODE_ID" >/dev/null
+  "$HERE/../nats/gen-auth.sh" --out "$DIR/auth" "${PEOPLE[@]}" "$NODE_ID" >/dev/null
   # The production file's auth.conf and tls.conf, on a single server (no cluster block).
   printf 'include ./auth.conf\ninclude ./tls.conf\n' >"$DIR/auth/server.conf"
   NATS_ARGS+=(-c "$DIR/auth/server.conf")

@@ -168,14 +168,17 @@ cvmctl_pub() {
   q '$JS.API.STREAM.INFO.CVM_DEAD_LETTERS'; echo -n ", "
   q '$JS.API.STREAM.MSG.GET.CVM_DEAD_LETTERS'; echo -n ", "
   q '$JS.API.STREAM.MSG.GET.CVM_BUILDS'; echo -n ", "
-  # logs: where a workspace lives, then a request to that node's agent.
+  # logs: where a workspace lives (the request to its node's agent is a session_pub subject).
   kv_read cvm_workspaces; echo -n ", "
-  q 'cvm.v1.node.*.console'; echo -n ", "
   q 'cvm.v1.builds.submit'
 }
 
-# Sessions as `name` only: open on any node, input to its own sessions.
-session_pub() { q "cvm.v1.node.*.open.$1"; echo -n ", "; q "cvm.v1.node.*.session.$1.*.in"; }
+# Sessions and console requests as `name` only: open on any node, input to its own sessions, a
+# workspace's console (`cvmctl logs`).
+session_pub() {
+  q "cvm.v1.node.*.open.$1"; echo -n ", "; q "cvm.v1.node.*.session.$1.*.in"; echo -n ", "
+  q "cvm.v1.node.*.console.$1"
+}
 session_sub() { q "_INBOX_$1.>"; echo -n ", "; q "cvm.v1.node.*.session.$1.*.out"; }
 
 agent_pub() {
@@ -236,7 +239,7 @@ TMP=$(mktemp "$OUT/auth.conf.XXXXXX")
   # the broker), and reads the input of its own node's sessions.
   for n in "${NODES[@]}"; do
     user "agent-$n" "$(agent_pub "$n")" \
-      "\"_INBOX_agent-$n.>\", \"cvm.v1.node.$n.console\", \"cvm.v1.node.$n.open.*\", \"cvm.v1.node.$n.session.*.*.in\"" \
+      "\"_INBOX_agent-$n.>\", \"cvm.v1.node.$n.console.*\", \"cvm.v1.node.$n.open.*\", \"cvm.v1.node.$n.session.*.*.in\"" \
       $'\n          allow_responses: { max: 1, expires: "1m" }'
   done
   echo "    ]"

@@ -299,18 +299,31 @@ TEST_F(NatsPermissions, CvmctlSubmitsAndReadsButCannotAssignWork) {
 TEST_F(NatsPermissions, AnAgentAnswersConsoleRequestsForItsOwnNodeOnly) {
   auto agent = connect("agent-n1");
   auto ctl = connect("cvmctl");
-  ASSERT_TRUE(agent && ctl);
-  auto own = agent->subscribe(wire::node_console_subject("n1"), "",
-                              [&](bus::Message m) { (void)agent->publish(m.reply, "log"); });
+  auto alice = connect("alice");
+  ASSERT_TRUE(agent && ctl && alice);
+  std::atomic<int> asked{0};
+  auto own = agent->subscribe(wire::node_console_wildcard("n1"), "", [&](bus::Message m) {
+    ++asked;
+    (void)agent->publish(m.reply, "log for " + m.subject.substr(m.subject.rfind('.') + 1));
+  });
   ASSERT_TRUE(own.ok()) << own.error().message;
   ASSERT_TRUE(agent->flush().ok());
-  auto reply = ctl->request(wire::node_console_subject("n1"), "req", 5s);
+  auto reply = ctl->request(wire::node_console_subject("n1", "cvmctl"), "req", 5s);
   ASSERT_TRUE(reply.ok()) << reply.error().message;
-  EXPECT_EQ(reply->data, "log");
+  EXPECT_EQ(reply->data, "log for cvmctl");
+  reply = alice->request(wire::node_console_subject("n1", "alice"), "req", 5s);
+  ASSERT_TRUE(reply.ok()) << reply.error().message;
+  EXPECT_EQ(reply->data, "log for alice");
+  // The user token is who asks: nobody asks as another, so the agent may judge by it.
+  EXPECT_FALSE(alice->request(wire::node_console_subject("n1", "bob"), "req", 1s).ok());
+  EXPECT_TRUE(refused("alice", "cvm.v1.node.n1.console.bob"));
+  EXPECT_FALSE(ctl->request(wire::node_console_subject("n1", "alice"), "req", 1s).ok());
+  EXPECT_TRUE(refused("cvmctl", "cvm.v1.node.n1.console.alice"));
+  EXPECT_EQ(asked.load(), 2);
   // Another node's console requests are not its to see.
-  auto other = agent->subscribe(wire::node_console_subject("n2"), "", [](bus::Message) {});
+  auto other = agent->subscribe(wire::node_console_wildcard("n2"), "", [](bus::Message) {});
   (void)agent->flush();
-  EXPECT_TRUE(refused("agent-n1", "cvm.v1.node.n2.console"));
+  EXPECT_TRUE(refused("agent-n1", "cvm.v1.node.n2.console.*"));
   // cvmctl finds the node in cvm_workspaces, which it may read but not write.
   auto agent_kv = agent->ensure_kv(service::workspaces_bucket());
   ASSERT_TRUE(agent_kv.ok()) << agent_kv.error().message;

@@ -5,6 +5,9 @@ deploy/local/stack.sh starts NATS with deploy/nats's users and permissions (--au
 services, one node agent and cvm-exporter, each with its own NATS user. Then:
   * cvmctl (as user cvmctl) builds a workspace to RUNNING with real runc, follows it, reads its
     events, lists nodes and GPUs, reads and writes settings, and sees a build fail;
+  * alice builds a workspace of her own and runs processes in it over her session subjects
+    (exit status, stdin/stdout/stderr intact); bob may neither enter it nor read its console,
+    alice may not enter cvmctl's, and cvmctl (an admin) may enter hers;
   * `promtool check metrics` is clean on every /metrics;
   * Prometheus, run with deploy/prometheus/prometheus.yml (intervals shortened to 1 s), has every
     target up, and every query of the Grafana dashboard returns a result;
@@ -208,8 +211,8 @@ def main():
         if not check(r.returncode == 0, "default image built"):
             print(r.stdout, r.stderr)
             return 1
-        r = run([stack, "start", work, "--bin", args.bin, "--auth", "--node-id", "stack-node",
-                 "--heartbeat-interval", "1"], timeout=120)
+        r = run([stack, "start", work, "--bin", args.bin, "--auth", "--user", "alice", "--user", "bob",
+                 "--node-id", "stack-node", "--heartbeat-interval", "1"], timeout=120)
         if not check(r.returncode == 0, "stack started with per-service NATS users"):
             print(r.stdout, r.stderr)
             return 1
@@ -247,6 +250,37 @@ def main():
               and got["settings"]["cvm_enabled"] is True, "settings get -o json shows stored values and defaults")
         r = run(cvmctl + ["settings", "set", "nonsense=1"])
         check(r.returncode == 2 and "settings:" in r.stderr, "settings set of an unknown key is a usage error")
+        # ---- sessions, each person on the subjects of their own NATS user ----
+        def person(name):
+            c = read_env(os.path.join(work, "auth", "credentials", name + ".env"))
+            return cvmctl[:3] + ["--nats-user", c["CVM_NATS_USER"], "--nats-password", c["CVM_NATS_PASSWORD"],
+                                 "--plain"]
+        alice, bob = person("alice"), person("bob")
+        r = run(alice + ["build", "start", "--workspace", "wa", "--build-id", "stack-alice", "--image",
+                         "oci:%s:latest" % image, "--memory", "64Mi", "--watch", "--timeout", "120"])
+        check(r.returncode == 0 and "RUNNING" in r.stdout, "alice builds a workspace of her own\n" + r.stdout + r.stderr)
+        r = run(cvmctl + ["workspaces", "--owner", "alice"])
+        check(r.returncode == 0 and "wa" in r.stdout and "ws1" not in r.stdout, "workspaces --owner alice lists hers\n"
+              + r.stdout + r.stderr)
+        r = run(alice + ["exec", "wa", "--", "sh", "-c", "echo uid=$(id -u); exit 3"], timeout=60)
+        check(r.returncode == 3 and "uid=0" in r.stdout,
+              "her exec runs as the workspace's root and its exit status is cvmctl's\n" + r.stdout + r.stderr)
+        payload = "".join(chr(33 + i % 90) for i in range(300000))
+        r = run(alice + ["exec", "-i", "wa", "--", "sh", "-c", "cat; echo done >&2"], input=payload, timeout=60)
+        check(r.returncode == 0 and r.stdout == payload and "done" in r.stderr,
+              "stdin, stdout and stderr stream through her session intact (%d of %d bytes)" % (len(r.stdout), len(payload)))
+        r = run(bob + ["exec", "wa", "--", "true"], timeout=60)
+        check(r.returncode != 0 and "belongs to alice, not to bob" in r.stderr,
+              "bob may not enter alice's workspace\n" + r.stderr)
+        r = run(bob + ["logs", "wa"], timeout=60)
+        check(r.returncode != 0, "bob may not read its console\n" + r.stdout + r.stderr)
+        r = run(alice + ["exec", "ws1", "--", "true"], timeout=60)
+        check(r.returncode != 0 and "not to alice" in r.stderr, "alice may not enter cvmctl's workspace\n" + r.stderr)
+        r = run(cvmctl + ["exec", "wa", "--", "true"], timeout=60)
+        check(r.returncode == 0, "the operator user cvmctl, an admin, may enter hers\n" + r.stderr)
+        r = run(alice + ["build", "delete", "--workspace", "wa", "--watch", "--timeout", "60"])
+        check(r.returncode == 0 and "STOPPED" in r.stdout, "alice deletes her workspace\n" + r.stdout + r.stderr)
+
         for i in range(2):
             r = run(cvmctl + ["build", "start", "--workspace", "huge%d" % i, "--image", "oci:%s:latest" % image,
                               "--memory", "100Ti", "--watch", "--timeout", "60"])

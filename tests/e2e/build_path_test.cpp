@@ -330,9 +330,9 @@ TEST_F(BuildPath, ServicesSurviveANatsRestart) {
   ASSERT_EQ(del.exit_code, 0) << del.output << logs();
 }
 
-// `cvmctl logs` over the bus: a Debian workspace's systemd boot as its console printed it, the
-// last lines only, a follower that sees new console output and ends when the workspace is deleted,
-// and the log still there after STOP.
+// `cvmctl logs` over the bus: a Debian workspace's systemd boot as its console printed it, to its
+// owner and the admins only, the last lines only, a follower that sees new console output and
+// ends when the workspace is deleted, and the log still there after STOP.
 TEST_F(BuildPath, LogsShowTheConsoleOfADebianWorkspaceAndFollowIt) {
   ASSERT_NO_FATAL_FAILURE(start_debian("deb", "alice"));
   // Listed with its owner; another owner's list leaves it out.
@@ -345,22 +345,35 @@ TEST_F(BuildPath, LogsShowTheConsoleOfADebianWorkspaceAndFollowIt) {
   auto theirs = cvmctl({"workspaces", "--owner", "bob"});
   EXPECT_EQ(theirs.output.find("deb "), std::string::npos) << theirs.output;
 
+  // Her console is hers (and the admins'): logs run as alice.
+  auto as_alice = [&](std::vector<std::string> args) {
+    auto argv = cvmctl_as("alice");
+    argv.insert(argv.end(), args.begin(), args.end());
+    return run_command(argv, 180s);
+  };
   CommandResult all;
   ASSERT_TRUE(wait_until(
       [&] {
-        all = cvmctl({"logs", "deb"});
+        all = as_alice({"logs", "deb"});
         return all.exit_code == 0 && all.output.find("multi-user.target") != std::string::npos;
       },
       90s))
       << all.output << logs();
   EXPECT_NE(all.output.find("Welcome to"), std::string::npos) << all.output;
+  auto bob = shell_as("bob", "$CVMCTL logs deb");
+  EXPECT_EQ(bob.exit_code, 3) << bob.output;
+  EXPECT_NE(bob.output.find("belongs to alice, not to bob"), std::string::npos) << bob.output;
+  EXPECT_EQ(bob.output.find("Welcome to"), std::string::npos) << bob.output;
+  auto admin = shell_as("cvmctl", "$CVMCTL logs deb --tail 1");
+  EXPECT_EQ(admin.exit_code, 0) << admin.output;
 
-  auto tail = cvmctl({"logs", "deb", "--tail", "2"});
+  auto tail = as_alice({"logs", "deb", "--tail", "2"});
   ASSERT_EQ(tail.exit_code, 0) << tail.output;
   EXPECT_EQ(std::count(tail.output.begin(), tail.output.end(), '\n'), 2) << tail.output;
 
-  ChildProcess follower({CVMCTL_BIN, "--nats-url", nats_.url(), "logs", "deb", "-f", "--tail", "0"},
-                        work_ + "/follow.log");
+  auto follow_argv = cvmctl_as("alice");
+  follow_argv.insert(follow_argv.end(), {"logs", "deb", "-f", "--tail", "0"});
+  ChildProcess follower(follow_argv, work_ + "/follow.log");
   const int pid = container_pid("deb");
   ASSERT_GT(pid, 0);
   // Something new on the console, written from outside through the workspace's own /dev/console.
@@ -381,7 +394,7 @@ TEST_F(BuildPath, LogsShowTheConsoleOfADebianWorkspaceAndFollowIt) {
 
   auto stop = cvmctl({"build", "stop", "--workspace", "deb", "--watch", "--timeout", "60"});
   ASSERT_EQ(stop.exit_code, 0) << stop.output << logs();
-  auto after = cvmctl({"logs", "deb"});
+  auto after = as_alice({"logs", "deb"});
   EXPECT_EQ(after.exit_code, 0) << after.output;
   EXPECT_NE(after.output.find("cvm-follow-mark"), std::string::npos) << "gone after STOP";
   EXPECT_TRUE(follower.running()) << "a stopped workspace may start again: keep following";

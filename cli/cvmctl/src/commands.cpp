@@ -382,7 +382,8 @@ int logs_command(const GlobalOptions& global, const LogsOptions& o, std::ostream
     bool caught_up = false;
     std::string held;
     for (;;) {
-      auto answer = conn.request(wire::node_console_subject(node), req.SerializeAsString(), 5s);
+      auto answer = conn.request(wire::node_console_subject(node, session_user(global)),
+                                 req.SerializeAsString(), 5s);
       if (!answer) {
         return unavailable(err, "the agent of node " + node + " does not answer", answer.error(),
                            global);

@@ -8,8 +8,12 @@ std::string node_work_subject(std::string_view node_id) {
   return "cvm.v1.node." + std::string(node_id) + ".work";
 }
 
-std::string node_console_subject(std::string_view node_id) {
-  return "cvm.v1.node." + std::string(node_id) + ".console";
+std::string node_console_subject(std::string_view node_id, std::string_view user) {
+  return "cvm.v1.node." + std::string(node_id) + ".console." + std::string(user);
+}
+
+std::string node_console_wildcard(std::string_view node_id) {
+  return "cvm.v1.node." + std::string(node_id) + ".console.*";
 }
 
 std::string session_open_subject(std::string_view node_id, std::string_view user) {

@@ -250,6 +250,7 @@ Status AgentService::start() {
       lc.network = network_.get();
     }
     lc.lxcfs_dir = config_.lxcfs_dir;
+    lc.seccomp_profile = config_.seccomp_profile;
     launcher_ = std::make_unique<WorkspaceLauncher>(lc, *runtime_, *images_);
   }
   if (config_.tune_sysctls) {
@@ -278,6 +279,18 @@ Status AgentService::start() {
             : "no network: " + network_->ready().error().message;
     runtime_info_.set_detail(runtime_info_.detail().empty() ? net
                                                             : runtime_info_.detail() + "; " + net);
+    // Checked now as well as at each launch: a bad profile is in the node status and the log.
+    std::string filter;
+    if (config_.seccomp_profile == kUnconfined) {
+      filter = "no seccomp filter (unconfined)";
+    } else if (auto profile = workspace_seccomp(config_.seccomp_profile); !profile) {
+      filter = "seccomp profile unusable, every launch fails: " + profile.error().message;
+      spdlog::error("node {}: {}", config_.node_id, filter);
+    } else {
+      filter = "seccomp " + (config_.seccomp_profile.empty() ? std::string("built-in profile")
+                                                             : config_.seccomp_profile);
+    }
+    runtime_info_.set_detail(runtime_info_.detail() + "; " + filter);
   }
   runtime_info_.set_supervisor(true);
   if (auto st = launcher_->prepare(); !st) {
@@ -325,7 +338,7 @@ Status AgentService::start() {
   if (!consumer) return consumer.error();
   consumer_ = std::move(*consumer);
   spdlog::info("node {} consuming {} (durable {})", config_.node_id, cc.filter_subject, cc.durable);
-  auto console = conn_->subscribe(wire::node_console_subject(config_.node_id), "",
+  auto console = conn_->subscribe(wire::node_console_wildcard(config_.node_id), "",
                                   [this](bus::Message m) { answer_console(m); });
   if (!console) return console.error();
   console_sub_ = std::move(*console);
@@ -365,6 +378,14 @@ std::optional<SessionTarget> AgentService::session_target(const std::string& wor
   return t;
 }
 
+session::Access AgentService::console_access(const std::string& user,
+                                             const std::string& workspace_id) const {
+  // A workspace this agent no longer holds (deleted, its log kept) has no owner here: admins only.
+  auto it = workspaces_.find(workspace_id);
+  const std::string owner = it == workspaces_.end() ? std::string() : it->second.record.owner();
+  return session::may_enter(user, owner, config_.session_admins);
+}
+
 void AgentService::answer_console(const bus::Message& msg) {
   if (msg.reply.empty()) return;
   // One reply stays well inside NATS' default 1 MiB payload; a follower asks again.
@@ -372,10 +393,15 @@ void AgentService::answer_console(const bus::Message& msg) {
   constexpr uint32_t kMaxBytes = 512 * 1024;
   cvm::v1::ConsoleLogRequest req;
   cvm::v1::ConsoleLogReply reply;
+  // cvm.v1.node.<node>.console.<user>: the server lets only <user> publish there.
+  const std::string user = msg.subject.substr(msg.subject.rfind('.') + 1);
   if (!req.ParseFromString(msg.data)) {
     reply.set_error("the request is not a cvm.v1.ConsoleLogRequest");
   } else if (!wire::is_valid_id(req.workspace_id())) {
     reply.set_error("invalid workspace id (want [A-Za-z0-9_-], 1..128 characters)");
+  } else if (auto access = console_access(user, req.workspace_id()); !access.allowed) {
+    reply.set_forbidden(true);
+    reply.set_error(access.reason);
   } else {
     const uint32_t max =
         req.max_bytes() == 0 ? kDefaultBytes : std::min(req.max_bytes(), kMaxBytes);

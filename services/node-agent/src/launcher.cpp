@@ -24,6 +24,7 @@
 #include "cvm/agent/gpu_passthrough.h"
 #include "cvm/agent/idmap_mount.h"
 #include "cvm/agent/process.h"
+#include "cvm/agent/seccomp.h"
 #include "cvm/agent/supervisor_spec.h"
 #include "file_util.h"
 
@@ -547,6 +548,28 @@ void WorkspaceLauncher::note_image(const UnpackedImage& image, LaunchOutcome& ou
   }
 }
 
+namespace {}  // namespace
+
+Result<std::optional<nlohmann::json>> workspace_seccomp(const std::string& setting) {
+  if (setting == kUnconfined) return std::optional<nlohmann::json>();
+  if (setting.empty()) {
+    auto built_in = parse_seccomp_profile(default_seccomp_profile());
+    if (!built_in) return built_in.error();
+    return std::optional<nlohmann::json>(std::move(*built_in));
+  }
+  auto text = detail::read_file(setting, 4 << 20);
+  if (!text) {
+    return make_error(ErrorDomain::kInvalid, "seccomp profile " + setting +
+                                                 ": cannot read it (missing, unreadable or over "
+                                                 "4 MiB)");
+  }
+  auto parsed = parse_seccomp_profile(*text);
+  if (!parsed) {
+    return make_error(ErrorDomain::kInvalid, setting + ": " + parsed.error().message);
+  }
+  return std::optional<nlohmann::json>(std::move(*parsed));
+}
+
 namespace {
 
 // The inner (or plain) container's spec, GPUs included.
@@ -569,6 +592,9 @@ Result<SpecInput> workspace_spec(const LauncherConfig& config, const LaunchReque
   in.cpuset = r.cpuset;
   in.tun = r.tun;
   in.fuse = r.fuse;
+  auto seccomp = workspace_seccomp(config.seccomp_profile);
+  if (!seccomp) return seccomp.error();
+  in.seccomp = std::move(*seccomp);
   if (r.cvm) {
     // A machine: systemd as PID 1 with its console, setuid programs (sudo, su) allowed, and the
     // inner Docker's storage on the workspace's own storage (overlay2 cannot stack on the

@@ -99,6 +99,10 @@ int main(int argc, char** argv) {
                  "lxcfs's mount, whose files give workspaces their own /proc/meminfo, ... "
                  "(empty: not used)")
       ->capture_default_str();
+  app.add_option("--seccomp-profile", config.seccomp_profile,
+                 "every workspace's seccomp profile: a file in the OCI linux.seccomp form "
+                 "(deploy/seccomp/workspace.json is the built-in one), or 'unconfined'")
+      ->capture_default_str();
   app.add_option("--tune-sysctls", config.tune_sysctls,
                  "raise fs.inotify limits that would stop systemd workspaces from booting")
       ->capture_default_str();

@@ -209,6 +209,7 @@ nlohmann::json build_runtime_spec(const SpecInput& in) {
   };
   if (!devices.empty()) linux_section["devices"] = std::move(devices);
   if (!in.cgroups_path.empty()) linux_section["cgroupsPath"] = in.cgroups_path;
+  if (in.seccomp) linux_section["seccomp"] = *in.seccomp;
 
   json all_mounts = mounts(in);
   for (const auto& b : in.binds) all_mounts.push_back(bind_mount(b));

@@ -331,8 +331,8 @@ std::vector<int> leftover_session_processes(const std::string& proc_root,
   return out;
 }
 
-std::vector<int> process_descendants(const std::string& proc_root, int root) {
-  std::multimap<int, int> children;  // parent -> child
+ProcessTree read_process_tree(const std::string& proc_root) {
+  ProcessTree children;
   std::error_code ec;
   for (const auto& entry : std::filesystem::directory_iterator(proc_root, ec)) {
     const auto pid = number(entry.path().filename().string());
@@ -347,15 +347,21 @@ std::vector<int> process_descendants(const std::string& proc_root, int root) {
     int ppid = 0;
     if (rest >> state >> ppid) children.emplace(ppid, static_cast<int>(*pid));
   }
+  return children;
+}
+
+std::vector<int> descendants(const ProcessTree& tree, int root) {
   std::vector<int> out;
   std::vector<int> frontier = {root};
   while (!frontier.empty()) {
     std::vector<int> next;
     for (int parent : frontier) {
-      auto [lo, hi] = children.equal_range(parent);
+      auto [lo, hi] = tree.equal_range(parent);
       for (auto it = lo; it != hi; ++it) {
         // A cycle cannot happen in a real /proc, but a bounded walk costs nothing.
-        if (std::find(out.begin(), out.end(), it->second) != out.end()) continue;
+        if (it->second == root || std::find(out.begin(), out.end(), it->second) != out.end()) {
+          continue;
+        }
         out.push_back(it->second);
         next.push_back(it->second);
       }
@@ -365,12 +371,16 @@ std::vector<int> process_descendants(const std::string& proc_root, int root) {
   return out;
 }
 
+std::vector<int> process_descendants(const std::string& proc_root, int root) {
+  return descendants(read_process_tree(proc_root), root);
+}
+
 namespace {
 
 // SIGKILL to `root` and everything below it, collected first, so nothing is reparented away
 // between one kill and the next.
-void kill_tree(int root) {
-  const auto below = process_descendants("/proc", root);
+void kill_tree(int root, const ProcessTree& tree) {
+  const auto below = descendants(tree, root);
   ::kill(root, SIGKILL);
   for (int pid : below) ::kill(pid, SIGKILL);
 }
@@ -428,10 +438,11 @@ SessionServer::~SessionServer() { stop(); }
 
 Status SessionServer::start() {
   leftovers_ = leftover_session_processes("/proc", config_.runc_root);
+  const auto tree = leftovers_.empty() ? ProcessTree{} : read_process_tree("/proc");
   for (int pid : leftovers_) {
     spdlog::info("sessions: hanging up runc exec {}, a session of an agent before this one", pid);
     ::kill(pid, SIGHUP);
-    for (int below : process_descendants("/proc", pid)) ::kill(below, SIGHUP);
+    for (int below : descendants(tree, pid)) ::kill(below, SIGHUP);
   }
   leftover_kill_at_ = Steady::now() + config_.hangup_grace;
   work_.emplace(lane_.get_executor());
@@ -466,7 +477,7 @@ void SessionServer::stop() {
         if (s->pid > 0) std::this_thread::sleep_for(std::chrono::milliseconds{20});
       }
       if (s->pid > 0) {
-        kill_tree(s->pid);
+        kill_tree(s->pid, read_process_tree("/proc"));
         ::waitpid(s->pid, nullptr, 0);
         s->pid = -1;
       }
@@ -568,6 +579,22 @@ struct Spawned {
   detail::Fd pidfd, out, err, in;
 };
 
+// The size the agent asks for its session pipes.
+constexpr size_t kPipeSize = 1 << 20;
+
+// What more `fd` (non-blocking) has at once, read into `buf` up to `room` bytes: a read woken by
+// the first bytes of a burst would otherwise send them alone and the rest a frame later. Stops
+// once it is empty or `buf` full; an end of file or error is left for the next asynchronous read.
+size_t top_up(int fd, char* buf, size_t room) {
+  size_t got = 0;
+  while (got < room) {
+    const ssize_t n = ::read(fd, buf + got, room - got);
+    if (n <= 0) break;
+    got += static_cast<size_t>(n);
+  }
+  return got;
+}
+
 Result<Spawned> spawn(const std::vector<std::string>& argv, bool tty, uint32_t rows,
                       uint32_t cols) {
   std::vector<char*> args;
@@ -631,6 +658,12 @@ Result<Spawned> spawn(const std::vector<std::string>& argv, bool tty, uint32_t r
     if (::pipe2(p, O_CLOEXEC) != 0) return sys_error("pipe", errno);
     s.err = detail::Fd(p[0]);
     child_err = detail::Fd(p[1]);
+    // A pipe holds 64 KiB by default: a stream then crosses the bus in frames of that size or
+    // less, each with its own fixed cost. Room for a few whole frames lets each read take one.
+    // Best effort: a node's pipe-max-size may be lower, and a smaller pipe only costs speed.
+    for (int fd : {s.in.get(), s.out.get(), s.err.get()}) {
+      (void)::fcntl(fd, F_SETPIPE_SZ, static_cast<int>(kPipeSize));
+    }
     ::posix_spawn_file_actions_adddup2(&actions, child_in.get(), 0);
     ::posix_spawn_file_actions_adddup2(&actions, child_out.get(), 1);
     ::posix_spawn_file_actions_adddup2(&actions, child_err.get(), 2);
@@ -707,8 +740,10 @@ void SessionServer::open_on_lane(SessionOpen open, std::string user, std::string
   s->out.assign(spawned->out.release());
   s->in.assign(spawned->in.release());
   s->exit_watch.assign(spawned->pidfd.release());
+  s->out.non_blocking(true);  // top_up() reads it directly
   if (!s->tty) {
     s->err.assign(spawned->err.release());
+    s->err.non_blocking(true);
     s->err_eof = false;
   }
   spdlog::info("sessions: {} opened {} in workspace {} ({}{})", user, open.session_id(),
@@ -742,6 +777,7 @@ void SessionServer::open_port_on_lane(SessionOpen open, const std::string& user,
   auto s = new_session(open, user);
   s->socket = true;
   s->out.assign(*fd);
+  s->out.non_blocking(true);  // top_up() reads it directly
   s->in.assign(dup);
   spdlog::info("sessions: {} opened {} to port {} of workspace {}", user, open.session_id(),
                open.port(), open.workspace_id());
@@ -776,42 +812,44 @@ void SessionServer::read_output(const std::shared_ptr<Session>& s, bool errors) 
   reading = true;
   auto& desc = errors ? s->err : s->out;
   auto& buf = errors ? s->err_buf : s->out_buf;
-  desc.async_read_some(asio::buffer(buf.data(), n),
-                       [this, s, errors, reserve](const boost::system::error_code& ec, size_t got) {
-                         bool& reading = errors ? s->err_reading : s->out_reading;
-                         bool& eof = errors ? s->err_eof : s->out_eof;
-                         reading = false;
-                         s->reserved -= reserve;
-                         // A pty master reads EIO once every holder of the slave is gone: that is
-                         // its end of file.
-                         if (ec || got == 0) {
-                           eof = true;
-                           boost::system::error_code ignored;
-                           (errors ? s->err : s->out).close(ignored);
-                           if (s->socket) {
-                             // The workspace's side closed the connection: nothing more comes.
-                             s->exited = true;
-                             s->drain_until = Steady::now();
-                           }
-                           maybe_finish(s);
-                           return;
-                         }
-                         if (s->ended) return read_output(s, errors);
-                         SessionFrame f;
-                         auto& buf = errors ? s->err_buf : s->out_buf;
-                         if (errors) {
-                           f.set_error_output(buf.data(), got);
-                         } else {
-                           f.set_output(buf.data(), got);
-                         }
-                         s->last_data = Steady::now();
-                         {
-                           std::lock_guard lock(counters_mu_);
-                           counters_.bytes_out += got;
-                         }
-                         send(s, std::move(f));
-                         read_output(s, errors);
-                       });
+  desc.async_read_some(
+      asio::buffer(buf.data(), n),
+      [this, s, errors, reserve, n](const boost::system::error_code& ec, size_t got) {
+        bool& reading = errors ? s->err_reading : s->out_reading;
+        bool& eof = errors ? s->err_eof : s->out_eof;
+        reading = false;
+        s->reserved -= reserve;
+        // A pty master reads EIO once every holder of the slave is gone: that is
+        // its end of file.
+        if (ec || got == 0) {
+          eof = true;
+          boost::system::error_code ignored;
+          (errors ? s->err : s->out).close(ignored);
+          if (s->socket) {
+            // The workspace's side closed the connection: nothing more comes.
+            s->exited = true;
+            s->drain_until = Steady::now();
+          }
+          maybe_finish(s);
+          return;
+        }
+        if (s->ended) return read_output(s, errors);
+        auto& buf = errors ? s->err_buf : s->out_buf;
+        got += top_up((errors ? s->err : s->out).native_handle(), buf.data() + got, n - got);
+        SessionFrame f;
+        if (errors) {
+          f.set_error_output(buf.data(), got);
+        } else {
+          f.set_output(buf.data(), got);
+        }
+        s->last_data = Steady::now();
+        {
+          std::lock_guard lock(counters_mu_);
+          counters_.bytes_out += got;
+        }
+        send(s, std::move(f));
+        read_output(s, errors);
+      });
 }
 
 void SessionServer::write_input(const std::shared_ptr<Session>& s) {
@@ -999,12 +1037,13 @@ void SessionServer::tick() {
   if (!leftovers_.empty() && now >= leftover_kill_at_) {
     // Only what is still a runc exec of this root: a pid that ended may have been reused.
     const auto still = leftover_session_processes("/proc", config_.runc_root);
+    const auto tree = read_process_tree("/proc");
     for (int pid : leftovers_) {
       if (std::find(still.begin(), still.end(), pid) == still.end()) continue;
       spdlog::info(
           "sessions: runc exec {} of an agent before this one outlived its hangup; killing it",
           pid);
-      kill_tree(pid);
+      kill_tree(pid, tree);
     }
     leftovers_.clear();
   }
@@ -1021,7 +1060,7 @@ void SessionServer::tick() {
     if (s->kill_at && now >= *s->kill_at && s->pid > 0) {
       spdlog::info("sessions: {}: still running {} s after the hangup; killing it", s->key,
                    std::chrono::duration_cast<std::chrono::seconds>(config_.hangup_grace).count());
-      kill_tree(s->pid);
+      kill_tree(s->pid, read_process_tree("/proc"));
       s->kill_at.reset();
       continue;
     }

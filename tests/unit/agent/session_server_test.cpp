@@ -199,5 +199,13 @@ TEST(SessionTree, EveryDescendantParentsFirstAndNothingElse) {
   fs::remove_all(proc);
 }
 
+TEST(SessionTree, AWalkEndsOnACycleAndNeverNamesTheRoot) {
+  // Not a real /proc (a pid cannot be its own ancestor), but the walk must still end.
+  const ProcessTree tree = {{1, 2}, {2, 3}, {3, 1}, {3, 4}, {4, 4}};
+  EXPECT_EQ(descendants(tree, 1), (std::vector<int>{2, 3, 4}));
+  EXPECT_EQ(descendants(tree, 4), (std::vector<int>{}));
+  EXPECT_TRUE(descendants({}, 1).empty());
+}
+
 }  // namespace
 }  // namespace cvm::agent

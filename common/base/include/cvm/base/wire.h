@@ -35,9 +35,12 @@ inline constexpr std::string_view kBrokerQueue = "gpu-broker";
 // cvm.v1.node.<node_id>.work
 std::string node_work_subject(std::string_view node_id);
 inline constexpr std::string_view kNodeWorkWildcard = "cvm.v1.node.*.work";
-// cvm.v1.node.<node_id>.console: request-reply (ConsoleLogRequest/Reply), answered by the node's
-// agent; not captured by any stream.
-std::string node_console_subject(std::string_view node_id);
+// cvm.v1.node.<node_id>.console.<user>: request-reply (ConsoleLogRequest/Reply), answered by the
+// node's agent; not captured by any stream. The user token is pinned as on the session subjects:
+// the agent answers the workspace's owner and the admins only.
+std::string node_console_subject(std::string_view node_id, std::string_view user);
+// What an agent subscribes to: every user's console requests on its node.
+std::string node_console_wildcard(std::string_view node_id);
 // Sessions (session.proto). The user token is pinned by the server's permissions
 // (deploy/nats/gen-auth.sh), so an agent takes it as who asks.
 // cvm.v1.node.<node_id>.open.<user>: request SessionOpen, reply SessionOpened.

@@ -87,6 +87,8 @@ struct AgentConfig {
   NetworkConfig network;
   // lxcfs's mount (the node's lxcfs.service); empty: not used.
   std::string lxcfs_dir = "/var/lib/lxcfs";
+  // Every workspace's seccomp profile (LauncherConfig::seccomp_profile): empty, the built-in one.
+  std::string seccomp_profile;
   // Raise the kernel limits systemd workspaces need (node_tuning.h) at start.
   bool tune_sysctls = true;
   // exec/shell sessions (session_server.h): who may enter every workspace, and the limits.
@@ -149,8 +151,11 @@ class AgentService {
   };
 
   void on_work(const bus::JsMessagePtr& msg);
-  // A ConsoleLogRequest on the node's console subject: a piece of a workspace's console log.
+  // A ConsoleLogRequest on the node's console subject: a piece of a workspace's console log, for
+  // its owner and the admins (console_access).
   void answer_console(const bus::Message& msg);
+  [[nodiscard]] session::Access console_access(const std::string& user,
+                                               const std::string& workspace_id) const;
   void handle_start(const cvm::v1::NodeAssignment& a, const bus::JsMessagePtr& msg);
   void handle_stop(const cvm::v1::NodeAssignment& a, const bus::JsMessagePtr& msg, bool remove);
   // On the worker thread; withdrawn (nothing started) when the build moved, checked right before

@@ -19,6 +19,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "cvm/agent/id_range.h"
@@ -55,7 +56,16 @@ struct LauncherConfig {
   // Where lxcfs is mounted (Debian's lxcfs.service: /var/lib/lxcfs); empty: not used. Looked at
   // at each launch: without it, the workspace runs and its build's warnings say so.
   std::string lxcfs_dir;
+  // Every workspace's seccomp profile (seccomp.h): empty, the built-in one; kUnconfined, none; else
+  // a file, read at each launch, so that a replaced profile applies to the next workspace. A
+  // profile that cannot be read or checked fails the launch with the reason.
+  std::string seccomp_profile;
 };
+inline constexpr std::string_view kUnconfined = "unconfined";
+
+// The linux.seccomp object `setting` (LauncherConfig::seccomp_profile) names; nullopt for
+// kUnconfined.
+[[nodiscard]] Result<std::optional<nlohmann::json>> workspace_seccomp(const std::string& setting);
 
 struct AssignedGpu {
   uint32_t minor = 0;

@@ -103,6 +103,8 @@ struct SpecInput {
   std::vector<BindMount> binds;     // after the standard mounts (GPU driver libraries)
 
   std::map<std::string, std::string> annotations;
+  // linux.seccomp (parse_seccomp_profile); nullopt: no filter.
+  std::optional<nlohmann::json> seccomp;
 };
 
 // CFS quota for `millicores` over `period_us` (1000 m = one CPU = a full period); 0 means no

@@ -84,10 +84,15 @@ struct ExecPlan {
 [[nodiscard]] std::vector<int> leftover_session_processes(const std::string& proc_root,
                                                           const std::string& runc_root);
 
-// Every descendant of `root` under `proc_root` (/proc), by the parent each process's stat names,
-// parents before their children; `root` itself is not in it. A session's process and whatever it
-// started that still hangs below the runc chain (runc exec is a child subreaper, so orphans land on
-// it) are all descendants of the outer runc.
+// Each process under `proc_root` (/proc) by its parent, as its stat names it: parent -> child.
+using ProcessTree = std::multimap<int, int>;
+[[nodiscard]] ProcessTree read_process_tree(const std::string& proc_root);
+
+// Every descendant of `root` in `tree`, parents before their children; `root` itself is not in
+// it. A session's process and whatever it started that still hangs below the runc chain (runc exec
+// is a child subreaper, so orphans land on it) are all descendants of the outer runc. Pure.
+[[nodiscard]] std::vector<int> descendants(const ProcessTree& tree, int root);
+// descendants() of a tree read from `proc_root` now.
 [[nodiscard]] std::vector<int> process_descendants(const std::string& proc_root, int root);
 
 // A workspace a session may enter, as the agent knows it.
