@@ -23,6 +23,7 @@
 #include <sstream>
 #include <thread>
 
+#include "cvm/agent/capabilities.h"
 #include "cvm/agent/host_probe.h"
 #include "cvm/agent/id_range.h"
 #include "cvm/agent/image.h"
@@ -257,6 +258,13 @@ TEST_F(MachineTest, ASyscallFilterDeniesTheKernelsAttackSurfaceAndKeepsTheMachin
   const std::string status = sh("grep -E '^(Seccomp|NoNewPrivs):' /proc/1/status");
   EXPECT_NE(status.find("Seccomp:\t2"), std::string::npos) << status;
   EXPECT_NE(status.find("NoNewPrivs:\t0"), std::string::npos) << status;
+  // The capabilities a workspace never needs are out of its bounding set (CAP_SYS_TIME is 25,
+  // CAP_SYS_MODULE 16); CAP_SYS_ADMIN (21) is in, in its own user namespace.
+  auto bounding = parse_status_cap_mask(sh("cat /proc/1/status"));
+  ASSERT_TRUE(bounding.ok());
+  EXPECT_EQ((*bounding >> 25) & 1, 0u);
+  EXPECT_EQ((*bounding >> 16) & 1, 0u);
+  EXPECT_EQ((*bounding >> 21) & 1, 1u);
 
   // x86_64 numbers; each call's errno (0: it succeeded). Written into the workspace from the node.
   std::ofstream("/proc/" + std::to_string(inner_) + "/root/root/probe.pl")

@@ -128,8 +128,25 @@ std::vector<std::string> docker_default_capabilities() {
           "CAP_KILL",    "CAP_AUDIT_WRITE"};
 }
 
+std::vector<std::string> never_in_a_workspace() {
+  return {
+      "CAP_SYS_MODULE",                          // the node's kernel (init_module is filtered too)
+      "CAP_SYS_RAWIO",                           // I/O ports and raw devices (iopl is filtered too)
+      "CAP_SYS_TIME",                            // the node's clock (timesyncd then skips itself)
+      "CAP_SYS_PACCT",                           // process accounting (acct is filtered too)
+      "CAP_WAKE_ALARM",    "CAP_BLOCK_SUSPEND",  // the node's power management
+      "CAP_MAC_ADMIN",     "CAP_MAC_OVERRIDE",   // the node's LSM policy
+      "CAP_SYSLOG",                              // the kernel log (syslog is filtered too)
+      "CAP_AUDIT_CONTROL",                       // the node's audit rules
+      "CAP_BPF",           "CAP_PERFMON",        // bpf and perf_event_open are filtered
+  };
+}
+
 std::vector<std::string> system_container_capabilities() {
-  return capability_names_from_mask(~uint64_t{0});
+  uint64_t mask = ~uint64_t{0};
+  for (const auto& name : never_in_a_workspace())
+    mask &= ~(uint64_t{1} << *capability_number(name));
+  return capability_names_from_mask(mask);
 }
 
 }  // namespace cvm::agent

@@ -137,6 +137,10 @@ Status SchedulerService::start() {
   if (!placements) return placements.error();
   workspaces_ = std::move(*workspaces);
   placements_ = std::move(*placements);
+  // A handle of its own: `nodes` serves the watch below.
+  auto nodes_reader = conn_->ensure_kv(service::nodes_bucket());
+  if (!nodes_reader) return nodes_reader.error();
+  nodes_kv_.emplace(std::move(*nodes_reader));
 
   auto nw = nodes->watch(">", [this](std::optional<bus::KvEntry> e) {
     nodes_seen_ = std::chrono::steady_clock::now();
@@ -1042,6 +1046,28 @@ void SchedulerService::handle_transition(const cvm::v1::BuildRequest& req,
   if (!record->has_value() || !ws.ParseFromString((*record)->value) || ws.node_id().empty()) {
     return fail(req, cvm::v1::WORKSPACE_NOT_FOUND,
                 "workspace " + req.workspace_id() + " is not known to any node", msg);
+  }
+  // An order goes only to a node that registered and is not lost: one for any other node would
+  // wait for nobody while the workspace, wherever it really is, keeps running.
+  if (index_.find(ws.node_id()) == nullptr) {
+    // The node watch may not have delivered every node yet: the node's own report in KV decides.
+    auto entry = nodes_kv_->get(ws.node_id());
+    if (!entry) return retry_later(msg, "cannot read cvm_nodes: " + entry.error().message);
+    cvm::v1::NodeStatus status;
+    if (!entry->has_value() || !status.ParseFromString((*entry)->value) ||
+        status.node_id() != ws.node_id()) {
+      return fail(req, cvm::v1::WORKSPACE_NOT_FOUND,
+                  "workspace " + req.workspace_id() + " is recorded on node " + ws.node_id() +
+                      ", which has never registered (no NodeStatus in cvm_nodes)",
+                  msg);
+    }
+    take_status(status, (*entry)->revision);
+  }
+  if (liveness_.is_lost(ws.node_id())) {
+    return fail(req, cvm::v1::NODE_LOST,
+                "workspace " + req.workspace_id() + " is on node " + ws.node_id() +
+                    ", which is lost (no heartbeat): no agent would take the order",
+                msg);
   }
   cvm::v1::NodeAssignment a;
   *a.mutable_request() = req;

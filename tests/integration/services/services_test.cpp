@@ -246,6 +246,66 @@ TEST_F(Services, StopOfAnUnknownWorkspaceFails) {
   EXPECT_EQ(e->reason(), cvm::v1::WORKSPACE_NOT_FOUND);
 }
 
+// An order for an existing workspace goes only to a node that registered: a record naming any
+// other node fails the build at once (an order there would wait for nobody), while the same order
+// for a registered node is sent.
+TEST_F(Services, AnOrderForAWorkspaceOnANodeThatNeverRegisteredFailsAtOnce) {
+  auto workspaces = client_->ensure_kv(service::workspaces_bucket());
+  ASSERT_TRUE(workspaces.ok());
+  cvm::v1::WorkspaceRecord rec;
+  rec.set_workspace_id("moved");
+  rec.set_node_id("ghost-node");
+  rec.set_phase(cvm::v1::RUNNING);
+  ASSERT_TRUE(workspaces->put("moved", rec.SerializeAsString()).ok());
+  auto r = request("stop-ghost", "moved");
+  r.set_transition(cvm::v1::STOP);
+  submit(r);
+  auto e = wait_event("stop-ghost", {cvm::v1::FAILED, cvm::v1::SCHEDULED});
+  ASSERT_TRUE(e.has_value());
+  EXPECT_EQ(e->phase(), cvm::v1::FAILED);
+  EXPECT_EQ(e->reason(), cvm::v1::WORKSPACE_NOT_FOUND);
+  EXPECT_NE(e->message().find("ghost-node, which has never registered"), std::string::npos)
+      << e->message();
+
+  // Registered: the scheduler finds its report in KV even before its watch shows it.
+  put_node(node("real-node", clock_.now_unix_ms()));
+  rec.set_node_id("real-node");
+  ASSERT_TRUE(workspaces->put("moved", rec.SerializeAsString()).ok());
+  auto again = request("stop-real", "moved");
+  again.set_transition(cvm::v1::STOP);
+  submit(again);
+  e = wait_event("stop-real", {cvm::v1::FAILED, cvm::v1::SCHEDULED});
+  ASSERT_TRUE(e.has_value());
+  EXPECT_EQ(e->phase(), cvm::v1::SCHEDULED) << e->message();
+  EXPECT_EQ(e->node_id(), "real-node");
+}
+
+// ... and not to a node the scheduler declared lost (no heartbeat for the TTL).
+TEST_F(Services, AnOrderForAWorkspaceOnALostNodeFailsAtOnce) {
+  put_node(node("dead-node", clock_.now_unix_ms() - 60'000));
+  auto workspaces = client_->ensure_kv(service::workspaces_bucket());
+  ASSERT_TRUE(workspaces.ok());
+  cvm::v1::WorkspaceRecord rec;
+  rec.set_workspace_id("stranded");
+  rec.set_node_id("dead-node");
+  rec.set_phase(cvm::v1::RUNNING);
+  ASSERT_TRUE(workspaces->put("stranded", rec.SerializeAsString()).ok());
+  std::optional<cvm::v1::BuildEvent> e;
+  for (int i = 0; i < 20; ++i) {  // until the liveness sweep (every second) declared it lost
+    const std::string id = "stop-dead" + std::to_string(i);
+    auto r = request(id, "stranded");
+    r.set_transition(cvm::v1::STOP);
+    submit(r);
+    e = wait_event(id, {cvm::v1::FAILED, cvm::v1::SCHEDULED});
+    ASSERT_TRUE(e.has_value());
+    if (e->phase() == cvm::v1::FAILED) break;
+    std::this_thread::sleep_for(500ms);
+  }
+  EXPECT_EQ(e->phase(), cvm::v1::FAILED);
+  EXPECT_EQ(e->reason(), cvm::v1::NODE_LOST);
+  EXPECT_NE(e->message().find("dead-node, which is lost"), std::string::npos) << e->message();
+}
+
 TEST_F(Services, GpuBuildsGetLeasesAndNoGpuIsLeasedTwice) {
   auto n = node("gpu-node", clock_.now_unix_ms());
   for (int i = 0; i < 2; ++i) {

@@ -36,8 +36,13 @@ inline constexpr int kLastCapability = 40;
 
 // Docker's default set: what a plain (non-CVM) workspace container gets.
 [[nodiscard]] std::vector<std::string> docker_default_capabilities();
-// Every known capability: what Sysbox gives root of a system container. They are held inside the
-// container's own user namespace, so they reach only what that namespace owns.
+// Capabilities a workspace never needs: they act on the node (its kernel, clock, power, LSM and
+// audit policy, kernel log) or on calls the seccomp profile denies anyway. Dropped even though a
+// user namespace's capabilities reach only what it owns: one less thing a kernel bug can use.
+[[nodiscard]] std::vector<std::string> never_in_a_workspace();
+// What root of a CVM's inner container holds: every known capability (as Sysbox gives a system
+// container) less never_in_a_workspace(). Held inside the container's own user namespace, so
+// they reach only what that namespace owns.
 [[nodiscard]] std::vector<std::string> system_container_capabilities();
 
 }  // namespace cvm::agent

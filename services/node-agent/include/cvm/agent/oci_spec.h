@@ -56,7 +56,7 @@ struct DeviceNode {
 [[nodiscard]] DeviceNode fuse_device();
 
 enum class CapabilityProfile {
-  kSystemContainer,  // every capability, held inside the container's user namespace (CVMs)
+  kSystemContainer,  // system_container_capabilities(), held in the container's user namespace
   kDocker,           // Docker's default set (plain containers)
 };
 

@@ -281,6 +281,7 @@ class SchedulerService {
   std::unordered_map<std::string, std::vector<cvm::v1::GpuLease>> leases_;
   std::optional<cvm::v1::InfrastructureSettings> settings_;
   std::optional<bus::KeyValue> workspaces_;
+  std::optional<bus::KeyValue> nodes_kv_;  // a node's own report, when the watch has not shown it
   std::optional<bus::KeyValue> capacity_;
   std::optional<bus::KeyValue> placements_;
   std::unique_ptr<bus::KvWatch> nodes_watch_;
