@@ -39,6 +39,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <memory>
 #include <sstream>
@@ -552,6 +553,13 @@ int main(int argc, char** argv) {
   }
 
   (void)run_command(ctl({"build", "delete", "--workspace", ws, "--watch", "--timeout", "60"}), 90s);
+  // How the streams were cut into frames (the agent's closing line of each session), for stderr.
+  {
+    std::ifstream log(work + "/agent.log");
+    for (std::string line; std::getline(log, line);) {
+      if (line.find(" closed (exit ") != std::string::npos) std::cerr << line << "\n";
+    }
+  }
   agent->stop();
   scheduler->stop();
   broker->stop();

@@ -466,6 +466,11 @@ LaunchOutcome WorkspaceLauncher::launch(const LaunchRequest& r,
     return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, st.error().message, std::move(out));
   }
   make_dir(dir);
+  // Before anything starts (the supervisor, the STARTING event): a workspace never runs without
+  // the filter it was meant to have.
+  if (auto seccomp = workspace_seccomp(config_.seccomp_profile); !seccomp) {
+    return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, seccomp.error().message, std::move(out));
+  }
   if (r.cvm && !prepared_) {
     if (auto st = prepare(); !st) {
       return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR,

@@ -417,7 +417,8 @@ struct SessionServer::Session {
   std::array<char, session::kMaxChunk> err_buf{};
   bool out_reading = false, err_reading = false;
   bool out_eof = false, err_eof = true;
-  uint64_t reserved = 0;  // window promised to reads in flight
+  uint64_t reserved = 0;                 // window promised to reads in flight
+  uint64_t bytes_out = 0, bytes_in = 0;  // data of this session, for its closing log line
 
   std::deque<std::string> to_write;
   bool writing = false;
@@ -846,6 +847,7 @@ void SessionServer::read_output(const std::shared_ptr<Session>& s, bool errors) 
         {
           std::lock_guard lock(counters_mu_);
           counters_.bytes_out += got;
+          s->bytes_out += got;
         }
         send(s, std::move(f));
         read_output(s, errors);
@@ -921,6 +923,7 @@ void SessionServer::on_frame(const bus::Message& msg) {
       {
         std::lock_guard lock(counters_mu_);
         counters_.bytes_in += f.input().size();
+        s->bytes_in += f.input().size();
       }
       s->to_write.push_back(std::move(*f.mutable_input()));
       write_input(s);
@@ -1027,6 +1030,9 @@ void SessionServer::maybe_finish(const std::shared_ptr<Session>& s) {
   s->out.close(ignored);
   s->err.close(ignored);
   s->in.close(ignored);
+  spdlog::info("sessions: {} closed (exit {}): {} bytes out in {} frames, {} bytes in in {} frames",
+               s->key, s->exit_code, s->bytes_out, s->fc.sent_frames(), s->bytes_in,
+               s->fc.received_frames());
   sessions_.erase(s->key);
   std::lock_guard lock(counters_mu_);
   counters_.open = static_cast<int>(sessions_.size());

@@ -483,6 +483,31 @@ TEST_F(CvmLaunchTest, RuntimeErrorCarriesTheRuntimesMessageAndLeavesNothing) {
   EXPECT_FALSE(fs::exists(launcher_->workspace_dir(r.workspace_id)));
 }
 
+// A seccomp profile the agent cannot use fails the launch with the file and the mistake, before
+// any runtime call: no workspace starts unfiltered, and nothing is left.
+TEST_F(CvmLaunchTest, AnUnusableSeccompProfileFailsTheLaunchWithItsReason) {
+  const std::string profile = work_ + "/bad-seccomp.json";
+  std::ofstream(profile) << R"({"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+      {"names": ["read"], "action": "SCMP_ACT_ALOW"}]})";
+  LauncherConfig c = config_;
+  c.seccomp_profile = profile;
+  launcher_ = std::make_unique<WorkspaceLauncher>(c, *runtime_, *images_);
+  for (bool cvm : {true, false}) {
+    auto r = request(cvm ? "badseccomp" : "badseccomp-plain");
+    r.cvm = cvm;
+    const auto out = launch(r);
+    ASSERT_FALSE(out.ok);
+    EXPECT_EQ(out.reason, cvm::v1::RUNTIME_ERROR);
+    EXPECT_NE(out.message.find(profile + ": seccomp profile: syscalls[0]: unknown action"),
+              std::string::npos)
+        << out.message;
+    EXPECT_FALSE(starting_) << "the runtime was called with a profile that was refused";
+    auto listed = runtime_->list();
+    ASSERT_TRUE(listed.ok());
+    EXPECT_TRUE(listed->empty());
+  }
+}
+
 TEST_F(CvmLaunchTest, MissingImageIsImageUnavailableWithTheToolsMessage) {
   auto r = request("noimage", "does-not-exist");
   const auto out = launch(r);
