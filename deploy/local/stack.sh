@@ -89,12 +89,17 @@ chmod 0755 "$DIR"
 
 NATS_PORT=$(free_port)
 NATS_URL="nats://127.0.0.1:$NATS_PORT"
-NATS_ARGS=(-a 127.0.0.1 -p "$NATS_PORT" -js -sd "$DIR/nats")
+NATS_ARGS=(-a 127.0.0.1 -p "$NATS_PORT")
 creds() { :; }  # no users: every process connects anonymously
-if ((AUTH)); then
+if ((AUTH == 0)); then
+  NATS_ARGS+=(-js -sd "$DIR/nats")
+else
   "$HERE/../nats/gen-auth.sh" --out "$DIR/auth" "${PEOPLE[@]}" "$NODE_ID" >/dev/null
-  # The production file's auth.conf and tls.conf, on a single server (no cluster block).
-  printf 'include ./auth.conf\ninclude ./tls.conf\n' >"$DIR/auth/server.conf"
+  # The production file's auth.conf and tls.conf, on a single server (no cluster block). JetStream
+  # is in the file too, not only a flag: a reload (SIGHUP, after gen-auth.sh added a node) takes
+  # the file as the whole truth and would turn it off.
+  printf 'include ./auth.conf\ninclude ./tls.conf\njetstream { store_dir: "%s" }\n' "$DIR/nats" \
+    >"$DIR/auth/server.conf"
   NATS_ARGS+=(-c "$DIR/auth/server.conf")
   creds() {  # user -> its CVM_NATS_USER/CVM_NATS_PASSWORD as flags
     # shellcheck disable=SC1090

@@ -147,12 +147,19 @@ broker_pub() {
   q 'cvm.v1.builds.*.events'
 }
 
+# The backlog of each consumer of a stream, and nothing else of it: no message, no consumer of
+# its own to read them with, and no CONSUMER.DELETE (which would stop the scheduler's durable).
+consumer_backlogs() {
+  q "\$JS.API.STREAM.INFO.$1"; echo -n ", "
+  q "\$JS.API.CONSUMER.LIST.$1"
+}
+
 exporter_pub() {
   echo -n "$COMMON, "
   kv_read cvm_nodes; echo -n ", "
   kv_read cvm_gpu_leases; echo -n ", "
-  stream_read CVM_BUILDS; echo -n ", "
-  stream_read CVM_NODE_WORK
+  consumer_backlogs CVM_BUILDS; echo -n ", "
+  consumer_backlogs CVM_NODE_WORK
 }
 
 cvmctl_pub() {
@@ -184,8 +191,10 @@ session_sub() { q "_INBOX_$1.>"; echo -n ", "; q "cvm.v1.node.*.session.$1.*.out
 agent_pub() {
   local n=$1
   echo -n "$COMMON, "
-  stream_own CVM_NODE_WORK | sed 's/, "$JS.API.STREAM.UPDATE[^"]*"//'; echo -n ", "
-  stream_own CVM_EVENTS | sed 's/, "$JS.API.STREAM.UPDATE[^"]*"//'; echo -n ", "
+  # The streams it uses, made by the scheduler (an agent that starts first retries until they are
+  # there): never created by an agent, which could otherwise give one any retention.
+  q '$JS.API.STREAM.INFO.CVM_NODE_WORK'; echo -n ", "
+  q '$JS.API.STREAM.INFO.CVM_EVENTS'; echo -n ", "
   kv_read cvm_nodes; echo -n ", "
   kv_read cvm_workspaces; echo -n ", "
   # Its own work only: the durable's name and its filter are both in the subject.

@@ -5,6 +5,7 @@
 // stream. The services' end-to-end run with these users is tests/deploy/stack_test.py.
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <filesystem>
@@ -216,6 +217,58 @@ TEST_F(NatsPermissions, AnAgentCannotDeleteOrPurgeAStream) {
   ASSERT_TRUE(state.ok()) << state.error().message;
   EXPECT_EQ(state->messages, 1u);
   EXPECT_TRUE(scheduler_->stream_state(std::string(wire::kStreamEvents)).ok());
+}
+
+// The streams are the scheduler's: an agent can use them but never make one (it could give it any
+// retention when it is absent).
+TEST_F(NatsPermissions, AnAgentCannotCreateAStream) {
+  auto agent = connect("agent-n1");
+  ASSERT_TRUE(agent);
+  for (const std::string api :
+       {"$JS.API.STREAM.CREATE.CVM_EVENTS", "$JS.API.STREAM.CREATE.CVM_NODE_WORK"}) {
+    auto reply = agent->request(api, R"({"name":"x","subjects":["x"],"max_msgs":1})", 1s);
+    EXPECT_FALSE(reply.ok() && reply->data.find("\"error\"") == std::string::npos) << api;
+  }
+  EXPECT_TRUE(refused("agent-n1", "STREAM.CREATE.CVM_EVENTS"));
+  EXPECT_TRUE(refused("agent-n1", "STREAM.CREATE.CVM_NODE_WORK"));
+  // Made by the scheduler, they are the agent's to use.
+  EXPECT_TRUE(agent->ensure_stream(service::events_stream()).ok());
+  EXPECT_TRUE(agent->ensure_stream(service::node_work_stream()).ok());
+}
+
+// The monitoring user reads backlogs and node and GPU state, and can change nothing: it cannot
+// delete the scheduler's consumer (which would stop placements) nor read a build or an assignment.
+TEST_F(NatsPermissions, TheExporterReadsBacklogsButNoMessagesAndDeletesNothing) {
+  // The scheduler's durable, as the scheduler makes it.
+  auto consumer = scheduler_->pull_consume({.stream = std::string(wire::kStreamBuilds),
+                                            .durable = std::string(wire::kSchedulerDurable),
+                                            .filter_subject = std::string(wire::kBuildsSubmit)},
+                                           [](bus::JsMessagePtr m) { (void)m->ack(); });
+  ASSERT_TRUE(consumer.ok()) << consumer.error().message;
+  const auto has_scheduler = [](const Result<std::vector<bus::ConsumerState>>& states) {
+    return states.ok() && std::any_of(states->begin(), states->end(), [](const auto& c) {
+             return c.name == wire::kSchedulerDurable;
+           });
+  };
+  auto exporter = connect("exporter");
+  ASSERT_TRUE(exporter);
+  auto backlogs = exporter->consumer_states(std::string(wire::kStreamBuilds));
+  ASSERT_TRUE(backlogs.ok()) << backlogs.error().message;
+  EXPECT_TRUE(has_scheduler(backlogs));
+  EXPECT_TRUE(exporter->consumer_states(std::string(wire::kStreamNodeWork)).ok());
+  publish_work("n1", "an assignment");
+  auto del = exporter->request("$JS.API.CONSUMER.DELETE.CVM_BUILDS.scheduler", "", 1s);
+  EXPECT_FALSE(del.ok() && del->data.find("\"success\":true") != std::string::npos);
+  EXPECT_TRUE(refused("exporter", "CONSUMER.DELETE.CVM_BUILDS.scheduler"));
+  for (const std::string stream : {"CVM_BUILDS", "CVM_NODE_WORK"}) {
+    auto got = exporter->request("$JS.API.STREAM.MSG.GET." + stream, R"({"seq":1})", 1s);
+    EXPECT_FALSE(got.ok() && got->data.find("\"message\"") != std::string::npos) << stream;
+    EXPECT_TRUE(refused("exporter", "STREAM.MSG.GET." + stream)) << stream;
+  }
+  (void)exporter->publish("$KV.cvm_nodes.n1", "forged");
+  EXPECT_TRUE(refused("exporter", "$KV.cvm_nodes.n1"));
+  // The scheduler's consumer is still there.
+  EXPECT_TRUE(has_scheduler(exporter->consumer_states(std::string(wire::kStreamBuilds))));
 }
 
 TEST_F(NatsPermissions, AnAgentCannotReadOtherInboxes) {

@@ -5,6 +5,7 @@ deploy/local/stack.sh starts NATS with deploy/nats's users and permissions (--au
 services, one node agent and cvm-exporter, each with its own NATS user. Then:
   * cvmctl (as user cvmctl) builds a workspace to RUNNING with real runc, follows it, reads its
     events, lists nodes and GPUs, reads and writes settings, and sees a build fail;
+  * a node is added with gen-auth.sh and NATS reloaded (SIGHUP): JetStream and its streams stay;
   * alice builds a workspace of her own and runs processes in it over her session subjects
     (exit status, stdin/stdout/stderr intact); bob may neither enter it nor read its console,
     alice may not enter cvmctl's, and cvmctl (an admin) may enter hers;
@@ -257,7 +258,7 @@ def main():
                                  "--plain"]
         alice, bob = person("alice"), person("bob")
         r = run(alice + ["build", "start", "--workspace", "wa", "--build-id", "stack-alice", "--image",
-                         "oci:%s:latest" % image, "--memory", "64Mi", "--watch", "--timeout", "120"])
+                         "oci:%s:latest" % image, "--memory", "64Mi", "--cpu", "500m", "--watch", "--timeout", "120"])
         check(r.returncode == 0 and "RUNNING" in r.stdout, "alice builds a workspace of her own\n" + r.stdout + r.stderr)
         r = run(cvmctl + ["workspaces", "--owner", "alice"])
         check(r.returncode == 0 and "wa" in r.stdout and "ws1" not in r.stdout, "workspaces --owner alice lists hers\n"
@@ -280,6 +281,26 @@ def main():
         check(r.returncode == 0, "the operator user cvmctl, an admin, may enter hers\n" + r.stderr)
         r = run(alice + ["build", "delete", "--workspace", "wa", "--watch", "--timeout", "60"])
         check(r.returncode == 0 and "STOPPED" in r.stdout, "alice deletes her workspace\n" + r.stdout + r.stderr)
+
+        # ---- a node added as docs/operations.md says: gen-auth.sh again, then a reload ----
+        r = run([os.path.join(ROOT, "deploy", "nats", "gen-auth.sh"), "--out", os.path.join(work, "auth"),
+                 "--user", "alice", "--user", "bob", "stack-node", "second-node"])
+        check(r.returncode == 0 and os.path.exists(os.path.join(work, "auth", "credentials", "agent-second-node.env")),
+              "gen-auth.sh adds a node and keeps everyone's password\n" + r.stderr)
+        with open(os.path.join(work, "pids")) as f:
+            nats_pid = int(f.read().split()[0])  # stack.sh starts NATS first
+        os.kill(nats_pid, signal.SIGHUP)
+        # Small: ws1 holds one of the node's two CPUs, and alice's half a CPU is held for a while
+        # after its delete.
+        r = run(cvmctl + ["build", "start", "--workspace", "ws2", "--build-id", "stack-b2", "--image",
+                          "oci:%s:latest" % image, "--memory", "64Mi", "--cpu", "100m", "--watch",
+                          "--timeout", "120"])
+        check(r.returncode == 0 and "RUNNING" in r.stdout,
+              "after the reload JetStream still runs: a build reaches RUNNING\n" + r.stdout + r.stderr)
+        r = run(cvmctl + ["events", "stack-b1"])
+        check(r.returncode == 0 and "RUNNING" in r.stdout, "and the streams kept what they held\n" + r.stderr)
+        r = run(cvmctl + ["build", "delete", "--workspace", "ws2", "--watch", "--timeout", "60"])
+        check(r.returncode == 0 and "STOPPED" in r.stdout, "ws2 deleted\n" + r.stdout + r.stderr)
 
         for i in range(2):
             r = run(cvmctl + ["build", "start", "--workspace", "huge%d" % i, "--image", "oci:%s:latest" % image,
