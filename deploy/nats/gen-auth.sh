@@ -208,7 +208,8 @@ agent_pub() {
   q 'cvm.v1.builds.*.events'; echo -n ", "
   # Output of the sessions in its own node's workspaces.
   q "cvm.v1.node.$n.session.*.*.out"; echo -n ", "
-  q 'cvm.v1.gpu.release'
+  # Its own node's GPU leases only (the broker checks each lease against the node token).
+  q "cvm.v1.gpu.release.$n"
 }
 
 user() {  # name pub-list sub-list [extra]
@@ -237,7 +238,7 @@ TMP=$(mktemp "$OUT/auth.conf.XXXXXX")
   user scheduler "$(scheduler_pub)" '"_INBOX_scheduler.>"'
   # The broker answers requests: allow_responses lets it publish to each requester's reply
   # subject once, and nowhere else in other users' inboxes.
-  user gpu-broker "$(broker_pub)" '"_INBOX_gpu-broker.>", "cvm.v1.gpu.reserve", "cvm.v1.gpu.release"' \
+  user gpu-broker "$(broker_pub)" '"_INBOX_gpu-broker.>", "cvm.v1.gpu.reserve", "cvm.v1.gpu.release", "cvm.v1.gpu.release.*"' \
     $'\n          allow_responses: { max: 1, expires: "1m" }'
   user exporter "$(exporter_pub)" '"_INBOX_exporter.>"'
   user cvmctl "$(cvmctl_pub), $(session_pub cvmctl)" "$(session_sub cvmctl)"

@@ -271,6 +271,34 @@ TEST_F(NatsPermissions, TheExporterReadsBacklogsButNoMessagesAndDeletesNothing) 
   EXPECT_TRUE(has_scheduler(exporter->consumer_states(std::string(wire::kStreamBuilds))));
 }
 
+// GPU releases carry the node: an agent publishes on its own node's subject only, and the broker
+// (which checks each lease against that token) hears it there.
+TEST_F(NatsPermissions, AnAgentReleasesGpusOnItsOwnNodesSubjectOnly) {
+  auto broker = connect("gpu-broker");
+  auto agent = connect("agent-n1");
+  ASSERT_TRUE(broker && agent);
+  std::mutex mu;
+  std::vector<std::string> heard;
+  auto sub = broker->subscribe(std::string(wire::kGpuReleaseNodeWildcard), "", [&](bus::Message m) {
+    std::lock_guard lock(mu);
+    heard.push_back(m.subject);
+  });
+  ASSERT_TRUE(sub.ok()) << sub.error().message;
+  ASSERT_TRUE(broker->flush().ok());
+  ASSERT_TRUE(agent->publish(wire::gpu_release_subject("n1"), "release").ok());
+  (void)agent->publish(wire::gpu_release_subject("n2"), "forged");
+  (void)agent->publish(std::string(wire::kGpuRelease), "any node");
+  EXPECT_TRUE(refused("agent-n1", "cvm.v1.gpu.release.n2"));
+  EXPECT_TRUE(refused("agent-n1", "\"cvm.v1.gpu.release\""));
+  ASSERT_TRUE(wait_until([&] {
+    std::lock_guard lock(mu);
+    return !heard.empty();
+  }));
+  std::this_thread::sleep_for(200ms);  // what else would arrive, has
+  std::lock_guard lock(mu);
+  EXPECT_EQ(heard, (std::vector<std::string>{"cvm.v1.gpu.release.n1"}));
+}
+
 TEST_F(NatsPermissions, AnAgentCannotReadOtherInboxes) {
   auto agent = connect("agent-n1");
   ASSERT_TRUE(agent);
@@ -296,7 +324,7 @@ TEST_F(NatsPermissions, AnAgentCannotReadOtherInboxes) {
   ASSERT_TRUE(reply.ok()) << reply.error().message;
   EXPECT_EQ(reply->data, "ok");
   // Its own inbox still works: a request of its own gets its reply.
-  auto own = agent->request(std::string(wire::kGpuRelease), "rel", 1s);
+  auto own = agent->request(wire::gpu_release_subject("n1"), "rel", 1s);
   EXPECT_TRUE(own.ok() || own.error().domain == ErrorDomain::kNotFound) << own.error().message;
   std::this_thread::sleep_for(300ms);
   std::lock_guard lock(mu);

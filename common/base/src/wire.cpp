@@ -16,6 +16,10 @@ std::string node_console_wildcard(std::string_view node_id) {
   return "cvm.v1.node." + std::string(node_id) + ".console.*";
 }
 
+std::string gpu_release_subject(std::string_view node_id) {
+  return std::string(kGpuRelease) + "." + std::string(node_id);
+}
+
 std::string session_open_subject(std::string_view node_id, std::string_view user) {
   return "cvm.v1.node." + std::string(node_id) + ".open." + std::string(user);
 }

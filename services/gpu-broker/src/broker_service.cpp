@@ -40,6 +40,8 @@ struct BrokerService::Meters {
         conflicts(m.counter("cvm_gpu_broker_lease_conflicts_total",
                             "Lease creations lost to another reservation (CAS conflicts)")),
         released(m.counter("cvm_gpu_broker_leases_released_total", "GPU leases released")),
+        foreign(m.counter("cvm_gpu_broker_foreign_releases_total",
+                          "Releases by a node agent of GPUs of another node, refused")),
         reclaimed_node(m.counter("cvm_gpu_broker_leases_reclaimed_total",
                                  "GPU leases freed by the reconcile, by cause",
                                  {{"cause", "node"}})),
@@ -57,6 +59,7 @@ struct BrokerService::Meters {
   prometheus::Counter& invalid;
   prometheus::Counter& conflicts;
   prometheus::Counter& released;
+  prometheus::Counter& foreign;
   prometheus::Counter& reclaimed_node;
   prometheus::Counter& reclaimed_workspace;
   prometheus::Counter& notices;
@@ -133,6 +136,19 @@ Status BrokerService::start() {
   });
   if (!rl) return rl.error();
   release_sub_ = std::move(*rl);
+  auto nrl =
+      conn_->subscribe(std::string(wire::kGpuReleaseNodeWildcard), queue, [this](bus::Message m) {
+        cvm::v1::GpuReleaseRequest req;
+        if (!req.ParseFromString(m.data)) {
+          meters_->invalid.Increment();
+          cvm::v1::GpuReleaseReply bad;
+          bad.set_message("the request is not a cvm.v1.GpuReleaseRequest");
+          return reply(m, bad);
+        }
+        reply(m, release(req, m.subject.substr(m.subject.rfind('.') + 1)));
+      });
+  if (!nrl) return nrl.error();
+  node_release_sub_ = std::move(*nrl);
   // Make sure the server has the subscriptions before anyone is told we are up.
   if (auto st = conn_->flush(); !st) return st;
   reconcile_timer_ = std::make_unique<boost::asio::steady_timer>(conn_->executor());
@@ -145,6 +161,7 @@ void BrokerService::stop() {
   stopped_ = true;
   reserve_sub_.reset();
   release_sub_.reset();
+  node_release_sub_.reset();
   nodes_watch_.reset();
   leases_watch_.reset();
   workspaces_watch_.reset();
@@ -381,16 +398,28 @@ cvm::v1::GpuReserveReply BrokerService::reserve_on(const std::string& node_id,
               "GPUs on " + node_id + " are being taken by concurrent reservations");
 }
 
-cvm::v1::GpuReleaseReply BrokerService::release(const cvm::v1::GpuReleaseRequest& req) {
+cvm::v1::GpuReleaseReply BrokerService::release(const cvm::v1::GpuReleaseRequest& req,
+                                                const std::string& from_node) {
   cvm::v1::GpuReleaseReply out;
   if (!wire::is_valid_id(req.workspace_id())) {
     out.set_ok(false);
     out.set_message("workspace_id is required");
     return out;
   }
+  if (!from_node.empty() && !req.node_id().empty() && req.node_id() != from_node) {
+    meters_->foreign.Increment();
+    spdlog::warn("refused: the agent of node {} asked to release GPUs of node {} (workspace {})",
+                 from_node, req.node_id(), req.workspace_id());
+    out.set_ok(false);
+    out.set_message("node " + from_node + " may release only its own GPUs, not node " +
+                    req.node_id() + "'s");
+    return out;
+  }
+  // A node's agent releases its own node's leases only, whatever workspace it names.
   auto matches = [&](const cvm::v1::GpuLease& lease) {
     return lease.workspace_id() == req.workspace_id() &&
-           (req.lease_id().empty() || lease.lease_id() == req.lease_id());
+           (req.lease_id().empty() || lease.lease_id() == req.lease_id()) &&
+           (from_node.empty() || lease.node_id() == from_node);
   };
   // key -> revision to delete at.
   std::map<std::string, uint64_t> targets;
@@ -430,6 +459,23 @@ cvm::v1::GpuReleaseReply BrokerService::release(const cvm::v1::GpuReleaseRequest
       }
     } else {
       out.set_message("cannot list leases: " + keys.error().message);
+    }
+  }
+  if (!from_node.empty() && targets.empty()) {
+    // Nothing of its own node: say so when the workspace's leases are another node's.
+    for (const auto& [key, entry] : leases_) {
+      (void)key;
+      const auto& lease = entry.lease;
+      if (lease.workspace_id() == req.workspace_id() && lease.node_id() != from_node &&
+          (req.lease_id().empty() || lease.lease_id() == req.lease_id())) {
+        meters_->foreign.Increment();
+        spdlog::warn("refused: the agent of node {} asked to release the GPUs of {} on node {}",
+                     from_node, req.workspace_id(), lease.node_id());
+        out.set_ok(false);
+        out.set_message("the GPUs of " + req.workspace_id() + " are on node " + lease.node_id() +
+                        ": node " + from_node + " may release only its own");
+        return out;
+      }
     }
   }
   uint32_t released = 0;

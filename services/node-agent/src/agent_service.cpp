@@ -1386,7 +1386,7 @@ void AgentService::release_gpus(const cvm::v1::WorkspaceRecord& record) {
   // Not awaited: a blocking request would stall the io thread (heartbeats, every other
   // workspace) for up to 2 s when the broker is slow or gone.
   conn_->request_async(
-      std::string(wire::kGpuRelease), rel.SerializeAsString(), std::chrono::seconds(2),
+      wire::gpu_release_subject(config_.node_id), rel.SerializeAsString(), std::chrono::seconds(2),
       [lease = record.lease_id(), ws = record.workspace_id()](Result<bus::Message> reply) {
         if (reply) return;
         // The broker's reconcile reclaims leases of workspaces no longer running.

@@ -446,6 +446,47 @@ TEST_F(Broker, ReleaseOnStopFreesTheGpusForTheNextWorkspace) {
   EXPECT_EQ(release("ws-a").released(), 0u);
 }
 
+// A node agent releases on cvm.v1.gpu.release.<its node>: its own node's leases only. Another
+// node's agent cannot free them, by workspace or by naming the node and GPUs; the owner can.
+TEST_F(Broker, ANodeReleasesOnlyItsOwnNodesLeases) {
+  auto& replica = start_replica();
+  put_node(dgx("n1"));
+  ASSERT_TRUE(wait_seen("n1", 8));
+  auto a = reserve("n1", "ws-a", 2, "b-a");
+  ASSERT_TRUE(a.ok()) << a.message();
+  const auto release_from = [&](const std::string& node, const cvm::v1::GpuReleaseRequest& req) {
+    auto reply = client_->request(wire::gpu_release_subject(node), req.SerializeAsString(), 5s);
+    EXPECT_TRUE(reply.ok()) << reply.error().message;
+    cvm::v1::GpuReleaseReply r;
+    EXPECT_TRUE(reply.ok() && r.ParseFromString(reply->data));
+    return r;
+  };
+  cvm::v1::GpuReleaseRequest by_workspace;
+  by_workspace.set_workspace_id("ws-a");
+  auto foreign = release_from("n2", by_workspace);
+  EXPECT_FALSE(foreign.ok());
+  EXPECT_EQ(foreign.released(), 0u);
+  EXPECT_NE(foreign.message().find("are on node n1: node n2 may release only its own"),
+            std::string::npos)
+      << foreign.message();
+  cvm::v1::GpuReleaseRequest named = by_workspace;
+  named.set_node_id("n1");
+  for (const auto& g : a.gpus()) named.add_gpu_uuids(g.uuid());
+  auto forged = release_from("n2", named);
+  EXPECT_FALSE(forged.ok());
+  EXPECT_NE(forged.message().find("node n2 may release only its own GPUs"), std::string::npos)
+      << forged.message();
+  EXPECT_EQ(lease_keys().size(), 2u) << "another node's agent freed the leases";
+  EXPECT_EQ(replica.on([&] {
+    return replica.metrics.counter("cvm_gpu_broker_foreign_releases_total", "").Value();
+  }),
+            2.0);
+  auto own = release_from("n1", named);
+  EXPECT_TRUE(own.ok()) << own.message();
+  EXPECT_EQ(own.released(), 2u);
+  EXPECT_TRUE(lease_keys().empty());
+}
+
 TEST_F(Broker, ReclaimsLeasesOfALostOrDeletedNode) {
   broker::BrokerConfig config;
   config.node_ttl = 60s;

@@ -15,6 +15,11 @@ inline constexpr int kMaxAllocatedBuilds = 32;
 inline constexpr std::string_view kBuildsSubmit = "cvm.v1.builds.submit";
 inline constexpr std::string_view kGpuReserve = "cvm.v1.gpu.reserve";
 inline constexpr std::string_view kGpuRelease = "cvm.v1.gpu.release";
+// cvm.v1.gpu.release.<node_id>: a node agent's releases, of its own node's leases only (the node
+// token is pinned to the node's agent by the server's permissions; the broker checks each lease
+// against it). kGpuRelease stays the scheduler's, for any node.
+std::string gpu_release_subject(std::string_view node_id);
+inline constexpr std::string_view kGpuReleaseNodeWildcard = "cvm.v1.gpu.release.*";
 
 inline constexpr std::string_view kStreamBuilds = "CVM_BUILDS";
 inline constexpr std::string_view kStreamNodeWork = "CVM_NODE_WORK";

@@ -52,7 +52,11 @@ class BrokerService {
 
   // The request handlers, exposed for tests: a reply for a request. On the executor.
   cvm::v1::GpuReserveReply reserve(const cvm::v1::GpuReserveRequest& request);
-  cvm::v1::GpuReleaseReply release(const cvm::v1::GpuReleaseRequest& request);
+  // `from_node`: the node whose agent asks (the token of cvm.v1.gpu.release.<node>): only that
+  // node's leases are released, and a request naming another node is refused. Empty: the
+  // scheduler's subject, any node.
+  cvm::v1::GpuReleaseReply release(const cvm::v1::GpuReleaseRequest& request,
+                                   const std::string& from_node = {});
   // One reconcile pass now (once every watch has delivered its initial values; before that it
   // does nothing and returns 0). Returns the number of leases freed. On the executor.
   size_t reconcile();
@@ -105,6 +109,7 @@ class BrokerService {
   std::unique_ptr<bus::KvWatch> settings_watch_;
   std::optional<bus::Subscription> reserve_sub_;
   std::optional<bus::Subscription> release_sub_;
+  std::optional<bus::Subscription> node_release_sub_;  // cvm.v1.gpu.release.<node>
   std::unique_ptr<boost::asio::steady_timer> reconcile_timer_;
 };
 
