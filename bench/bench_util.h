@@ -25,6 +25,13 @@ inline double mb_per_s(uint64_t bytes, Steady::time_point t0) {
   return s > 0 ? static_cast<double>(bytes) / 1e6 / s : 0;
 }
 
+// The middle value (the upper one of an even count); 0 for none.
+inline double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
 // "LABEL  p50 X us  p99 Y us  (n=N)", or "LABEL  n/a" without samples; `width` pads the label.
 inline void print_latency(const char* label, std::vector<double> us, int width = 34) {
   if (us.empty()) {

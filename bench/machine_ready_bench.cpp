@@ -28,6 +28,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench_util.h"
 #include "cvm/agent/host_probe.h"
 #include "cvm/agent/id_range.h"
 #include "cvm/agent/image.h"
@@ -84,11 +85,7 @@ bool wait_machine(int inner, Steady::time_point t0, Times& t, bool docker = true
   return code == 0;
 }
 
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using cvm::bench::median;
 
 }  // namespace
 

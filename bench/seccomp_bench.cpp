@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_util.h"
 #include "cvm/agent/capabilities.h"
 #include "cvm/agent/host_probe.h"
 #include "cvm/agent/launcher.h"
@@ -31,15 +32,7 @@
 namespace fs = std::filesystem;
 using namespace cvm::agent;
 
-namespace {
-
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-}  // namespace
+using cvm::bench::median;
 
 int main(int argc, char** argv) {
   long calls = 2000000;

@@ -124,29 +124,23 @@ Status BrokerService::start() {
   });
   if (!rs) return rs.error();
   reserve_sub_ = std::move(*rs);
-  auto rl = conn_->subscribe(std::string(wire::kGpuRelease), queue, [this](bus::Message m) {
-    cvm::v1::GpuReleaseRequest req;
-    if (!req.ParseFromString(m.data)) {
-      meters_->invalid.Increment();
-      cvm::v1::GpuReleaseReply bad;
-      bad.set_message("the request is not a cvm.v1.GpuReleaseRequest");
-      return reply(m, bad);
-    }
-    reply(m, release(req));
-  });
+  // node_scoped: cvm.v1.gpu.release.<node>, whose last token is the asking node (release()).
+  const auto on_release = [this](bool node_scoped) {
+    return [this, node_scoped](bus::Message m) {
+      cvm::v1::GpuReleaseRequest req;
+      if (!req.ParseFromString(m.data)) {
+        meters_->invalid.Increment();
+        cvm::v1::GpuReleaseReply bad;
+        bad.set_message("the request is not a cvm.v1.GpuReleaseRequest");
+        return reply(m, bad);
+      }
+      reply(m, release(req, node_scoped ? m.subject.substr(m.subject.rfind('.') + 1) : ""));
+    };
+  };
+  auto rl = conn_->subscribe(std::string(wire::kGpuRelease), queue, on_release(false));
   if (!rl) return rl.error();
   release_sub_ = std::move(*rl);
-  auto nrl =
-      conn_->subscribe(std::string(wire::kGpuReleaseNodeWildcard), queue, [this](bus::Message m) {
-        cvm::v1::GpuReleaseRequest req;
-        if (!req.ParseFromString(m.data)) {
-          meters_->invalid.Increment();
-          cvm::v1::GpuReleaseReply bad;
-          bad.set_message("the request is not a cvm.v1.GpuReleaseRequest");
-          return reply(m, bad);
-        }
-        reply(m, release(req, m.subject.substr(m.subject.rfind('.') + 1)));
-      });
+  auto nrl = conn_->subscribe(std::string(wire::kGpuReleaseNodeWildcard), queue, on_release(true));
   if (!nrl) return nrl.error();
   node_release_sub_ = std::move(*nrl);
   // Make sure the server has the subscriptions before anyone is told we are up.

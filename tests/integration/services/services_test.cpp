@@ -106,6 +106,26 @@ class Services : public ::testing::Test {
     ASSERT_TRUE(nodes_->put(n.node_id(), n.SerializeAsString()).ok());
   }
 
+  // A STOP of `workspace` as build `id`: its first SCHEDULED or FAILED event.
+  std::optional<cvm::v1::BuildEvent> stop_workspace(const std::string& id,
+                                                    const std::string& workspace) {
+    auto r = request(id, workspace);
+    r.set_transition(cvm::v1::STOP);
+    submit(r);
+    return wait_event(id, {cvm::v1::FAILED, cvm::v1::SCHEDULED});
+  }
+
+  // A cvm_workspaces record of a RUNNING workspace on `node`, as an agent writes it.
+  void put_running_workspace(const std::string& workspace, const std::string& node) {
+    auto workspaces = client_->ensure_kv(service::workspaces_bucket());
+    ASSERT_TRUE(workspaces.ok());
+    cvm::v1::WorkspaceRecord rec;
+    rec.set_workspace_id(workspace);
+    rec.set_node_id(node);
+    rec.set_phase(cvm::v1::RUNNING);
+    ASSERT_TRUE(workspaces->put(workspace, rec.SerializeAsString()).ok());
+  }
+
   void submit(const cvm::v1::BuildRequest& r) {
     ASSERT_TRUE(
         client_->js_publish(std::string(wire::kBuildsSubmit), r.SerializeAsString(), r.build_id())
@@ -238,10 +258,7 @@ TEST_F(Services, CvmsDisabledRefusesACvmButNotAPlainContainer) {
 }
 
 TEST_F(Services, StopOfAnUnknownWorkspaceFails) {
-  auto r = request("stop1", "nobody");
-  r.set_transition(cvm::v1::STOP);
-  submit(r);
-  auto e = wait_event("stop1", {cvm::v1::FAILED, cvm::v1::SCHEDULED});
+  auto e = stop_workspace("stop1", "nobody");
   ASSERT_TRUE(e.has_value());
   EXPECT_EQ(e->reason(), cvm::v1::WORKSPACE_NOT_FOUND);
 }
@@ -250,17 +267,8 @@ TEST_F(Services, StopOfAnUnknownWorkspaceFails) {
 // other node fails the build at once (an order there would wait for nobody), while the same order
 // for a registered node is sent.
 TEST_F(Services, AnOrderForAWorkspaceOnANodeThatNeverRegisteredFailsAtOnce) {
-  auto workspaces = client_->ensure_kv(service::workspaces_bucket());
-  ASSERT_TRUE(workspaces.ok());
-  cvm::v1::WorkspaceRecord rec;
-  rec.set_workspace_id("moved");
-  rec.set_node_id("ghost-node");
-  rec.set_phase(cvm::v1::RUNNING);
-  ASSERT_TRUE(workspaces->put("moved", rec.SerializeAsString()).ok());
-  auto r = request("stop-ghost", "moved");
-  r.set_transition(cvm::v1::STOP);
-  submit(r);
-  auto e = wait_event("stop-ghost", {cvm::v1::FAILED, cvm::v1::SCHEDULED});
+  put_running_workspace("moved", "ghost-node");
+  auto e = stop_workspace("stop-ghost", "moved");
   ASSERT_TRUE(e.has_value());
   EXPECT_EQ(e->phase(), cvm::v1::FAILED);
   EXPECT_EQ(e->reason(), cvm::v1::WORKSPACE_NOT_FOUND);
@@ -269,12 +277,8 @@ TEST_F(Services, AnOrderForAWorkspaceOnANodeThatNeverRegisteredFailsAtOnce) {
 
   // Registered: the scheduler finds its report in KV even before its watch shows it.
   put_node(node("real-node", clock_.now_unix_ms()));
-  rec.set_node_id("real-node");
-  ASSERT_TRUE(workspaces->put("moved", rec.SerializeAsString()).ok());
-  auto again = request("stop-real", "moved");
-  again.set_transition(cvm::v1::STOP);
-  submit(again);
-  e = wait_event("stop-real", {cvm::v1::FAILED, cvm::v1::SCHEDULED});
+  put_running_workspace("moved", "real-node");
+  e = stop_workspace("stop-real", "moved");
   ASSERT_TRUE(e.has_value());
   EXPECT_EQ(e->phase(), cvm::v1::SCHEDULED) << e->message();
   EXPECT_EQ(e->node_id(), "real-node");
@@ -283,20 +287,10 @@ TEST_F(Services, AnOrderForAWorkspaceOnANodeThatNeverRegisteredFailsAtOnce) {
 // ... and not to a node the scheduler declared lost (no heartbeat for the TTL).
 TEST_F(Services, AnOrderForAWorkspaceOnALostNodeFailsAtOnce) {
   put_node(node("dead-node", clock_.now_unix_ms() - 60'000));
-  auto workspaces = client_->ensure_kv(service::workspaces_bucket());
-  ASSERT_TRUE(workspaces.ok());
-  cvm::v1::WorkspaceRecord rec;
-  rec.set_workspace_id("stranded");
-  rec.set_node_id("dead-node");
-  rec.set_phase(cvm::v1::RUNNING);
-  ASSERT_TRUE(workspaces->put("stranded", rec.SerializeAsString()).ok());
+  put_running_workspace("stranded", "dead-node");
   std::optional<cvm::v1::BuildEvent> e;
   for (int i = 0; i < 20; ++i) {  // until the liveness sweep (every second) declared it lost
-    const std::string id = "stop-dead" + std::to_string(i);
-    auto r = request(id, "stranded");
-    r.set_transition(cvm::v1::STOP);
-    submit(r);
-    e = wait_event(id, {cvm::v1::FAILED, cvm::v1::SCHEDULED});
+    e = stop_workspace("stop-dead" + std::to_string(i), "stranded");
     ASSERT_TRUE(e.has_value());
     if (e->phase() == cvm::v1::FAILED) break;
     std::this_thread::sleep_for(500ms);
