@@ -218,11 +218,23 @@ Status apply_layer(const std::string& blob_path, const OciDescriptor& layer,
     // _SECURE_SYMLINKS libarchive's existence check follows it, and a directory entry over a
     // link to a host directory would set owner and mode on that directory, outside the rootfs.
     struct stat existing {};
-    if (::lstat(path->c_str(), &existing) == 0 && S_ISLNK(existing.st_mode) &&
-        ::unlink(path->c_str()) != 0) {
+    const bool exists = ::lstat(path->c_str(), &existing) == 0;
+    if (exists && S_ISLNK(existing.st_mode) && ::unlink(path->c_str()) != 0) {
       return make_error(ErrorDomain::kSystem,
                         what + ": " + *path + ": cannot replace a symlink: " + std::strerror(errno),
                         errno);
+    }
+    // Anything but a directory over a lower layer's directory replaces it, contents and all (the
+    // OCI layer spec; umoci does the same). libarchive would keep a non-empty directory and skip
+    // the entry with only a warning. Its parents were checked above: this stays in the rootfs.
+    if (exists && S_ISDIR(existing.st_mode) && archive_entry_filetype(entry) != AE_IFDIR) {
+      std::error_code ec;
+      fs::remove_all(*path, ec);
+      if (ec) {
+        return make_error(ErrorDomain::kSystem,
+                          what + ": " + *path + ": cannot replace a directory: " + ec.message(),
+                          ec.value());
+      }
     }
     if (const char* link = archive_entry_hardlink(entry)) {
       auto target = normalize_layer_path(link);

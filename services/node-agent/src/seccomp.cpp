@@ -54,13 +54,14 @@ bool errno_value(const json& v) {
 Result<json> known_keys(const json& object, std::initializer_list<const char*> allowed,
                         const std::string& where) {
   json out = json::object();
-  for (const auto& [key, value] : object.items()) {
+  for (auto it = object.begin(); it != object.end(); ++it) {
+    const std::string& key = it.key();
     if (key == "comment") continue;
     if (std::find_if(allowed.begin(), allowed.end(), [&](const char* k) { return key == k; }) ==
         allowed.end()) {
       return invalid(where + ": unknown key \"" + key + "\"");
     }
-    out[key] = value;
+    out[key] = it.value();
   }
   return out;
 }

@@ -303,6 +303,38 @@ TEST_F(UnpackDiff, DeviceNodesAndFifosWithAReplacingLayer) {
   EXPECT_EQ(ours.at("dev/null-hard"), ours.at("dev/null"));
 }
 
+// A non-directory entry over a directory of a lower layer replaces the whole directory, as the
+// OCI layer spec says and umoci does: a symlink `etc2 -> /etc` over a populated etc2/, and a file
+// over a directory. Never dropped in silence.
+TEST_F(UnpackDiff, ASymlinkOrFileOverALowerDirectoryReplacesIt) {
+  const std::string lower = *work_ + "/replace-lower";
+  const std::string upper = *work_ + "/replace-upper";
+  fs::create_directories(lower + "/etc2/sub");
+  std::ofstream(lower + "/etc2/conf") << "lower";
+  std::ofstream(lower + "/etc2/sub/deep") << "lower";
+  fs::create_directories(lower + "/opt/data");
+  std::ofstream(lower + "/opt/data/file") << "lower";
+  fs::create_directories(upper + "/opt");
+  fs::create_symlink("/etc", upper + "/etc2");
+  std::ofstream(upper + "/opt/data") << "now a file";
+  const std::string layout = *work_ + "/layout";
+  ASSERT_EQ(sh("set -e; tar -C " + lower + " -cf " + *work_ +
+               "/replace-lower.tar --numeric-owner ./etc2 ./opt; tar -C " + upper + " -cf " +
+               *work_ + "/replace-upper.tar --numeric-owner ./etc2 ./opt; umoci tag --image " +
+               layout + ":busybox replace; umoci raw add-layer --image " + layout + ":replace " +
+               *work_ + "/replace-lower.tar; umoci raw add-layer --image " + layout + ":replace " +
+               *work_ + "/replace-upper.tar"),
+            "");
+  const auto ours = compare(layout, "replace");
+  ASSERT_TRUE(ours.contains("etc2"));
+  EXPECT_EQ(ours.at("etc2").substr(0, 2), "l ") << ours.at("etc2");
+  EXPECT_FALSE(ours.contains("etc2/conf"));
+  EXPECT_FALSE(ours.contains("etc2/sub/deep"));
+  ASSERT_TRUE(ours.contains("opt/data"));
+  EXPECT_EQ(ours.at("opt/data").substr(0, 2), "f ") << ours.at("opt/data");
+  EXPECT_FALSE(ours.contains("opt/data/file"));
+}
+
 // The busybox and crafted images pushed by skopeo to Debian's docker-registry (on loopback, as
 // Docker v2 images: gzip layers, Docker media types) and pulled back into a new layout: the
 // agent's unpack of what came back equals umoci's.
