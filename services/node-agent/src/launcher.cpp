@@ -468,7 +468,8 @@ LaunchOutcome WorkspaceLauncher::launch(const LaunchRequest& r,
   make_dir(dir);
   // Before anything starts (the supervisor, the STARTING event): a workspace never runs without
   // the filter it was meant to have.
-  if (auto seccomp = workspace_seccomp(config_.seccomp_profile); !seccomp) {
+  auto seccomp = workspace_seccomp(config_.seccomp_profile);
+  if (!seccomp) {
     return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, seccomp.error().message, std::move(out));
   }
   if (r.cvm && !prepared_) {
@@ -534,9 +535,9 @@ LaunchOutcome WorkspaceLauncher::launch(const LaunchRequest& r,
                   "image " + r.image + ": " + image.error().message, std::move(out));
     }
     note_image(*image, out);
-    return launch_plain(r, *image, on_starting, std::move(out));
+    return launch_plain(r, *image, *seccomp, on_starting, std::move(out));
   }
-  return launch_cvm(r, rootfs, on_starting, std::move(out));
+  return launch_cvm(r, rootfs, *seccomp, on_starting, std::move(out));
 }
 
 WorkspaceLauncher::PendingRootfs WorkspaceLauncher::ready_rootfs(Result<UnpackedImage> image) {
@@ -579,8 +580,9 @@ namespace {
 
 // The inner (or plain) container's spec, GPUs included.
 Result<SpecInput> workspace_spec(const LauncherConfig& config, const LaunchRequest& r,
-                                 const UnpackedImage& image, std::vector<std::string>& warnings,
-                                 bool lxcfs = false) {
+                                 const UnpackedImage& image,
+                                 const std::optional<nlohmann::json>& seccomp,
+                                 std::vector<std::string>& warnings, bool lxcfs = false) {
   SpecInput in;
   in.hostname = r.workspace_id;
   in.has_sbin_init = image.has_sbin_init;
@@ -597,9 +599,7 @@ Result<SpecInput> workspace_spec(const LauncherConfig& config, const LaunchReque
   in.cpuset = r.cpuset;
   in.tun = r.tun;
   in.fuse = r.fuse;
-  auto seccomp = workspace_seccomp(config.seccomp_profile);
-  if (!seccomp) return seccomp.error();
-  in.seccomp = std::move(*seccomp);
+  in.seccomp = seccomp;
   if (r.cvm) {
     // A machine: systemd as PID 1 with its console, setuid programs (sudo, su) allowed, and the
     // inner Docker's storage on the workspace's own storage (overlay2 cannot stack on the
@@ -667,11 +667,12 @@ Result<SpecInput> workspace_spec(const LauncherConfig& config, const LaunchReque
 }  // namespace
 
 LaunchOutcome WorkspaceLauncher::launch_plain(const LaunchRequest& r, const UnpackedImage& image,
+                                              const Seccomp& seccomp,
                                               const StartingCallback& on_starting,
                                               LaunchOutcome out) {
   const std::string dir = workspace_dir(r.workspace_id);
   const std::string id = container_id(r.workspace_id);
-  auto in = workspace_spec(config_, r, image, out.warnings);
+  auto in = workspace_spec(config_, r, image, seccomp, out.warnings);
   if (!in) return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, in.error().message, std::move(out));
   if (auto st = write_runtime_spec(image.bundle, build_runtime_spec(*in)); !st) {
     return fail(r.workspace_id, cvm::v1::RUNTIME_ERROR, st.error().message, std::move(out));
@@ -697,6 +698,7 @@ LaunchOutcome WorkspaceLauncher::launch_plain(const LaunchRequest& r, const Unpa
 }
 
 LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootfs& rootfs,
+                                            const Seccomp& seccomp,
                                             const StartingCallback& on_starting,
                                             LaunchOutcome out) {
   const auto t_specs0 = Steady::now();
@@ -721,7 +723,7 @@ LaunchOutcome WorkspaceLauncher::launch_cvm(const LaunchRequest& r, PendingRootf
     if (!got) return got.error();
     image = std::move(*got);
     note_image(*image, out);
-    auto spec = workspace_spec(config_, r, *image, out.warnings, lxcfs);
+    auto spec = workspace_spec(config_, r, *image, seccomp, out.warnings, lxcfs);
     if (!spec) return spec.error();
     in = std::move(*spec);
     return std::nullopt;

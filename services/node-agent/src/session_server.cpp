@@ -844,10 +844,10 @@ void SessionServer::read_output(const std::shared_ptr<Session>& s, bool errors) 
           f.set_output(buf.data(), got);
         }
         s->last_data = Steady::now();
+        s->bytes_out += got;  // the session's own, on the lane
         {
           std::lock_guard lock(counters_mu_);
           counters_.bytes_out += got;
-          s->bytes_out += got;
         }
         send(s, std::move(f));
         read_output(s, errors);
@@ -920,10 +920,10 @@ void SessionServer::on_frame(const bus::Message& msg) {
     case SessionFrame::kInput:
       if (f.input().empty() || !s->in.is_open()) break;
       s->last_data = Steady::now();
+      s->bytes_in += f.input().size();  // the session's own, on the lane
       {
         std::lock_guard lock(counters_mu_);
         counters_.bytes_in += f.input().size();
-        s->bytes_in += f.input().size();
       }
       s->to_write.push_back(std::move(*f.mutable_input()));
       write_input(s);

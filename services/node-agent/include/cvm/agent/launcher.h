@@ -181,14 +181,17 @@ class WorkspaceLauncher {
 
  private:
   Status prepare_storage(const std::string& workspace_id, IdRange ids);
+  // `seccomp`: the launch's filter, read and checked once at its start (workspace_seccomp).
+  using Seccomp = std::optional<nlohmann::json>;
   LaunchOutcome launch_plain(const LaunchRequest& r, const UnpackedImage& image,
-                             const StartingCallback& on_starting, LaunchOutcome out);
+                             const Seccomp& seccomp, const StartingCallback& on_starting,
+                             LaunchOutcome out);
   // The rootfs of a launch: ready (the overlay, or an unpack done first) or being applied on
   // another thread while the supervising container starts.
   using PendingRootfs = std::future<Result<UnpackedImage>>;
   static PendingRootfs ready_rootfs(Result<UnpackedImage> image);
   static void note_image(const UnpackedImage& image, LaunchOutcome& out);
-  LaunchOutcome launch_cvm(const LaunchRequest& r, PendingRootfs& rootfs,
+  LaunchOutcome launch_cvm(const LaunchRequest& r, PendingRootfs& rootfs, const Seccomp& seccomp,
                            const StartingCallback& on_starting, LaunchOutcome out);
   // Caching on: the node cache's rootfs of the image under an ID-mapped overlay at bundle/rootfs.
   Result<UnpackedImage> overlay_rootfs(const LaunchRequest& r, const std::string& bundle);
